@@ -1,0 +1,59 @@
+//! The admin listener: `/healthz` (the process serves) and `/readyz` (config loaded and every issuer's
+//! keys fetched at least once; a JSON reason when not).
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{HeaderValue, Method, Request, Response, StatusCode, header};
+use http_body_util::Full;
+use hyper::body::Incoming;
+
+use crate::auth::Authenticator;
+
+/// Answers one admin request.
+pub fn handle(
+    request: &Request<Incoming>,
+    authenticator: &Arc<Authenticator>,
+) -> Response<Full<Bytes>> {
+    if request.method() != Method::GET && request.method() != Method::HEAD {
+        return json(
+            StatusCode::METHOD_NOT_ALLOWED,
+            &serde_json::json!({"error": "method not allowed"}),
+        );
+    }
+    match request.uri().path() {
+        "/healthz" => json(StatusCode::OK, &serde_json::json!({"status": "ok"})),
+        "/readyz" => {
+            let missing = authenticator.issuers_without_keys();
+            if missing.is_empty() {
+                json(StatusCode::OK, &serde_json::json!({"ready": true}))
+            } else {
+                json(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    &serde_json::json!({
+                        "ready": false,
+                        "reason": "signing keys not fetched yet",
+                        "issuers": missing,
+                    }),
+                )
+            }
+        }
+        _ => json(
+            StatusCode::NOT_FOUND,
+            &serde_json::json!({"error": "not found"}),
+        ),
+    }
+}
+
+fn json(status: StatusCode, body: &serde_json::Value) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from(body.to_string())));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    response
+        .headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    response
+}

@@ -1,0 +1,578 @@
+//! Caller token validation: the `Authorization` header is parsed strictly, the JWT's header and payload are
+//! decoded and checked by us first (size, `alg` allow-list, `crit`, duplicate claims, numeric `exp`), then the
+//! signature and registered claims are verified by `jsonwebtoken` against the issuer's published keys.
+//! Route policy (required scopes or roles) is applied by [`authorize`].
+
+pub mod jwks;
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::Engine as _;
+use http::HeaderMap;
+use jsonwebtoken::{Algorithm, Validation};
+use serde::de::{Deserializer, MapAccess, Visitor};
+use serde_json::{Map, Value};
+
+use crate::config::{Inbound, Policy, Route, TokenKind};
+use crate::error::ProxyError;
+use crate::secret::Secret;
+use jwks::{IssuerKeys, KEYS_RETRY_AFTER};
+
+/// RFC 6750 bearer tokens from Entra are 1–3 KiB; 16 KiB leaves room for big group claims and refuses
+/// decompression-bomb-sized input before any decoding.
+pub const MAX_BEARER_BYTES: usize = 16 * 1024;
+
+/// A validated caller.
+pub struct Caller {
+    /// The caller's own token: the subject token of an OBO exchange, or what `passthrough` forwards.
+    pub token: Secret,
+    pub claims: CallerClaims,
+}
+
+/// The claims of a validated caller token that the sidecar uses.
+#[derive(Debug, Clone)]
+pub struct CallerClaims {
+    pub sub: Option<String>,
+    pub exp: u64,
+    pub scopes: Vec<String>,
+    pub roles: Vec<String>,
+    pub all: Map<String, Value>,
+}
+
+/// Validates callers' tokens against the configured issuers.
+pub struct Authenticator {
+    issuers: HashMap<String, Arc<IssuerKeys>>,
+    audiences: Vec<String>,
+    algorithms: Vec<Algorithm>,
+    clock_skew: Duration,
+}
+
+impl fmt::Debug for Authenticator {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Authenticator")
+            .field("issuers", &self.issuers.keys())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Authenticator {
+    /// Builds the validator; [`Authenticator::start`] begins fetching keys.
+    pub fn new(inbound: &Inbound, http: &reqwest::Client) -> Result<Self, url::ParseError> {
+        let mut issuers = HashMap::new();
+        for issuer in &inbound.issuers {
+            let discovery_url = match &inbound.discovery_url {
+                Some(url) => url.clone(),
+                None => jwks::default_discovery_url(issuer)?,
+            };
+            let keys = IssuerKeys::new(
+                issuer.clone(),
+                discovery_url,
+                inbound.jwks_uri.clone(),
+                http.clone(),
+            );
+            issuers.insert(issuer.clone(), Arc::new(keys));
+        }
+        Ok(Authenticator {
+            issuers,
+            audiences: inbound.audiences.clone(),
+            algorithms: inbound.algorithms.clone(),
+            clock_skew: inbound.clock_skew,
+        })
+    }
+
+    /// Spawns the background fetch and refresh of every issuer's keys.
+    pub fn start(&self) -> Vec<tokio::task::JoinHandle<()>> {
+        self.issuers
+            .values()
+            .map(|keys| tokio::spawn(Arc::clone(keys).maintain(jwks::DEFAULT_JWKS_REFRESH)))
+            .collect()
+    }
+
+    /// Resolves once every issuer's keys have been fetched (what `/readyz` reports).
+    pub async fn ready(&self) {
+        for keys in self.issuers.values() {
+            keys.fetched().await;
+        }
+    }
+
+    /// Issuers whose keys have not been fetched yet (empty when ready).
+    pub fn issuers_without_keys(&self) -> Vec<String> {
+        let mut missing: Vec<String> = self
+            .issuers
+            .values()
+            .filter(|k| k.state().keys.is_none())
+            .map(|k| k.issuer.clone())
+            .collect();
+        missing.sort();
+        missing
+    }
+
+    /// Validates the caller's bearer token from the request headers.
+    pub async fn authenticate(&self, headers: &HeaderMap) -> Result<Caller, ProxyError> {
+        let token = bearer_token(headers)?;
+        let parsed = parse_unverified(token, &self.algorithms)?;
+        let issuer = parsed
+            .claims
+            .get("iss")
+            .and_then(Value::as_str)
+            .and_then(|iss| self.issuers.get(iss))
+            .ok_or(ProxyError::InvalidToken("issuer not accepted"))?;
+        let key = self.key_for(issuer, &parsed).await?;
+        if key.family != parsed.alg.family() || key.alg.is_some_and(|a| a != parsed.alg) {
+            return Err(ProxyError::InvalidToken(
+                "algorithm does not match the signing key",
+            ));
+        }
+        let mut validation = Validation::new(parsed.alg);
+        validation.leeway = self.clock_skew.as_secs();
+        validation.validate_nbf = true;
+        validation.set_audience(&self.audiences);
+        validation.set_issuer(&[&issuer.issuer]);
+        validation.set_required_spec_claims(&["exp", "iss", "aud"]);
+        jsonwebtoken::decode::<serde::de::IgnoredAny>(token, &key.decoding, &validation).map_err(
+            |e| {
+                use jsonwebtoken::errors::ErrorKind;
+                ProxyError::InvalidToken(match e.kind() {
+                    ErrorKind::ExpiredSignature => "token expired",
+                    ErrorKind::ImmatureSignature => "token not yet valid",
+                    ErrorKind::InvalidAudience => "audience not accepted",
+                    ErrorKind::InvalidIssuer => "issuer not accepted",
+                    ErrorKind::InvalidSignature => "signature invalid",
+                    ErrorKind::InvalidAlgorithm => "algorithm not allowed",
+                    ErrorKind::MissingRequiredClaim(_) => "required claim missing",
+                    _ => "token could not be verified",
+                })
+            },
+        )?;
+        let now = now_unix();
+        if let Some(iat) = parsed.claims.get("iat").and_then(Value::as_f64) {
+            #[allow(
+                clippy::cast_precision_loss,
+                reason = "seconds since 1970 fit f64 exactly"
+            )]
+            if iat > (now + self.clock_skew.as_secs()) as f64 {
+                return Err(ProxyError::InvalidToken("token issued in the future"));
+            }
+        }
+        Ok(Caller {
+            token: Secret::new(token),
+            claims: caller_claims(parsed.claims, parsed.exp),
+        })
+    }
+
+    async fn key_for(
+        &self,
+        issuer: &IssuerKeys,
+        parsed: &Unverified,
+    ) -> Result<Arc<jwks::Key>, ProxyError> {
+        let mut state = issuer.state();
+        if !state.attempted {
+            state = issuer.first_attempt().await;
+        }
+        let Some(mut keys) = state.keys else {
+            return Err(ProxyError::KeysUnavailable {
+                retry_after: KEYS_RETRY_AFTER,
+            });
+        };
+        let Some(kid) = &parsed.kid else {
+            return match keys.anonymous.as_slice() {
+                [only] => Ok(Arc::clone(only)),
+                _ => Err(ProxyError::InvalidToken("token names no key id")),
+            };
+        };
+        if !keys.by_kid.contains_key(kid) {
+            issuer
+                .refetch_for_unknown_kid(jwks::DEFAULT_MIN_REFETCH)
+                .await;
+            if let Some(fresh) = issuer.state().keys {
+                keys = fresh;
+            }
+        }
+        keys.by_kid
+            .get(kid)
+            .cloned()
+            .ok_or(ProxyError::InvalidToken("signing key unknown"))
+    }
+}
+
+/// Applies a route's policy to a validated caller: one of the required scopes, or one of the required roles.
+/// An `obo` route also needs a delegated (user) token: an app-only token has no user to act for.
+pub fn authorize(claims: &CallerClaims, route: &Route) -> Result<(), ProxyError> {
+    if route.token == TokenKind::Obo && claims.scopes.is_empty() {
+        return Err(ProxyError::InsufficientScope {
+            scope: route
+                .policy
+                .required_scopes
+                .as_deref()
+                .unwrap_or_default()
+                .join(" "),
+            detail: "an app-only token (no scopes) cannot be exchanged on behalf of a user",
+        });
+    }
+    let Policy {
+        required_scopes,
+        required_roles,
+    } = &route.policy;
+    if required_scopes.is_none() && required_roles.is_none() {
+        return Ok(());
+    }
+    let scope_ok = required_scopes
+        .as_ref()
+        .is_some_and(|need| need.iter().any(|s| claims.scopes.contains(s)));
+    let role_ok = required_roles
+        .as_ref()
+        .is_some_and(|need| need.iter().any(|r| claims.roles.contains(r)));
+    if scope_ok || role_ok {
+        return Ok(());
+    }
+    let mut wanted: Vec<&str> = Vec::new();
+    wanted.extend(required_scopes.iter().flatten().map(String::as_str));
+    wanted.extend(required_roles.iter().flatten().map(String::as_str));
+    Err(ProxyError::InsufficientScope {
+        scope: wanted.join(" "),
+        detail: "the token lacks a scope or role this route requires",
+    })
+}
+
+/// The one bearer token of the request. The scheme is matched case-insensitively (RFC 9110 §11.1); a request
+/// with no `Authorization`, or another scheme, has no token; two headers, or two tokens in one, are refused.
+pub fn bearer_token(headers: &HeaderMap) -> Result<&str, ProxyError> {
+    let mut values = headers.get_all(http::header::AUTHORIZATION).iter();
+    let Some(value) = values.next() else {
+        return Err(ProxyError::MissingToken);
+    };
+    if values.next().is_some() {
+        return Err(ProxyError::InvalidToken(
+            "more than one Authorization header",
+        ));
+    }
+    if value.len() > MAX_BEARER_BYTES + 16 {
+        return Err(ProxyError::InvalidToken("token too large"));
+    }
+    let value = value
+        .to_str()
+        .map_err(|_| ProxyError::InvalidToken("malformed Authorization header"))?;
+    let (scheme, rest) = value.split_once(' ').unwrap_or((value, ""));
+    if !scheme.eq_ignore_ascii_case("bearer") {
+        return Err(ProxyError::MissingToken);
+    }
+    let token = rest.trim_matches(' ');
+    if token.is_empty() {
+        return Err(ProxyError::InvalidToken("empty bearer token"));
+    }
+    if token.len() > MAX_BEARER_BYTES {
+        return Err(ProxyError::InvalidToken("token too large"));
+    }
+    // RFC 6750 §2.1 b64token: one token, no spaces, no commas.
+    let b64token = |c: u8| c.is_ascii_alphanumeric() || b"-._~+/=".contains(&c);
+    if !token.bytes().all(b64token) {
+        return Err(ProxyError::InvalidToken("malformed bearer token"));
+    }
+    Ok(token)
+}
+
+/// A JWT whose header and payload have been decoded and checked, but whose signature has not.
+struct Unverified {
+    alg: Algorithm,
+    kid: Option<String>,
+    exp: u64,
+    claims: Map<String, Value>,
+}
+
+const B64: base64::engine::GeneralPurpose = base64::engine::GeneralPurpose::new(
+    &base64::alphabet::URL_SAFE,
+    base64::engine::GeneralPurposeConfig::new()
+        .with_decode_padding_mode(base64::engine::DecodePaddingMode::Indifferent),
+);
+
+fn parse_unverified(token: &str, allowed: &[Algorithm]) -> Result<Unverified, ProxyError> {
+    let mut parts = token.split('.');
+    let (Some(header), Some(payload), Some(_signature), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return Err(ProxyError::InvalidToken("not a signed JWT (three parts)"));
+    };
+    let header = decode_object(header).ok_or(ProxyError::InvalidToken("malformed token header"))?;
+    let alg = header
+        .get("alg")
+        .and_then(Value::as_str)
+        .and_then(|name| allowed.iter().copied().find(|a| alg_name(*a) == name))
+        .ok_or(ProxyError::InvalidToken("signing algorithm not allowed"))?;
+    if header.contains_key("crit") {
+        return Err(ProxyError::InvalidToken(
+            "critical header extensions are not supported",
+        ));
+    }
+    let kid = match header.get("kid") {
+        None => None,
+        Some(Value::String(kid)) => Some(kid.clone()),
+        Some(_) => return Err(ProxyError::InvalidToken("malformed key id")),
+    };
+    let claims =
+        decode_object(payload).ok_or(ProxyError::InvalidToken("malformed token payload"))?;
+    let exp = match claims.get("exp") {
+        Some(Value::Number(n)) => n
+            .as_u64()
+            .or_else(|| n.as_f64().filter(|f| *f >= 0.0).map(seconds_from_f64))
+            .ok_or(ProxyError::InvalidToken("exp is not a valid time"))?,
+        Some(_) => return Err(ProxyError::InvalidToken("exp is not numeric")),
+        None => return Err(ProxyError::InvalidToken("required claim missing")),
+    };
+    for claim in ["nbf", "iat"] {
+        if claims.get(claim).is_some_and(|v| !v.is_number()) {
+            return Err(ProxyError::InvalidToken("time claim is not numeric"));
+        }
+    }
+    Ok(Unverified {
+        alg,
+        kid,
+        exp,
+        claims,
+    })
+}
+
+#[allow(
+    clippy::cast_possible_truncation,
+    clippy::cast_sign_loss,
+    reason = "checked non-negative; saturating cast"
+)]
+fn seconds_from_f64(f: f64) -> u64 {
+    f as u64
+}
+
+fn alg_name(alg: Algorithm) -> &'static str {
+    match alg {
+        Algorithm::HS256 => "HS256",
+        Algorithm::HS384 => "HS384",
+        Algorithm::HS512 => "HS512",
+        Algorithm::ES256 => "ES256",
+        Algorithm::ES384 => "ES384",
+        Algorithm::RS256 => "RS256",
+        Algorithm::RS384 => "RS384",
+        Algorithm::RS512 => "RS512",
+        Algorithm::PS256 => "PS256",
+        Algorithm::PS384 => "PS384",
+        Algorithm::PS512 => "PS512",
+        Algorithm::EdDSA => "EdDSA",
+    }
+}
+
+/// Base64url JSON object, refusing duplicate member names (RFC 7515 §5.2 / RFC 7519 §4).
+fn decode_object(part: &str) -> Option<Map<String, Value>> {
+    let bytes = B64.decode(part).ok()?;
+    let mut de = serde_json::Deserializer::from_slice(&bytes);
+    let object = de.deserialize_map(UniqueObject).ok()?;
+    de.end().ok()?;
+    Some(object)
+}
+
+struct UniqueObject;
+
+impl<'de> Visitor<'de> for UniqueObject {
+    type Value = Map<String, Value>;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a JSON object with unique member names")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut access: A) -> Result<Self::Value, A::Error> {
+        let mut map = Map::new();
+        while let Some((key, value)) = access.next_entry::<String, Value>()? {
+            if map.contains_key(&key) {
+                return Err(serde::de::Error::custom("duplicate member"));
+            }
+            map.insert(key, value);
+        }
+        Ok(map)
+    }
+}
+
+fn caller_claims(all: Map<String, Value>, exp: u64) -> CallerClaims {
+    let strings = |v: Option<&Value>| -> Vec<String> {
+        match v {
+            Some(Value::String(s)) => s
+                .split(' ')
+                .filter(|s| !s.is_empty())
+                .map(str::to_owned)
+                .collect(),
+            Some(Value::Array(items)) => items
+                .iter()
+                .filter_map(Value::as_str)
+                .map(str::to_owned)
+                .collect(),
+            _ => Vec::new(),
+        }
+    };
+    CallerClaims {
+        sub: all.get("sub").and_then(Value::as_str).map(str::to_owned),
+        exp,
+        scopes: strings(all.get("scp")),
+        roles: strings(all.get("roles")),
+        all,
+    }
+}
+
+/// Seconds since the Unix epoch.
+pub fn now_unix() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderValue;
+
+    fn headers(values: &[&str]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for v in values {
+            h.append(
+                http::header::AUTHORIZATION,
+                HeaderValue::from_str(v).expect("header"),
+            );
+        }
+        h
+    }
+
+    fn jwt(header: &Value, payload: &str) -> String {
+        format!(
+            "{}.{}.c2ln",
+            B64.encode(header.to_string()),
+            B64.encode(payload)
+        )
+    }
+
+    #[test]
+    fn bearer_scheme_is_case_insensitive() {
+        assert_eq!(
+            bearer_token(&headers(&["bEaReR abc.def.ghi"])).ok(),
+            Some("abc.def.ghi")
+        );
+    }
+
+    #[test]
+    fn missing_or_other_scheme_is_missing_token() {
+        assert!(matches!(
+            bearer_token(&headers(&[])),
+            Err(ProxyError::MissingToken)
+        ));
+        assert!(matches!(
+            bearer_token(&headers(&["Basic dXNlcjpwYXNz"])),
+            Err(ProxyError::MissingToken)
+        ));
+    }
+
+    #[test]
+    fn two_headers_or_two_tokens_are_invalid() {
+        assert!(matches!(
+            bearer_token(&headers(&["Bearer a.b.c", "Bearer d.e.f"])),
+            Err(ProxyError::InvalidToken(_))
+        ));
+        assert!(matches!(
+            bearer_token(&headers(&["Bearer a.b.c d.e.f"])),
+            Err(ProxyError::InvalidToken(_))
+        ));
+        assert!(matches!(
+            bearer_token(&headers(&["Bearer a.b.c,d.e.f"])),
+            Err(ProxyError::InvalidToken(_))
+        ));
+    }
+
+    #[test]
+    fn oversized_bearer_is_invalid() {
+        let big = format!("Bearer {}", "a".repeat(MAX_BEARER_BYTES + 1));
+        assert!(matches!(
+            bearer_token(&headers(&[&big])),
+            Err(ProxyError::InvalidToken("token too large"))
+        ));
+    }
+
+    #[test]
+    fn alg_none_and_hs256_are_refused_before_verification() {
+        let allowed = [Algorithm::RS256];
+        for alg in ["none", "None", "NONE", "HS256", "nOnE", ""] {
+            let token = jwt(&serde_json::json!({"alg": alg}), r#"{"exp": 1}"#);
+            assert!(
+                matches!(
+                    parse_unverified(&token, &allowed),
+                    Err(ProxyError::InvalidToken("signing algorithm not allowed"))
+                ),
+                "{alg}"
+            );
+        }
+    }
+
+    #[test]
+    fn crit_duplicate_claims_and_string_exp_are_refused() {
+        let allowed = [Algorithm::RS256];
+        let rs = serde_json::json!({"alg": "RS256", "kid": "k"});
+        let crit = jwt(
+            &serde_json::json!({"alg": "RS256", "crit": ["b64"]}),
+            r#"{"exp": 1}"#,
+        );
+        assert!(parse_unverified(&crit, &allowed).is_err());
+        let dup = jwt(&rs, r#"{"exp": 1, "aud": "a", "aud": "b"}"#);
+        assert!(parse_unverified(&dup, &allowed).is_err());
+        let string_exp = jwt(&rs, r#"{"exp": "99999999999"}"#);
+        assert!(matches!(
+            parse_unverified(&string_exp, &allowed),
+            Err(ProxyError::InvalidToken("exp is not numeric"))
+        ));
+        let no_exp = jwt(&rs, r#"{"sub": "x"}"#);
+        assert!(parse_unverified(&no_exp, &allowed).is_err());
+        let array = jwt(&rs, "[1, 2]");
+        assert!(parse_unverified(&array, &allowed).is_err());
+        let ok = jwt(&rs, r#"{"exp": 1.5e9, "scp": "a b"}"#);
+        assert!(parse_unverified(&ok, &allowed).is_ok());
+    }
+
+    fn route(token: TokenKind, policy: Policy) -> Route {
+        Route {
+            name: "r".into(),
+            path_prefix: "/r".into(),
+            match_prefix: "/r".into(),
+            upstream: url::Url::parse("http://127.0.0.1/").expect("url"),
+            token,
+            scopes: vec![],
+            policy,
+            timeout: Duration::from_secs(1),
+        }
+    }
+
+    fn claims(scp: &str, roles: &[&str]) -> CallerClaims {
+        let mut all = Map::new();
+        all.insert("scp".into(), Value::from(scp));
+        all.insert("roles".into(), Value::from(roles.to_vec()));
+        caller_claims(all, 0)
+    }
+
+    #[test]
+    fn policy_needs_one_scope_or_one_role() {
+        let policy = Policy {
+            required_scopes: Some(vec!["read".into()]),
+            required_roles: Some(vec!["Admin".into()]),
+        };
+        let r = route(TokenKind::Passthrough, policy);
+        assert!(authorize(&claims("read write", &[]), &r).is_ok());
+        assert!(authorize(&claims("", &["Admin"]), &r).is_ok());
+        assert!(matches!(
+            authorize(&claims("write", &["User"]), &r),
+            Err(ProxyError::InsufficientScope { .. })
+        ));
+        let open = route(TokenKind::Passthrough, Policy::default());
+        assert!(authorize(&claims("", &[]), &open).is_ok());
+    }
+
+    #[test]
+    fn app_only_token_on_obo_route_is_refused() {
+        let r = route(TokenKind::Obo, Policy::default());
+        assert!(matches!(
+            authorize(&claims("", &["Reader"]), &r),
+            Err(ProxyError::InsufficientScope { .. })
+        ));
+    }
+}

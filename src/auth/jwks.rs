@@ -1,0 +1,350 @@
+//! Signing keys per issuer: discovery -> `jwks_uri` -> JWK set, fetched in the background at start, retried
+//! with capped backoff until it succeeds, refreshed periodically, and refetched (rate-limited, one at a time)
+//! when a token names an unknown `kid`. The last good set survives every failed fetch.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use jsonwebtoken::jwk::{Jwk, KeyAlgorithm, PublicKeyUse};
+use jsonwebtoken::{Algorithm, AlgorithmFamily, DecodingKey};
+use serde::Deserialize;
+use tokio::sync::{Mutex, watch};
+use tokio::time::Instant;
+use url::Url;
+
+/// A failed first fetch is retried with doubling delays up to this cap, so a late IdP is picked up within
+/// seconds without hammering it.
+pub const MAX_FETCH_BACKOFF: Duration = Duration::from_secs(10);
+/// Keys rotate on the scale of weeks and are announced ahead; hourly keeps a new key's adoption quick
+/// even when no token has used it yet.
+pub const DEFAULT_JWKS_REFRESH: Duration = Duration::from_secs(3600);
+/// An unknown `kid` may be a freshly rotated key; refetch at most this often per issuer so a flood of
+/// random `kid`s costs the IdP at most one request per interval.
+pub const DEFAULT_MIN_REFETCH: Duration = Duration::from_secs(5);
+/// What a caller refused for missing keys is told to wait.
+pub const KEYS_RETRY_AFTER: Duration = Duration::from_secs(5);
+/// Discovery documents and key sets are small; anything larger is refused.
+const MAX_DOCUMENT_BYTES: usize = 1024 * 1024;
+
+/// One verification key from a JWK set.
+pub struct Key {
+    pub decoding: DecodingKey,
+    pub family: AlgorithmFamily,
+    /// The `alg` the JWK pins, if any: a token must then use exactly this one.
+    pub alg: Option<Algorithm>,
+}
+
+/// The keys of one issuer, by `kid`.
+#[derive(Default)]
+pub struct KeySet {
+    pub by_kid: HashMap<String, Arc<Key>>,
+    /// Keys published without a `kid`.
+    pub anonymous: Vec<Arc<Key>>,
+}
+
+/// What is known of an issuer's keys.
+#[derive(Clone, Default)]
+pub struct KeyState {
+    pub keys: Option<Arc<KeySet>>,
+    /// The first fetch has finished, whatever its outcome.
+    pub attempted: bool,
+}
+
+/// Why a fetch failed; logged, never shown to callers.
+#[derive(Debug, thiserror::Error)]
+pub enum FetchError {
+    #[error("request to {url} failed")]
+    Http {
+        url: String,
+        #[source]
+        source: reqwest::Error,
+    },
+    #[error("{url} answered {status}")]
+    Status { url: String, status: u16 },
+    #[error("{url} answered a document that is not valid JSON of the expected shape")]
+    Json {
+        url: String,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("{url} answered more than {MAX_DOCUMENT_BYTES} bytes")]
+    TooLarge { url: String },
+    #[error(
+        "discovery document names issuer {found:?}, expected {expected:?} (OpenID Discovery §4.3)"
+    )]
+    IssuerMismatch { expected: String, found: String },
+    #[error("discovery document's jwks_uri is not an https URL (or loopback http): {0:?}")]
+    BadJwksUri(String),
+    #[error("key set {url} holds no usable signing key")]
+    NoKeys { url: String },
+}
+
+#[derive(Deserialize)]
+struct Discovery {
+    issuer: String,
+    jwks_uri: String,
+}
+
+#[derive(Deserialize)]
+struct RawJwkSet {
+    keys: Vec<serde_json::Value>,
+}
+
+/// The keys of one configured issuer.
+pub struct IssuerKeys {
+    pub issuer: String,
+    discovery_url: Url,
+    jwks_uri: Option<Url>,
+    http: reqwest::Client,
+    state: watch::Sender<KeyState>,
+    /// When the last fetch started; held while a fetch runs, so fetches never overlap.
+    last_fetch: Mutex<Option<Instant>>,
+}
+
+impl IssuerKeys {
+    pub fn new(
+        issuer: String,
+        discovery_url: Url,
+        jwks_uri: Option<Url>,
+        http: reqwest::Client,
+    ) -> Self {
+        let (state, _) = watch::channel(KeyState::default());
+        IssuerKeys {
+            issuer,
+            discovery_url,
+            jwks_uri,
+            http,
+            state,
+            last_fetch: Mutex::new(None),
+        }
+    }
+
+    pub fn state(&self) -> KeyState {
+        self.state.borrow().clone()
+    }
+
+    /// Waits for the first fetch to finish (the caller bounds the wait with its deadline).
+    pub async fn first_attempt(&self) -> KeyState {
+        let mut rx = self.state.subscribe();
+        match rx.wait_for(|s| s.attempted).await {
+            Ok(state) => state.clone(),
+            Err(_) => self.state(),
+        }
+    }
+
+    /// Waits until a key set has been fetched.
+    pub async fn fetched(&self) {
+        let mut rx = self.state.subscribe();
+        let _ = rx.wait_for(|s| s.keys.is_some()).await;
+    }
+
+    /// Fetches at start until it succeeds, then refreshes every `refresh`. Runs until dropped.
+    pub async fn maintain(self: Arc<Self>, refresh: Duration) {
+        let mut backoff = Duration::from_millis(250);
+        loop {
+            if self.refetch().await {
+                break;
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(MAX_FETCH_BACKOFF);
+        }
+        loop {
+            tokio::time::sleep(refresh).await;
+            self.refetch().await;
+        }
+    }
+
+    /// Fetches now; true when the key set was replaced. A failure keeps the last good set.
+    pub async fn refetch(&self) -> bool {
+        let mut last = self.last_fetch.lock().await;
+        *last = Some(Instant::now());
+        let outcome = self.fetch().await;
+        let ok = outcome.is_ok();
+        match outcome {
+            Ok(set) => {
+                tracing::info!(issuer = %self.issuer, keys = set.by_kid.len() + set.anonymous.len(), "signing keys fetched");
+                self.state.send_modify(|s| {
+                    s.keys = Some(Arc::new(set));
+                    s.attempted = true;
+                });
+            }
+            Err(error) => {
+                tracing::warn!(issuer = %self.issuer, error = %error_chain(&error), "signing keys fetch failed; keeping the last good set");
+                self.state.send_modify(|s| s.attempted = true);
+            }
+        }
+        ok
+    }
+
+    /// For an unknown `kid`: refetch unless another fetch ran within `min_interval` (then just wait for it).
+    pub async fn refetch_for_unknown_kid(&self, min_interval: Duration) {
+        {
+            let last = self.last_fetch.lock().await;
+            if last.is_some_and(|t| t.elapsed() < min_interval) {
+                return;
+            }
+        }
+        // Two callers may both pass the check; the second one's fetch is rare and harmless.
+        self.refetch().await;
+    }
+
+    async fn fetch(&self) -> Result<KeySet, FetchError> {
+        let jwks_uri = if let Some(uri) = &self.jwks_uri {
+            uri.clone()
+        } else {
+            let discovery: Discovery = self.get_json(&self.discovery_url).await?;
+            if discovery.issuer != self.issuer {
+                return Err(FetchError::IssuerMismatch {
+                    expected: self.issuer.clone(),
+                    found: discovery.issuer,
+                });
+            }
+            match Url::parse(&discovery.jwks_uri) {
+                Ok(url)
+                    if url.scheme() == "https"
+                        || (url.scheme() == "http" && crate::config::is_loopback(&url)) =>
+                {
+                    url
+                }
+                _ => return Err(FetchError::BadJwksUri(discovery.jwks_uri)),
+            }
+        };
+        let raw: RawJwkSet = self.get_json(&jwks_uri).await?;
+        let set = key_set(&raw.keys);
+        if set.by_kid.is_empty() && set.anonymous.is_empty() {
+            return Err(FetchError::NoKeys {
+                url: jwks_uri.to_string(),
+            });
+        }
+        Ok(set)
+    }
+
+    async fn get_json<T: serde::de::DeserializeOwned>(&self, url: &Url) -> Result<T, FetchError> {
+        let http = |source| FetchError::Http {
+            url: url.to_string(),
+            source,
+        };
+        let mut response = self.http.get(url.clone()).send().await.map_err(http)?;
+        if !response.status().is_success() {
+            return Err(FetchError::Status {
+                url: url.to_string(),
+                status: response.status().as_u16(),
+            });
+        }
+        let mut body = Vec::new();
+        while let Some(chunk) = response.chunk().await.map_err(http)? {
+            if body.len() + chunk.len() > MAX_DOCUMENT_BYTES {
+                return Err(FetchError::TooLarge {
+                    url: url.to_string(),
+                });
+            }
+            body.extend_from_slice(&chunk);
+        }
+        serde_json::from_slice(&body).map_err(|source| FetchError::Json {
+            url: url.to_string(),
+            source,
+        })
+    }
+}
+
+/// `<issuer>/.well-known/openid-configuration` (OpenID Discovery §4).
+pub fn default_discovery_url(issuer: &str) -> Result<Url, url::ParseError> {
+    Url::parse(&format!(
+        "{}/.well-known/openid-configuration",
+        issuer.trim_end_matches('/')
+    ))
+}
+
+/// The usable signature keys of a JWK set: RSA and EC only (an `oct` key in a public set would let anyone
+/// forge HS* tokens), `use` absent or `sig`. Keys that do not parse are skipped.
+fn key_set(raw: &[serde_json::Value]) -> KeySet {
+    let mut set = KeySet::default();
+    for value in raw {
+        let Ok(jwk) = serde_json::from_value::<Jwk>(value.clone()) else {
+            continue;
+        };
+        if matches!(jwk.common.public_key_use, Some(ref u) if *u != PublicKeyUse::Signature) {
+            continue;
+        }
+        let family = match &jwk.algorithm {
+            jsonwebtoken::jwk::AlgorithmParameters::RSA(_) => AlgorithmFamily::Rsa,
+            jsonwebtoken::jwk::AlgorithmParameters::EllipticCurve(_) => AlgorithmFamily::Ec,
+            _ => continue,
+        };
+        let alg = match jwk.common.key_algorithm {
+            None => None,
+            Some(ka) => match key_algorithm(ka) {
+                Some(alg) => Some(alg),
+                None => continue,
+            },
+        };
+        let Ok(decoding) = DecodingKey::from_jwk(&jwk) else {
+            continue;
+        };
+        let key = Arc::new(Key {
+            decoding,
+            family,
+            alg,
+        });
+        match jwk.common.key_id {
+            Some(kid) => {
+                set.by_kid.insert(kid, key);
+            }
+            None => set.anonymous.push(key),
+        }
+    }
+    set
+}
+
+fn key_algorithm(ka: KeyAlgorithm) -> Option<Algorithm> {
+    Some(match ka {
+        KeyAlgorithm::RS256 => Algorithm::RS256,
+        KeyAlgorithm::RS384 => Algorithm::RS384,
+        KeyAlgorithm::RS512 => Algorithm::RS512,
+        KeyAlgorithm::PS256 => Algorithm::PS256,
+        KeyAlgorithm::PS384 => Algorithm::PS384,
+        KeyAlgorithm::PS512 => Algorithm::PS512,
+        KeyAlgorithm::ES256 => Algorithm::ES256,
+        KeyAlgorithm::ES384 => Algorithm::ES384,
+        _ => return None,
+    })
+}
+
+/// An error and its sources on one line, for logs.
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn oct_and_encryption_keys_are_not_signing_keys() {
+        let raw = vec![
+            serde_json::json!({"kty": "oct", "kid": "h", "k": "c2VjcmV0"}),
+            serde_json::json!({"kty": "RSA", "kid": "enc", "use": "enc", "n": "sXch", "e": "AQAB"}),
+            serde_json::json!({"kty": "RSA", "kid": "sig", "use": "sig", "alg": "RS256", "n": "sXch", "e": "AQAB"}),
+            serde_json::json!({"kty": "RSA", "kid": "junk"}),
+        ];
+        let set = key_set(&raw);
+        assert_eq!(set.by_kid.keys().collect::<Vec<_>>(), vec!["sig"]);
+        assert_eq!(set.by_kid["sig"].alg, Some(Algorithm::RS256));
+    }
+
+    #[test]
+    fn discovery_url_is_under_the_issuer() {
+        assert_eq!(
+            default_discovery_url("https://login.example.com/t/v2.0/").map(String::from),
+            Ok("https://login.example.com/t/v2.0/.well-known/openid-configuration".to_owned())
+        );
+    }
+}

@@ -1,0 +1,123 @@
+//! The command line (SPEC §2): `run` (default), `check`, `demo`, `dev-idp`.
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+use crate::config::{Config, ConfigError};
+
+/// Exit status of `check` (and `run`) for an invalid configuration: EX_USAGE-like, as sysexits' `EX_CONFIG`
+/// is 78 but SPEC fixes 64.
+pub const EXIT_CONFIG: u8 = 64;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "obo-sidecar",
+    version,
+    about = "A reverse proxy that validates a caller's bearer token and swaps it On-Behalf-Of for an upstream token"
+)]
+pub struct Cli {
+    /// Log line format on stderr (level from `RUST_LOG`, default info).
+    #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
+    pub log_format: LogFormat,
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ConfigArg {
+    /// Configuration file.
+    #[arg(
+        short = 'c',
+        long = "config",
+        env = "OBO_SIDECAR_CONFIG",
+        default_value = "sidecar.toml"
+    )]
+    pub path: PathBuf,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve (the default).
+    Run(ConfigArg),
+    /// Load and validate the configuration without binding ports; print the resolved routes.
+    Check(ConfigArg),
+    /// Start a development IdP, an echo upstream and the sidecar on loopback, and print curl commands.
+    Demo,
+    /// The embedded development IdP alone. NOT FOR PRODUCTION: it signs tokens for anyone who asks.
+    DevIdp {
+        /// Address to listen on.
+        #[arg(long, default_value = "127.0.0.1:15443")]
+        listen: SocketAddr,
+    },
+}
+
+/// `check`: the resolved route table on stdout, or every problem on stderr.
+pub fn check(path: &std::path::Path) -> Result<Config, ConfigError> {
+    let config = Config::load(path)?;
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{}: configuration OK", path.display());
+    let _ = writeln!(
+        out,
+        "proxy {}  admin {}",
+        config.listen.proxy, config.listen.admin
+    );
+    let _ = write!(out, "{}", route_table(&config));
+    Ok(config)
+}
+
+/// The route table as aligned text: name, prefix, upstream, token kind, scopes, identity.
+pub fn route_table(config: &Config) -> String {
+    let mut rows = vec![[
+        "ROUTE".to_owned(),
+        "PREFIX".to_owned(),
+        "UPSTREAM".to_owned(),
+        "TOKEN".to_owned(),
+        "SCOPES".to_owned(),
+        "IDENTITY".to_owned(),
+    ]];
+    for route in &config.routes {
+        rows.push([
+            route.name.clone(),
+            route.path_prefix.clone(),
+            route.upstream.to_string(),
+            route.token.as_str().to_owned(),
+            if route.scopes.is_empty() {
+                "-".to_owned()
+            } else {
+                route.scopes.join(" ")
+            },
+            match route.token {
+                crate::config::TokenKind::Obo | crate::config::TokenKind::App => config
+                    .identity_for(route)
+                    .map_or_else(|| "-".to_owned(), |i| i.name.clone()),
+                _ => "-".to_owned(),
+            },
+        ]);
+    }
+    let mut widths = [0usize; 6];
+    for row in &rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.len());
+        }
+    }
+    let mut text = String::new();
+    for row in &rows {
+        let line: Vec<String> = row
+            .iter()
+            .zip(widths)
+            .map(|(cell, w)| format!("{cell:w$}"))
+            .collect();
+        text.push_str(line.join("  ").trim_end());
+        text.push('\n');
+    }
+    text
+}

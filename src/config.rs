@@ -1,0 +1,1096 @@
+//! `sidecar.toml` -> [`Config`]. The TOML is read into a `toml::Table` and walked key by key, so that one
+//! pass reports **every** problem with its key path (`routes[1].upstream: relative URL without a base`)
+//! instead of stopping at the first, as `serde` would. Unknown keys are problems too: a key that this
+//! version does not implement is refused, never accepted and ignored.
+
+use std::collections::{BTreeMap, HashSet};
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use jsonwebtoken::Algorithm;
+use toml::{Table, Value};
+use url::Url;
+
+use crate::secret::Secret;
+
+/// Loopback by default: a sidecar is reached by its own pod or host, never by the network unless told.
+pub const DEFAULT_PROXY_LISTEN: &str = "127.0.0.1:15080";
+/// Probes reach the admin listener; in Kubernetes bind it to `0.0.0.0`.
+pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:15090";
+/// Entra's and most IdPs' clocks agree within seconds; a minute absorbs VM clock drift without
+/// stretching a token's life noticeably.
+pub const DEFAULT_CLOCK_SKEW: Duration = Duration::from_secs(60);
+/// One token request; Entra answers in well under a second, ten absorbs a slow region.
+pub const DEFAULT_IDP_TIMEOUT: Duration = Duration::from_secs(10);
+/// Bounded so a flood of distinct callers cannot grow memory without limit (about 100 MB at most).
+pub const DEFAULT_CACHE_MAX_ENTRIES: u64 = 100_000;
+/// MSAL refreshes five minutes before expiry; the same margin keeps an upstream from seeing a token
+/// that expires in flight.
+pub const DEFAULT_EXPIRY_MARGIN: Duration = Duration::from_secs(300);
+/// Whole request, including token acquisition; matches Envoy's default route timeout scale.
+pub const DEFAULT_ROUTE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: Listen,
+    pub inbound: Inbound,
+    pub identity: Option<Identity>,
+    pub cache: CacheSettings,
+    pub routes: Vec<Route>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Listen {
+    pub proxy: SocketAddr,
+    pub admin: SocketAddr,
+}
+
+/// Validation of callers' tokens.
+#[derive(Debug, Clone)]
+pub struct Inbound {
+    pub issuers: Vec<String>,
+    pub discovery_url: Option<Url>,
+    pub jwks_uri: Option<Url>,
+    pub audiences: Vec<String>,
+    pub algorithms: Vec<Algorithm>,
+    pub clock_skew: Duration,
+    pub ca_file: Option<PathBuf>,
+    pub policy: Policy,
+}
+
+/// Who may use a route: one of `scopes` (from `scp`) or one of `roles` (from `roles`).
+/// A list not set grants nothing; neither set lets any valid token through.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Policy {
+    pub required_scopes: Option<Vec<String>>,
+    pub required_roles: Option<Vec<String>>,
+}
+
+impl Policy {
+    fn is_set(&self) -> bool {
+        self.required_scopes.is_some() || self.required_roles.is_some()
+    }
+}
+
+/// The exchange grammar spoken to the token endpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Flavor {
+    /// Entra's jwt-bearer On-Behalf-Of grant.
+    Entra,
+}
+
+impl Flavor {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Flavor::Entra => "entra",
+        }
+    }
+}
+
+/// This sidecar's own client registration at the IdP.
+#[derive(Debug, Clone)]
+pub struct Identity {
+    pub name: String,
+    pub flavor: Flavor,
+    pub token_endpoint: Url,
+    pub client_id: String,
+    pub client_secret: Secret,
+    pub ca_file: Option<PathBuf>,
+    pub timeout: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct CacheSettings {
+    pub max_entries: u64,
+    pub expiry_margin: Duration,
+}
+
+/// Which token a route sends upstream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenKind {
+    /// Exchanged On-Behalf-Of the caller.
+    Obo,
+    /// The sidecar's own token (client credentials).
+    App,
+    /// The caller's own token, unchanged.
+    Passthrough,
+    /// No `Authorization` header.
+    None,
+}
+
+impl TokenKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TokenKind::Obo => "obo",
+            TokenKind::App => "app",
+            TokenKind::Passthrough => "passthrough",
+            TokenKind::None => "none",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Route {
+    pub name: String,
+    /// As configured, for display.
+    pub path_prefix: String,
+    /// Normalized for matching: no trailing `/`; the root prefix is `""`.
+    pub match_prefix: String,
+    pub upstream: Url,
+    pub token: TokenKind,
+    pub scopes: Vec<String>,
+    /// The route's own policy when it sets one, else `[inbound]`'s.
+    pub policy: Policy,
+    pub timeout: Duration,
+}
+
+/// One configuration problem and where it is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    pub path: String,
+    pub message: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.path.is_empty() {
+            f.write_str(&self.message)
+        } else {
+            write!(f, "{}: {}", self.path, self.message)
+        }
+    }
+}
+
+/// Every problem found in a configuration.
+#[derive(Debug, thiserror::Error)]
+pub struct ConfigError {
+    pub problems: Vec<Problem>,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "invalid configuration ({} problem", self.problems.len())?;
+        if self.problems.len() != 1 {
+            f.write_str("s")?;
+        }
+        f.write_str(")")?;
+        for problem in &self.problems {
+            write!(f, "\n  {problem}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Where `{ env = "NAME" }` secrets are looked up; tests and `demo` pass their own.
+pub type EnvLookup<'a> = &'a dyn Fn(&str) -> Option<String>;
+
+impl Config {
+    /// Reads and validates a configuration file, with secrets from the process environment.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            problems: vec![Problem {
+                path: String::new(),
+                message: format!("cannot read {}: {e}", path.display()),
+            }],
+        })?;
+        Config::parse(&text, &|name| std::env::var(name).ok())
+    }
+
+    /// Parses and validates configuration text.
+    pub fn parse(text: &str, env: EnvLookup<'_>) -> Result<Config, ConfigError> {
+        let table: Table = text.parse().map_err(|e: toml::de::Error| ConfigError {
+            problems: vec![Problem {
+                path: String::new(),
+                message: format!("TOML syntax: {}", e.message().trim()),
+            }],
+        })?;
+        let mut problems = Problems::default();
+        let config = read_config(&table, env, &mut problems);
+        match config {
+            Some(config) if problems.0.is_empty() => Ok(config),
+            _ => Err(ConfigError {
+                problems: problems.0,
+            }),
+        }
+    }
+
+    /// The identity a route acquires its tokens with (only one in this version).
+    pub fn identity_for(&self, _route: &Route) -> Option<&Identity> {
+        self.identity.as_ref()
+    }
+}
+
+#[derive(Default)]
+struct Problems(Vec<Problem>);
+
+impl Problems {
+    fn add(&mut self, path: &str, message: impl Into<String>) {
+        self.0.push(Problem {
+            path: path.to_owned(),
+            message: message.into(),
+        });
+    }
+}
+
+fn join(path: &str, key: &str) -> String {
+    if path.is_empty() {
+        key.to_owned()
+    } else {
+        format!("{path}.{key}")
+    }
+}
+
+/// A table being read: remembers which keys were taken so the rest can be reported as unknown.
+struct Fields<'a> {
+    table: &'a Table,
+    path: String,
+    known: &'static [&'static str],
+}
+
+impl<'a> Fields<'a> {
+    fn new(
+        table: &'a Table,
+        path: impl Into<String>,
+        known: &'static [&'static str],
+        p: &mut Problems,
+    ) -> Self {
+        let path = path.into();
+        for key in table.keys() {
+            if !known.contains(&key.as_str()) {
+                p.add(&join(&path, key), "unknown key");
+            }
+        }
+        Fields { table, path, known }
+    }
+
+    fn at(&self, key: &str) -> String {
+        debug_assert!(self.known.contains(&key), "{key} read but not declared");
+        join(&self.path, key)
+    }
+
+    fn value(&self, key: &str) -> Option<&'a Value> {
+        self.table.get(key)
+    }
+
+    fn string(&self, key: &str, p: &mut Problems) -> Option<&'a str> {
+        match self.value(key)? {
+            Value::String(s) => Some(s),
+            other => {
+                p.add(
+                    &self.at(key),
+                    format!("expected a string, found {}", other.type_str()),
+                );
+                None
+            }
+        }
+    }
+
+    fn required_string(&self, key: &str, p: &mut Problems) -> Option<&'a str> {
+        if self.value(key).is_none() {
+            p.add(&self.at(key), "missing");
+            return None;
+        }
+        let s = self.string(key, p)?;
+        if s.trim().is_empty() {
+            p.add(&self.at(key), "must not be empty");
+            return None;
+        }
+        Some(s)
+    }
+
+    fn strings(&self, key: &str, p: &mut Problems) -> Option<Vec<String>> {
+        match self.value(key)? {
+            Value::Array(items) => {
+                let mut out = Vec::with_capacity(items.len());
+                for (i, item) in items.iter().enumerate() {
+                    match item {
+                        Value::String(s) if !s.trim().is_empty() => out.push(s.clone()),
+                        Value::String(_) => {
+                            p.add(&format!("{}[{i}]", self.at(key)), "must not be empty");
+                        }
+                        other => p.add(
+                            &format!("{}[{i}]", self.at(key)),
+                            format!("expected a string, found {}", other.type_str()),
+                        ),
+                    }
+                }
+                Some(out)
+            }
+            other => {
+                p.add(
+                    &self.at(key),
+                    format!("expected an array of strings, found {}", other.type_str()),
+                );
+                None
+            }
+        }
+    }
+
+    fn table(&self, key: &str, p: &mut Problems) -> Option<&'a Table> {
+        match self.value(key)? {
+            Value::Table(t) => Some(t),
+            other => {
+                p.add(
+                    &self.at(key),
+                    format!("expected a table, found {}", other.type_str()),
+                );
+                None
+            }
+        }
+    }
+
+    fn duration(&self, key: &str, default: Duration, p: &mut Problems) -> Duration {
+        let Some(text) = self.string(key, p) else {
+            return default;
+        };
+        match humantime::parse_duration(text) {
+            Ok(d) => d,
+            Err(e) => {
+                p.add(
+                    &self.at(key),
+                    format!("not a duration like \"30s\" or \"5m\": {e}"),
+                );
+                default
+            }
+        }
+    }
+
+    fn socket_addr(&self, key: &str, default: &str, p: &mut Problems) -> Option<SocketAddr> {
+        let text = self.string(key, p).unwrap_or(default);
+        if let Ok(addr) = text.parse() {
+            Some(addr)
+        } else {
+            p.add(&self.at(key), format!("not an IP:port address: {text:?}"));
+            None
+        }
+    }
+
+    fn url(&self, key: &str, p: &mut Problems) -> Option<Url> {
+        let text = self.string(key, p)?;
+        parse_url(text, &self.at(key), p)
+    }
+
+    fn path(&self, key: &str, p: &mut Problems) -> Option<PathBuf> {
+        let text = self.string(key, p)?;
+        let path = PathBuf::from(text);
+        if !path.is_file() {
+            p.add(&self.at(key), format!("cannot read file {text:?}"));
+        }
+        Some(path)
+    }
+}
+
+fn parse_url(text: &str, at: &str, p: &mut Problems) -> Option<Url> {
+    match Url::parse(text) {
+        Ok(url) if url.scheme() == "http" || url.scheme() == "https" => {
+            if url.host().is_none() {
+                p.add(at, "URL has no host");
+                return None;
+            }
+            Some(url)
+        }
+        Ok(url) => {
+            p.add(
+                at,
+                format!("scheme {:?} is not http or https", url.scheme()),
+            );
+            None
+        }
+        Err(e) => {
+            p.add(at, e.to_string());
+            None
+        }
+    }
+}
+
+/// True for `localhost` and loopback IP literals.
+pub fn is_loopback(url: &Url) -> bool {
+    match url.host() {
+        Some(url::Host::Domain(d)) => d.eq_ignore_ascii_case("localhost"),
+        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+        None => false,
+    }
+}
+
+/// An IdP URL carries tokens and keys: https, unless the IdP is on this host.
+fn require_https(url: &Url, at: &str, p: &mut Problems) {
+    if url.scheme() != "https" && !is_loopback(url) {
+        p.add(at, "an IdP URL must use https unless its host is loopback");
+    }
+}
+
+fn read_config(root: &Table, env: EnvLookup<'_>, p: &mut Problems) -> Option<Config> {
+    let top = Fields::new(
+        root,
+        "",
+        &["listen", "inbound", "identity", "cache", "routes"],
+        p,
+    );
+
+    let listen = read_listen(top.table("listen", p), p);
+    let inbound = if let Some(t) = top.table("inbound", p) {
+        Some(read_inbound(t, p))
+    } else {
+        p.add(
+            "inbound",
+            "missing: every route validates its callers' tokens",
+        );
+        None
+    };
+    let identity = top
+        .table("identity", p)
+        .and_then(|t| read_identity(t, env, p));
+    let cache = read_cache(top.table("cache", p), p);
+    let default_policy = inbound
+        .as_ref()
+        .map(|i| i.policy.clone())
+        .unwrap_or_default();
+    let routes = read_routes(&top, &default_policy, p);
+
+    if identity.is_none()
+        && top.value("identity").is_none()
+        && routes
+            .iter()
+            .any(|r| matches!(r.token, TokenKind::Obo | TokenKind::App))
+    {
+        p.add("identity", "missing: a route with token = \"obo\" or \"app\" needs the sidecar's client registration");
+    }
+
+    Some(Config {
+        listen: listen?,
+        inbound: inbound?,
+        identity,
+        cache,
+        routes,
+    })
+}
+
+fn read_listen(table: Option<&Table>, p: &mut Problems) -> Option<Listen> {
+    let empty = Table::new();
+    let f = Fields::new(table.unwrap_or(&empty), "listen", &["proxy", "admin"], p);
+    let proxy = f.socket_addr("proxy", DEFAULT_PROXY_LISTEN, p);
+    let admin = f.socket_addr("admin", DEFAULT_ADMIN_LISTEN, p);
+    Some(Listen {
+        proxy: proxy?,
+        admin: admin?,
+    })
+}
+
+fn read_policy(f: &Fields<'_>, p: &mut Problems) -> Policy {
+    Policy {
+        required_scopes: f.strings("required_scopes", p),
+        required_roles: f.strings("required_roles", p),
+    }
+}
+
+fn read_inbound(table: &Table, p: &mut Problems) -> Inbound {
+    let f = Fields::new(
+        table,
+        "inbound",
+        &[
+            "issuers",
+            "discovery_url",
+            "jwks_uri",
+            "audiences",
+            "algorithms",
+            "clock_skew",
+            "ca_file",
+            "required_scopes",
+            "required_roles",
+        ],
+        p,
+    );
+    let issuers = f.strings("issuers", p).unwrap_or_default();
+    if issuers.is_empty() {
+        p.add(&f.at("issuers"), "at least one issuer is required");
+    }
+    for (i, issuer) in issuers.iter().enumerate() {
+        let at = format!("{}[{i}]", f.at("issuers"));
+        if issuer.contains('{') {
+            p.add(
+                &at,
+                "placeholders such as {tenantid} in issuers are not supported by this version",
+            );
+            continue;
+        }
+        if let Some(url) = parse_url(issuer, &at, p) {
+            require_https(&url, &at, p);
+        }
+    }
+    let discovery_url = f.url("discovery_url", p);
+    let jwks_uri = f.url("jwks_uri", p);
+    for (key, url) in [("discovery_url", &discovery_url), ("jwks_uri", &jwks_uri)] {
+        if let Some(url) = url {
+            require_https(url, &f.at(key), p);
+            if issuers.len() > 1 {
+                p.add(&f.at(key), "can only be set with exactly one issuer");
+            }
+        }
+    }
+    let audiences = f.strings("audiences", p).unwrap_or_default();
+    if audiences.is_empty() {
+        p.add(&f.at("audiences"), "at least one audience is required");
+    }
+    let algorithms = match f.strings("algorithms", p) {
+        None => vec![Algorithm::RS256],
+        Some(names) => {
+            let mut algs = Vec::new();
+            for (i, name) in names.iter().enumerate() {
+                match parse_algorithm(name) {
+                    Ok(alg) => algs.push(alg),
+                    Err(msg) => p.add(&format!("{}[{i}]", f.at("algorithms")), msg),
+                }
+            }
+            if names.is_empty() {
+                p.add(&f.at("algorithms"), "at least one algorithm is required");
+            }
+            algs
+        }
+    };
+    let clock_skew = f.duration("clock_skew", DEFAULT_CLOCK_SKEW, p);
+    let ca_file = f.path("ca_file", p);
+    let policy = read_policy(&f, p);
+    Inbound {
+        issuers,
+        discovery_url,
+        jwks_uri,
+        audiences,
+        algorithms,
+        clock_skew,
+        ca_file,
+        policy,
+    }
+}
+
+/// The asymmetric algorithms a remote key set can verify. `none` and HS* never: an HMAC "key" taken from a
+/// public JWKS is public.
+fn parse_algorithm(name: &str) -> Result<Algorithm, String> {
+    let alg = match name {
+        "RS256" => Algorithm::RS256,
+        "RS384" => Algorithm::RS384,
+        "RS512" => Algorithm::RS512,
+        "PS256" => Algorithm::PS256,
+        "PS384" => Algorithm::PS384,
+        "PS512" => Algorithm::PS512,
+        "ES256" => Algorithm::ES256,
+        "ES384" => Algorithm::ES384,
+        other
+            if other.eq_ignore_ascii_case("none")
+                || other.to_ascii_uppercase().starts_with("HS") =>
+        {
+            return Err(format!(
+                "{other:?} is never accepted: only RS*, PS* and ES* algorithms verify with a published key"
+            ));
+        }
+        other => {
+            return Err(format!(
+                "unknown algorithm {other:?} (RS256, RS384, RS512, PS256, PS384, PS512, ES256, ES384)"
+            ));
+        }
+    };
+    Ok(alg)
+}
+
+fn read_secret(f: &Fields<'_>, key: &str, env: EnvLookup<'_>, p: &mut Problems) -> Option<Secret> {
+    let at = f.at(key);
+    match f.value(key)? {
+        Value::String(_) => {
+            p.add(
+                &at,
+                "secrets are never written inline: use { env = \"NAME\" } or { file = \"/path\" }",
+            );
+            None
+        }
+        Value::Table(t) => {
+            let sf = Fields::new(t, at.clone(), &["env", "file"], p);
+            match (sf.string("env", p), sf.string("file", p)) {
+                (Some(name), None) => match env(name) {
+                    Some(value) if !value.trim().is_empty() => Some(Secret::new(value.trim())),
+                    Some(_) => {
+                        p.add(
+                            &sf.at("env"),
+                            format!("environment variable {name} is empty"),
+                        );
+                        None
+                    }
+                    None => {
+                        p.add(
+                            &sf.at("env"),
+                            format!("environment variable {name} is not set"),
+                        );
+                        None
+                    }
+                },
+                (None, Some(path)) => match std::fs::read_to_string(path) {
+                    Ok(value) if !value.trim().is_empty() => Some(Secret::new(value.trim())),
+                    Ok(_) => {
+                        p.add(&sf.at("file"), format!("{path} is empty"));
+                        None
+                    }
+                    Err(e) => {
+                        p.add(&sf.at("file"), format!("cannot read {path}: {e}"));
+                        None
+                    }
+                },
+                (Some(_), Some(_)) => {
+                    p.add(&at, "set env or file, not both");
+                    None
+                }
+                (None, None) => {
+                    p.add(&at, "expected { env = \"NAME\" } or { file = \"/path\" }");
+                    None
+                }
+            }
+        }
+        other => {
+            p.add(
+                &at,
+                format!(
+                    "expected {{ env = \"NAME\" }} or {{ file = \"/path\" }}, found {}",
+                    other.type_str()
+                ),
+            );
+            None
+        }
+    }
+}
+
+fn read_identity(table: &Table, env: EnvLookup<'_>, p: &mut Problems) -> Option<Identity> {
+    let f = Fields::new(
+        table,
+        "identity",
+        &[
+            "flavor",
+            "token_endpoint",
+            "client_id",
+            "client_secret",
+            "ca_file",
+            "timeout",
+        ],
+        p,
+    );
+    let flavor = match f.string("flavor", p).unwrap_or("entra") {
+        "entra" => Some(Flavor::Entra),
+        other => {
+            p.add(
+                &f.at("flavor"),
+                format!("unknown flavor {other:?}: this version speaks \"entra\""),
+            );
+            None
+        }
+    };
+    let token_endpoint = if f.value("token_endpoint").is_none() {
+        p.add(&f.at("token_endpoint"), "missing");
+        None
+    } else {
+        f.url("token_endpoint", p)
+    };
+    if let Some(url) = &token_endpoint {
+        require_https(url, &f.at("token_endpoint"), p);
+        if url.as_str().contains("%7Btenantid%7D") || url.as_str().contains("{tenantid}") {
+            p.add(
+                &f.at("token_endpoint"),
+                "{tenantid} is not supported by this version",
+            );
+        }
+    }
+    let client_id = f.required_string("client_id", p);
+    let client_secret = if f.value("client_secret").is_none() {
+        p.add(
+            &f.at("client_secret"),
+            "missing: the client authenticates with a secret",
+        );
+        None
+    } else {
+        read_secret(&f, "client_secret", env, p)
+    };
+    let ca_file = f.path("ca_file", p);
+    let timeout = f.duration("timeout", DEFAULT_IDP_TIMEOUT, p);
+    Some(Identity {
+        name: "default".to_owned(),
+        flavor: flavor?,
+        token_endpoint: token_endpoint?,
+        client_id: client_id?.to_owned(),
+        client_secret: client_secret?,
+        ca_file,
+        timeout,
+    })
+}
+
+fn read_cache(table: Option<&Table>, p: &mut Problems) -> CacheSettings {
+    let empty = Table::new();
+    let f = Fields::new(
+        table.unwrap_or(&empty),
+        "cache",
+        &["max_entries", "expiry_margin"],
+        p,
+    );
+    let max_entries = match f.value("max_entries") {
+        None => DEFAULT_CACHE_MAX_ENTRIES,
+        Some(Value::Integer(n)) if *n > 0 => n.unsigned_abs(),
+        Some(_) => {
+            p.add(&f.at("max_entries"), "expected a positive integer");
+            DEFAULT_CACHE_MAX_ENTRIES
+        }
+    };
+    let expiry_margin = f.duration("expiry_margin", DEFAULT_EXPIRY_MARGIN, p);
+    CacheSettings {
+        max_entries,
+        expiry_margin,
+    }
+}
+
+fn read_routes(top: &Fields<'_>, default_policy: &Policy, p: &mut Problems) -> Vec<Route> {
+    let items = match top.value("routes") {
+        None => {
+            p.add(
+                "routes",
+                "missing: at least one [[routes]] entry is required",
+            );
+            return Vec::new();
+        }
+        Some(Value::Array(items)) => items,
+        Some(other) => {
+            p.add(
+                "routes",
+                format!(
+                    "expected an array of tables ([[routes]]), found {}",
+                    other.type_str()
+                ),
+            );
+            return Vec::new();
+        }
+    };
+    if items.is_empty() {
+        p.add("routes", "at least one [[routes]] entry is required");
+    }
+    let mut routes = Vec::new();
+    let mut names = HashSet::new();
+    let mut prefixes: BTreeMap<String, String> = BTreeMap::new();
+    for (i, item) in items.iter().enumerate() {
+        let at = format!("routes[{i}]");
+        let Value::Table(table) = item else {
+            p.add(&at, format!("expected a table, found {}", item.type_str()));
+            continue;
+        };
+        // Duplicates are checked on the raw keys, so they are reported even when the route has other problems.
+        let name = table.get("name").and_then(Value::as_str);
+        if let Some(name) = name
+            && !names.insert(name.to_owned())
+        {
+            p.add(
+                &format!("{at}.name"),
+                format!("duplicate route name {name:?}"),
+            );
+        }
+        if let Some(prefix) = table.get("path_prefix").and_then(Value::as_str)
+            && let Ok(normalized) = normalize_prefix(prefix)
+            && let Some(other) = prefixes.insert(normalized, name.unwrap_or("?").to_owned())
+        {
+            p.add(
+                &format!("{at}.path_prefix"),
+                format!("{prefix:?} is also the prefix of route {other:?}"),
+            );
+        }
+        let Some(route) = read_route(table, &at, default_policy, p) else {
+            continue;
+        };
+        routes.push(route);
+    }
+    routes
+}
+
+fn read_route(table: &Table, at: &str, default_policy: &Policy, p: &mut Problems) -> Option<Route> {
+    let f = Fields::new(
+        table,
+        at,
+        &[
+            "name",
+            "path_prefix",
+            "upstream",
+            "token",
+            "scopes",
+            "required_scopes",
+            "required_roles",
+            "timeout",
+        ],
+        p,
+    );
+    let name = f.required_string("name", p);
+    if let Some(name) = name
+        && !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    {
+        p.add(
+            &f.at("name"),
+            "use letters, digits, '-' and '_' (it names the route in logs and metrics)",
+        );
+    }
+    let path_prefix = f.required_string("path_prefix", p);
+    let match_prefix = path_prefix.and_then(|prefix| match normalize_prefix(prefix) {
+        Ok(m) => Some(m),
+        Err(msg) => {
+            p.add(&f.at("path_prefix"), msg);
+            None
+        }
+    });
+    let upstream = if f.value("upstream").is_none() {
+        p.add(&f.at("upstream"), "missing");
+        None
+    } else {
+        f.url("upstream", p)
+    };
+    if let Some(url) = &upstream {
+        if url.query().is_some() || url.fragment().is_some() {
+            p.add(&f.at("upstream"), "must not carry a query or fragment");
+        }
+        if !url.username().is_empty() || url.password().is_some() {
+            p.add(&f.at("upstream"), "must not carry credentials");
+        }
+    }
+    let token = match f.string("token", p) {
+        None if f.value("token").is_none() => {
+            p.add(
+                &f.at("token"),
+                "missing: one of \"obo\", \"app\", \"passthrough\", \"none\"",
+            );
+            None
+        }
+        None => None,
+        Some("obo") => Some(TokenKind::Obo),
+        Some("app") => Some(TokenKind::App),
+        Some("passthrough") => Some(TokenKind::Passthrough),
+        Some("none") => Some(TokenKind::None),
+        Some(other) => {
+            p.add(&f.at("token"), format!("unknown token kind {other:?}: one of \"obo\", \"app\", \"passthrough\", \"none\""));
+            None
+        }
+    };
+    let scopes = f.strings("scopes", p).unwrap_or_default();
+    match token {
+        Some(TokenKind::Obo | TokenKind::App) if scopes.is_empty() => {
+            p.add(
+                &f.at("scopes"),
+                "required: the scopes to request for the upstream",
+            );
+        }
+        Some(TokenKind::Passthrough | TokenKind::None) if !scopes.is_empty() => {
+            p.add(&f.at("scopes"), "only obo and app routes request scopes");
+        }
+        _ => {}
+    }
+    if let (Some(url), Some(kind)) = (&upstream, token)
+        && kind != TokenKind::None
+        && url.scheme() == "http"
+        && !is_loopback(url)
+    {
+        p.add(
+            &f.at("upstream"),
+            "a route that sends a token needs an https upstream (plain http only to loopback)",
+        );
+    }
+    let own_policy = read_policy(&f, p);
+    let policy = if own_policy.is_set() {
+        own_policy
+    } else {
+        default_policy.clone()
+    };
+    let timeout = f.duration("timeout", DEFAULT_ROUTE_TIMEOUT, p);
+    if timeout.is_zero() {
+        p.add(&f.at("timeout"), "must be greater than zero");
+    }
+    Some(Route {
+        name: name?.to_owned(),
+        path_prefix: path_prefix?.to_owned(),
+        match_prefix: match_prefix?,
+        upstream: upstream?,
+        token: token?,
+        scopes,
+        policy,
+        timeout,
+    })
+}
+
+/// `/graph/` and `/graph` both become `/graph`; `/` becomes `""` (matches every path).
+fn normalize_prefix(prefix: &str) -> Result<String, String> {
+    if !prefix.starts_with('/') {
+        return Err(format!("{prefix:?} must start with '/'"));
+    }
+    if prefix.contains(['%', '?', '#', '\\'])
+        || prefix.split('/').any(|seg| seg == "." || seg == "..")
+    {
+        return Err(format!(
+            "{prefix:?} must be a plain, normalized path (no '%', '?', '#', '\\', '.' or '..')"
+        ));
+    }
+    if prefix.contains("//") {
+        return Err(format!("{prefix:?} must not contain '//'"));
+    }
+    Ok(prefix.trim_end_matches('/').to_owned())
+}
+
+/// Whether the proxy listener is reachable only from this host.
+pub fn is_loopback_addr(addr: &SocketAddr) -> bool {
+    match addr.ip() {
+        IpAddr::V4(ip) => ip.is_loopback(),
+        IpAddr::V6(ip) => ip.is_loopback(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(name: &str) -> Option<String> {
+        (name == "OBO_CLIENT_SECRET").then(|| "s3cret".to_owned())
+    }
+
+    const GOOD: &str = r#"
+[inbound]
+issuers = ["https://login.example.com/tenant/v2.0"]
+audiences = ["api://my-api"]
+
+[identity]
+token_endpoint = "https://login.example.com/tenant/oauth2/v2.0/token"
+client_id = "my-api"
+client_secret = { env = "OBO_CLIENT_SECRET" }
+
+[[routes]]
+name = "graph"
+path_prefix = "/graph/"
+upstream = "https://graph.example.com/v1.0/"
+token = "obo"
+scopes = ["https://graph.example.com/.default"]
+"#;
+
+    fn problems(text: &str) -> Vec<String> {
+        match Config::parse(text, &env) {
+            Ok(_) => Vec::new(),
+            Err(e) => e.problems.iter().map(ToString::to_string).collect(),
+        }
+    }
+
+    #[test]
+    fn good_config_parses_with_defaults() {
+        let config = Config::parse(GOOD, &env).expect("valid");
+        assert_eq!(config.listen.proxy.to_string(), DEFAULT_PROXY_LISTEN);
+        assert_eq!(config.routes[0].match_prefix, "/graph");
+        assert_eq!(config.cache.expiry_margin, DEFAULT_EXPIRY_MARGIN);
+        assert_eq!(config.inbound.algorithms, vec![Algorithm::RS256]);
+        let identity = config.identity.expect("identity");
+        assert_eq!(identity.client_secret.expose(), "s3cret");
+    }
+
+    #[test]
+    fn every_problem_is_reported_with_its_key_path() {
+        let text = GOOD
+            .replace("https://graph.example.com/v1.0/", "graph/v1.0")
+            .replace(
+                "client_id = \"my-api\"",
+                "client_id = \"my-api\"\nfavourite = 1",
+            )
+            .replace("OBO_CLIENT_SECRET", "UNSET_VARIABLE")
+            + "\n[[routes]]\nname = \"graph\"\npath_prefix = \"/graph\"\nupstream = \"http://10.0.0.1/\"\ntoken = \"bogus\"\ntimeout = \"soon\"\n";
+        let found = problems(&text);
+        for expected in [
+            "routes[0].upstream: relative URL without a base",
+            "identity.favourite: unknown key",
+            "identity.client_secret.env: environment variable UNSET_VARIABLE is not set",
+            "routes[1].token: unknown token kind \"bogus\"",
+            "routes[1].timeout: not a duration",
+            "routes[1].name: duplicate route name \"graph\"",
+            "routes[1].path_prefix: \"/graph\" is also the prefix of route \"graph\"",
+        ] {
+            assert!(
+                found.iter().any(|p| p.starts_with(expected)),
+                "missing {expected:?} in {found:#?}"
+            );
+        }
+    }
+
+    #[test]
+    fn inline_secret_none_algorithm_and_plain_idp_are_refused() {
+        let text = GOOD
+            .replace("{ env = \"OBO_CLIENT_SECRET\" }", "\"inline\"")
+            .replace(
+                "audiences = [\"api://my-api\"]",
+                "audiences = [\"api://my-api\"]\nalgorithms = [\"none\", \"HS256\"]",
+            )
+            .replace(
+                "https://login.example.com/tenant/oauth2",
+                "http://login.example.com/tenant/oauth2",
+            );
+        let found = problems(&text);
+        assert!(
+            found
+                .iter()
+                .any(|p| p.starts_with("identity.client_secret: secrets are never written inline"))
+        );
+        assert!(
+            found
+                .iter()
+                .any(|p| p.starts_with("inbound.algorithms[0]: \"none\" is never accepted"))
+        );
+        assert!(
+            found
+                .iter()
+                .any(|p| p.starts_with("inbound.algorithms[1]: \"HS256\" is never accepted"))
+        );
+        assert!(
+            found
+                .iter()
+                .any(|p| p.starts_with("identity.token_endpoint: an IdP URL must use https"))
+        );
+    }
+
+    #[test]
+    fn token_over_plain_http_to_a_remote_upstream_is_refused() {
+        let text = GOOD.replace(
+            "https://graph.example.com/v1.0/",
+            "http://graph.example.com/",
+        );
+        assert!(problems(&text).iter().any(|p| p.starts_with(
+            "routes[0].upstream: a route that sends a token needs an https upstream"
+        )));
+        let loopback = GOOD.replace("https://graph.example.com/v1.0/", "http://127.0.0.1:8080/");
+        assert!(problems(&loopback).is_empty());
+    }
+
+    #[test]
+    fn syntax_error_is_one_problem() {
+        let found = problems("[inbound\n");
+        assert_eq!(found.len(), 1);
+        assert!(found[0].starts_with("TOML syntax"));
+    }
+
+    #[test]
+    fn route_policy_overrides_inbound_policy() {
+        let text = GOOD.replace(
+            "audiences = [\"api://my-api\"]",
+            "audiences = [\"api://my-api\"]\nrequired_scopes = [\"access_as_user\"]",
+        ) + "\n[[routes]]\nname = \"admin\"\npath_prefix = \"/admin\"\nupstream = \"http://127.0.0.1:9/\"\ntoken = \"none\"\nrequired_roles = [\"Admin\"]\n";
+        let config = Config::parse(&text, &env).expect("valid");
+        assert_eq!(
+            config.routes[0].policy.required_scopes,
+            Some(vec!["access_as_user".to_owned()])
+        );
+        assert_eq!(config.routes[1].policy.required_scopes, None);
+        assert_eq!(
+            config.routes[1].policy.required_roles,
+            Some(vec!["Admin".to_owned()])
+        );
+    }
+
+    #[test]
+    fn prefixes_normalize_to_segment_form() {
+        assert_eq!(normalize_prefix("/graph/").as_deref(), Ok("/graph"));
+        assert_eq!(normalize_prefix("/").as_deref(), Ok(""));
+        assert!(normalize_prefix("graph").is_err());
+        assert!(normalize_prefix("/a/../b").is_err());
+    }
+}

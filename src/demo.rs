@@ -1,0 +1,122 @@
+//! `obo-sidecar demo`: the development IdP, an echo upstream and the sidecar on loopback with a built-in
+//! configuration, and ready-to-paste `curl` commands that show a token being validated and swapped.
+
+use std::io::Write as _;
+
+use tokio::net::TcpListener;
+
+use crate::config::{Config, ConfigError};
+use crate::dev_idp::{DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, DevIdp, DevIdpConfig};
+use crate::echo::EchoUpstream;
+
+/// The environment variable name the built-in config reads its secret from; `demo` answers it itself.
+const DEMO_SECRET_VARIABLE: &str = "OBO_DEMO_CLIENT_SECRET";
+
+/// Why the demo could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum DemoError {
+    #[error("binding a loopback port")]
+    Bind(#[from] std::io::Error),
+    #[error("built-in configuration")]
+    Config(#[from] ConfigError),
+    #[error("starting the sidecar")]
+    Start(#[from] crate::StartError),
+}
+
+/// The demo's configuration for an IdP at `issuer` and an upstream at `upstream`.
+pub fn demo_config(
+    issuer: &str,
+    token_endpoint: &str,
+    upstream: &str,
+) -> Result<Config, ConfigError> {
+    let text = format!(
+        r#"
+[listen]
+proxy = "127.0.0.1:0"
+admin = "127.0.0.1:0"
+
+[inbound]
+issuers = ["{issuer}"]
+audiences = ["api://{DEFAULT_CLIENT_ID}"]
+required_scopes = ["access_as_user"]
+
+[identity]
+flavor = "entra"
+token_endpoint = "{token_endpoint}"
+client_id = "{DEFAULT_CLIENT_ID}"
+client_secret = {{ env = "{DEMO_SECRET_VARIABLE}" }}
+
+[[routes]]
+name = "api"
+path_prefix = "/api/"
+upstream = "{upstream}/"
+token = "obo"
+scopes = ["api://downstream/.default"]
+
+[[routes]]
+name = "app"
+path_prefix = "/app/"
+upstream = "{upstream}/"
+token = "app"
+scopes = ["api://downstream/.default"]
+
+[[routes]]
+name = "passthrough"
+path_prefix = "/passthrough/"
+upstream = "{upstream}/"
+token = "passthrough"
+"#
+    );
+    Config::parse(&text, &|name| {
+        (name == DEMO_SECRET_VARIABLE).then(|| DEFAULT_CLIENT_SECRET.to_owned())
+    })
+}
+
+/// Runs the demo until `shutdown` completes.
+pub async fn run(shutdown: impl Future<Output = ()>) -> Result<(), DemoError> {
+    let idp = DevIdp::start(
+        TcpListener::bind("127.0.0.1:0").await?,
+        DevIdpConfig::default(),
+    )
+    .await?;
+    let upstream = EchoUpstream::start(TcpListener::bind("127.0.0.1:0").await?).await?;
+    let config = demo_config(&idp.issuer(), &idp.token_endpoint(), &upstream.url())?;
+    let listeners = crate::Listeners::bind(&config).await?;
+    let sidecar = crate::start(config, listeners).await?;
+    let proxy = format!("http://{}", sidecar.proxy_addr);
+    let mint = |scp: &str| {
+        format!(
+            "$(curl -s -H 'Accept: text/plain' -H 'Content-Type: application/json' -d '{{\"sub\":\"alice\",\"scp\":\"{scp}\"}}' {}/dev/token)",
+            idp.issuer()
+        )
+    };
+    let text = format!(
+        "\n\
+obo-sidecar demo: development IdP {idp} (NOT FOR PRODUCTION), echo upstream {up}, sidecar {proxy}\n\
+\n\
+(a) no token: 401 with WWW-Authenticate: Bearer\n\
+    curl -i {proxy}/api/hello\n\
+\n\
+(b) alice's token is validated, exchanged On-Behalf-Of, and the upstream receives a different token\n\
+    (see \"authorization\".\"claims\": aud api://downstream, sub alice):\n\
+    curl -s {proxy}/api/hello -H \"Authorization: Bearer {ok}\"\n\
+\n\
+(c) a token without the access_as_user scope: 403 insufficient_scope\n\
+    curl -i {proxy}/api/hello -H \"Authorization: Bearer {bad}\"\n\
+\n\
+Also: {proxy}/app/ (the sidecar's own app token), {proxy}/passthrough/ (the caller's token), admin http://{admin}/readyz\n\
+Ctrl-C stops everything.\n",
+        idp = idp.issuer(),
+        up = upstream.url(),
+        ok = mint("access_as_user"),
+        bad = mint("other"),
+        admin = sidecar.admin_addr,
+    );
+    let _ = std::io::stdout().lock().write_all(text.as_bytes());
+    let _ = std::io::stdout().lock().flush();
+    shutdown.await;
+    sidecar.stop().await;
+    drop(upstream);
+    drop(idp);
+    Ok(())
+}

@@ -1,0 +1,2205 @@
+//! The development IdP: a real HTTP/1.1 OAuth 2.0 server for `obo-sidecar dev-idp`, `obo-sidecar demo` and
+//! the test suite. **NOT FOR PRODUCTION**: it holds its signing keys in memory, trusts every registered client
+//! secret sent in clear text, and mints a caller token for anyone who asks on `POST /dev/token`.
+//!
+//! It owns OpenID discovery (`/.well-known/openid-configuration`), the JWKS (`/jwks`, RS256, with key
+//! rotation), the token endpoint (`/token`: `client_credentials`, Entra-style jwt-bearer On-Behalf-Of and
+//! RFC 8693 token exchange, each checking the client's credential and the subject token's signature, `iss`,
+//! `aud` and `exp`), and the development hooks tests use: minting caller tokens, signing arbitrary (hostile)
+//! tokens, recording every token request, counting them, and failing the token endpoint on demand.
+//!
+//! Tokens, client secrets and assertions are never logged.
+
+use std::collections::VecDeque;
+use std::convert::Infallible;
+use std::fmt::{self, Write as _};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use aws_lc_rs::rsa::{KeyPair, KeySize};
+use aws_lc_rs::signature::{self, KeyPair as _, RsaPublicKeyComponents};
+use base64::Engine as _;
+use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderValue};
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt as _, Full, LengthLimitError, Limited};
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use serde::Deserialize;
+use serde_json::{Map, Value, json};
+use tokio::net::TcpListener;
+use tokio::task::{JoinHandle, JoinSet};
+
+/// The client id of the one client in [`DevIdpConfig::default`]: the sidecar's own name, so a demo needs no
+/// configuration.
+pub const DEFAULT_CLIENT_ID: &str = "obo-sidecar";
+
+/// The client secret of the one client in [`DevIdpConfig::default`]; it says what it is so nobody mistakes it
+/// for a real credential.
+pub const DEFAULT_CLIENT_SECRET: &str = "dev-secret-not-for-production";
+
+/// The lifetime of issued and minted tokens unless configured: one hour, what Entra ID issues by default.
+pub const DEFAULT_TOKEN_LIFETIME: Duration = Duration::from_secs(3600);
+
+/// The `tid` claim unless configured: a fixed, obviously fake GUID so tokens are stable across runs.
+pub const DEFAULT_TENANT_ID: &str = "72f988bf-0000-4000-8000-000000000001";
+
+/// Request bodies larger than this are refused with 413: every legitimate request is a few kilobytes.
+const MAX_BODY_BYTES: usize = 1024 * 1024;
+
+/// The `claims` challenge sent with an injected `interaction_required` when `/dev/fail` names none: an Entra
+/// conditional-access step-up request.
+const DEFAULT_CLAIMS_CHALLENGE: &str =
+    r#"{"access_token":{"acrs":{"essential":true,"value":"c1"}}}"#;
+
+const GRANT_CLIENT_CREDENTIALS: &str = "client_credentials";
+const GRANT_JWT_BEARER: &str = "urn:ietf:params:oauth:grant-type:jwt-bearer";
+const GRANT_TOKEN_EXCHANGE: &str = "urn:ietf:params:oauth:grant-type:token-exchange";
+const TOKEN_TYPE_ACCESS_TOKEN: &str = "urn:ietf:params:oauth:token-type:access_token";
+const REDACTED: &str = "[redacted]";
+
+/// What the development IdP serves: its registered clients, the lifetime of the tokens it issues and the
+/// tenant id it stamps into them.
+#[derive(Clone, Debug)]
+pub struct DevIdpConfig {
+    /// Confidential clients allowed on the token endpoint.
+    pub clients: Vec<DevClient>,
+    /// Lifetime of tokens issued by `POST /token` (`expires_in`).
+    pub token_lifetime: Duration,
+    /// The `tid` claim of every token, unless a caller token names its own.
+    pub tenant_id: String,
+}
+
+impl Default for DevIdpConfig {
+    fn default() -> Self {
+        Self {
+            clients: vec![DevClient::new(DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET)],
+            token_lifetime: DEFAULT_TOKEN_LIFETIME,
+            tenant_id: DEFAULT_TENANT_ID.to_owned(),
+        }
+    }
+}
+
+/// A confidential client registered with the development IdP. Its API audience is `api://{client_id}`: a
+/// subject token whose `aud` is `client_id` or `api://{client_id}` is accepted as an On-Behalf-Of assertion
+/// (or RFC 8693 `subject_token`) from this client.
+#[derive(Clone, PartialEq, Eq)]
+pub struct DevClient {
+    /// The OAuth 2.0 `client_id`.
+    pub client_id: String,
+    /// The client secret, for `client_secret_post` or `client_secret_basic` (RFC 6749 §2.3.1).
+    pub client_secret: String,
+}
+
+impl DevClient {
+    /// A client with this id and secret.
+    pub fn new(client_id: impl Into<String>, client_secret: impl Into<String>) -> Self {
+        Self {
+            client_id: client_id.into(),
+            client_secret: client_secret.into(),
+        }
+    }
+
+    /// The client's API audience, `api://{client_id}`: the default `aud` of caller tokens minted for it.
+    pub fn audience(&self) -> String {
+        format!("api://{}", self.client_id)
+    }
+
+    fn accepts_audience(&self, aud: &str) -> bool {
+        aud == self.client_id || aud.strip_prefix("api://") == Some(self.client_id.as_str())
+    }
+}
+
+impl fmt::Debug for DevClient {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DevClient")
+            .field("client_id", &self.client_id)
+            .field("client_secret", &REDACTED)
+            .finish()
+    }
+}
+
+/// The claims of a caller token minted by [`DevIdp::mint`] or `POST /dev/token`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CallerClaims {
+    /// The `sub` claim: who the caller is.
+    pub sub: String,
+    /// The `aud` claim; `None` means `api://{first client id}`, the sidecar's API.
+    pub aud: Option<String>,
+    /// Delegated scopes, space-separated (`scp`); omitted when `None`.
+    pub scp: Option<String>,
+    /// Application roles (`roles`); omitted when empty.
+    pub roles: Vec<String>,
+    /// The `tid` claim; `None` means the IdP's tenant.
+    pub tid: Option<String>,
+    /// The `oid` claim; `None` means a stable UUID-shaped value derived from `sub`.
+    pub oid: Option<String>,
+    /// `exp` − `iat`.
+    pub lifetime: Duration,
+    /// More claims, written last: they may override any claim above (e.g. an `exp` in the past).
+    pub extra: Map<String, Value>,
+}
+
+impl Default for CallerClaims {
+    fn default() -> Self {
+        Self {
+            sub: "dev-user".to_owned(),
+            aud: None,
+            scp: None,
+            roles: Vec::new(),
+            tid: None,
+            oid: None,
+            lifetime: DEFAULT_TOKEN_LIFETIME,
+            extra: Map::new(),
+        }
+    }
+}
+
+impl CallerClaims {
+    /// A user caller with this `sub` and every other claim at its default.
+    pub fn user(sub: impl Into<String>) -> Self {
+        Self {
+            sub: sub.into(),
+            ..Self::default()
+        }
+    }
+}
+
+/// A failure the token endpoint answers instead of a normal response (see [`DevIdp::fail_next`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Failure {
+    /// 500 with a small JSON body.
+    ServerError,
+    /// 429 with `Retry-After: {retry_after_secs}`.
+    TooManyRequests {
+        /// The `Retry-After` value, in seconds.
+        retry_after_secs: u64,
+    },
+    /// Wait this long, then answer normally.
+    Delay(Duration),
+    /// 400 `invalid_grant`, AADSTS50013 (assertion failed signature validation).
+    InvalidGrant,
+    /// 400 `interaction_required`, AADSTS50076, with this conditional-access `claims` challenge.
+    InteractionRequired {
+        /// The `claims` challenge string returned to the client.
+        claims: String,
+    },
+    /// 400 `invalid_grant` with `suberror: consent_required`, AADSTS65001.
+    ConsentRequired,
+}
+
+/// One `POST /token` request as the IdP received it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct RecordedTokenRequest {
+    /// The `grant_type` form field, if any.
+    pub grant_type: Option<String>,
+    /// Every form field in order, with `client_secret` and `client_assertion` values replaced by `[redacted]`.
+    pub form: Vec<(String, String)>,
+    /// Whether the request carried `Authorization: Basic` (`client_secret_basic`).
+    pub basic_auth: bool,
+    /// The `client-request-id` header, if any.
+    pub client_request_id: Option<String>,
+}
+
+impl RecordedTokenRequest {
+    /// The first value of form field `name`.
+    pub fn field(&self, name: &str) -> Option<&str> {
+        self.form
+            .iter()
+            .find(|(field, _)| field == name)
+            .map(|(_, value)| value.as_str())
+    }
+
+    /// Every value of form field `name`, in order (RFC 8693 `audience` and `resource` may repeat).
+    pub fn fields<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a str> + 'a {
+        self.form
+            .iter()
+            .filter(move |(field, _)| field == name)
+            .map(|(_, value)| value.as_str())
+    }
+}
+
+impl fmt::Debug for RecordedTokenRequest {
+    /// Subject tokens are recorded verbatim for tests to compare, but never printed.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let form: Vec<(&str, &str)> = self
+            .form
+            .iter()
+            .map(|(name, value)| match name.as_str() {
+                "assertion" | "subject_token" | "actor_token" => (name.as_str(), REDACTED),
+                _ => (name.as_str(), value.as_str()),
+            })
+            .collect();
+        f.debug_struct("RecordedTokenRequest")
+            .field("grant_type", &self.grant_type)
+            .field("form", &form)
+            .field("basic_auth", &self.basic_auth)
+            .field("client_request_id", &self.client_request_id)
+            .finish()
+    }
+}
+
+/// A running development IdP. Dropping the handle stops the server and every connection it serves.
+pub struct DevIdp {
+    state: Arc<State>,
+    addr: SocketAddr,
+    task: JoinHandle<()>,
+}
+
+impl fmt::Debug for DevIdp {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DevIdp")
+            .field("issuer", &self.state.issuer)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for DevIdp {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl DevIdp {
+    /// Serves the IdP on `listener` until the handle is dropped. The issuer is `http://{listener address}`,
+    /// with an unspecified address (`0.0.0.0`, `::`) replaced by loopback.
+    pub async fn start(listener: TcpListener, config: DevIdpConfig) -> std::io::Result<DevIdp> {
+        let mut addr = listener.local_addr()?;
+        if addr.ip().is_unspecified() {
+            let loopback = match addr.ip() {
+                IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::LOCALHOST),
+                IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::LOCALHOST),
+            };
+            addr.set_ip(loopback);
+        }
+        let key = tokio::task::spawn_blocking(SigningKey::generate)
+            .await
+            .map_err(std::io::Error::other)??;
+        let issuer = format!("http://{addr}");
+        tracing::warn!(
+            %issuer,
+            "development IdP started: NOT FOR PRODUCTION; it mints tokens for anyone who asks"
+        );
+        let state = Arc::new(State {
+            config,
+            issuer,
+            keys: RwLock::new(vec![Arc::new(key)]),
+            token_requests: AtomicU64::new(0),
+            recorded: Mutex::new(Vec::new()),
+            failures: Mutex::new(VecDeque::new()),
+            jti_counter: AtomicU64::new(0),
+        });
+        let task = tokio::spawn(serve(listener, Arc::clone(&state)));
+        Ok(DevIdp { state, addr, task })
+    }
+
+    /// The address the IdP listens on.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// `http://127.0.0.1:PORT`, no trailing slash: the `iss` of every token the IdP signs.
+    pub fn issuer(&self) -> String {
+        self.state.issuer.clone()
+    }
+
+    /// The `token_endpoint`: issuer + `/token`.
+    pub fn token_endpoint(&self) -> String {
+        format!("{}/token", self.state.issuer)
+    }
+
+    /// The `jwks_uri`: issuer + `/jwks`.
+    pub fn jwks_uri(&self) -> String {
+        format!("{}/jwks", self.state.issuer)
+    }
+
+    /// A caller token with these claims, signed with the current key.
+    pub fn mint(&self, claims: &CallerClaims) -> String {
+        self.state.mint(claims)
+    }
+
+    /// Signs `header` and `claims` exactly as given (an RS256 signature with the current key, whatever the
+    /// header says): tests use it for hostile tokens (wrong `aud`, `alg` lies, no `exp`, ...).
+    pub fn sign(&self, header: &Value, claims: &Value) -> String {
+        self.state.current_key().sign_jwt(header, claims)
+    }
+
+    /// How many `POST /token` requests the IdP has served, whatever their outcome (injected failures too).
+    pub fn token_requests(&self) -> u64 {
+        self.state.token_requests.load(Ordering::SeqCst)
+    }
+
+    /// Every `POST /token` request so far, oldest first.
+    pub fn recorded_requests(&self) -> Vec<RecordedTokenRequest> {
+        lock(&self.state.recorded).clone()
+    }
+
+    /// The next `count` `POST /token` requests get `failure` instead of a normal answer (after any failures
+    /// already queued).
+    pub fn fail_next(&self, failure: Failure, count: u32) {
+        self.state.fail_next(failure, count);
+    }
+
+    /// Generates a new signing key, publishes it in the JWKS next to the old ones (tokens signed earlier
+    /// stay valid), and signs with it from now on.
+    pub fn rotate_key(&self) {
+        match SigningKey::generate() {
+            Ok(key) => {
+                let mut keys = self
+                    .state
+                    .keys
+                    .write()
+                    .unwrap_or_else(PoisonError::into_inner);
+                keys.push(Arc::new(key));
+            }
+            Err(error) => {
+                tracing::error!(%error, "dev IdP key rotation failed; keeping the current key");
+            }
+        }
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |elapsed| elapsed.as_secs())
+}
+
+/// A stable UUID-shaped `oid` for a `sub`: the first 16 bytes of SHA-256 over it.
+fn derive_oid(sub: &str) -> String {
+    let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, sub.as_bytes());
+    let mut hex = String::with_capacity(32);
+    for byte in &digest.as_ref()[..16] {
+        // Writing into a String cannot fail.
+        let _ = write!(hex, "{byte:02x}");
+    }
+    format!(
+        "{}-{}-{}-{}-{}",
+        &hex[..8],
+        &hex[8..12],
+        &hex[12..16],
+        &hex[16..20],
+        &hex[20..]
+    )
+}
+
+/// An RS256 signing key and its public half as published in the JWKS.
+struct SigningKey {
+    kid: String,
+    key_pair: KeyPair,
+    n: Vec<u8>,
+    e: Vec<u8>,
+}
+
+impl SigningKey {
+    fn generate() -> std::io::Result<Self> {
+        let key_pair = KeyPair::generate(KeySize::Rsa2048)
+            .map_err(|_| std::io::Error::other("RSA key generation failed"))?;
+        let n = key_pair
+            .public_key()
+            .modulus()
+            .big_endian_without_leading_zero()
+            .to_vec();
+        let e = key_pair
+            .public_key()
+            .exponent()
+            .big_endian_without_leading_zero()
+            .to_vec();
+        let thumbprint = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, &n);
+        let mut kid = URL_SAFE_NO_PAD.encode(thumbprint.as_ref());
+        kid.truncate(16);
+        Ok(Self {
+            kid,
+            key_pair,
+            n,
+            e,
+        })
+    }
+
+    fn jwk(&self) -> Value {
+        json!({
+            "kty": "RSA",
+            "use": "sig",
+            "alg": "RS256",
+            "kid": self.kid,
+            "n": URL_SAFE_NO_PAD.encode(&self.n),
+            "e": URL_SAFE_NO_PAD.encode(&self.e),
+        })
+    }
+
+    fn sign_jwt(&self, header: &Value, claims: &Value) -> String {
+        let signing_input = format!(
+            "{}.{}",
+            URL_SAFE_NO_PAD.encode(header.to_string()),
+            URL_SAFE_NO_PAD.encode(claims.to_string())
+        );
+        let mut signature = vec![0; self.key_pair.public_modulus_len()];
+        #[allow(clippy::expect_used)]
+        // Invariant: PKCS#1 v1.5 signing with a valid 2048-bit key into a buffer of exactly
+        // `public_modulus_len()` bytes fails only if aws-lc cannot allocate, which aborts anyway.
+        self.key_pair
+            .sign(
+                &signature::RSA_PKCS1_SHA256,
+                &aws_lc_rs::rand::SystemRandom::new(),
+                signing_input.as_bytes(),
+                &mut signature,
+            )
+            .expect("RSA signing with a generated key cannot fail");
+        format!("{signing_input}.{}", URL_SAFE_NO_PAD.encode(&signature))
+    }
+
+    fn verify(&self, message: &[u8], signature: &[u8]) -> bool {
+        RsaPublicKeyComponents {
+            n: &self.n,
+            e: &self.e,
+        }
+        .verify(&signature::RSA_PKCS1_2048_8192_SHA256, message, signature)
+        .is_ok()
+    }
+}
+
+/// Everything the server tasks and the handle share.
+struct State {
+    config: DevIdpConfig,
+    issuer: String,
+    /// Every published key; the last one signs.
+    keys: RwLock<Vec<Arc<SigningKey>>>,
+    token_requests: AtomicU64,
+    recorded: Mutex<Vec<RecordedTokenRequest>>,
+    failures: Mutex<VecDeque<(Failure, u32)>>,
+    jti_counter: AtomicU64,
+}
+
+impl State {
+    fn current_key(&self) -> Arc<SigningKey> {
+        let keys = self.keys.read().unwrap_or_else(PoisonError::into_inner);
+        // Invariant: `start` publishes one key and keys are only ever added, so `last` is always `Some`.
+        #[allow(clippy::expect_used)]
+        Arc::clone(keys.last().expect("the key set is never empty"))
+    }
+
+    fn published_keys(&self) -> Vec<Arc<SigningKey>> {
+        self.keys
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    fn fail_next(&self, failure: Failure, count: u32) {
+        if count > 0 {
+            lock(&self.failures).push_back((failure, count));
+        }
+    }
+
+    fn take_failure(&self) -> Option<Failure> {
+        let mut failures = lock(&self.failures);
+        let (failure, remaining) = failures.front_mut()?;
+        let failure = failure.clone();
+        *remaining -= 1;
+        if *remaining == 0 {
+            failures.pop_front();
+        }
+        Some(failure)
+    }
+
+    fn default_audience(&self) -> String {
+        self.config
+            .clients
+            .first()
+            .map_or_else(|| format!("api://{DEFAULT_CLIENT_ID}"), DevClient::audience)
+    }
+
+    fn jti(&self) -> String {
+        let serial = self.jti_counter.fetch_add(1, Ordering::Relaxed);
+        derive_oid(&format!("{}#{serial}#{}", self.issuer, now_secs()))
+    }
+
+    /// Signs `claims` with the current key after adding `iss`, `iat`, `nbf`, `exp`, `ver` and `jti`, then
+    /// `extra` (which may override any of them).
+    fn issue(
+        &self,
+        mut claims: Map<String, Value>,
+        lifetime: Duration,
+        extra: &Map<String, Value>,
+    ) -> String {
+        let now = now_secs();
+        claims.insert("iss".into(), json!(self.issuer));
+        claims.insert("iat".into(), json!(now));
+        claims.insert("nbf".into(), json!(now));
+        claims.insert("exp".into(), json!(now.saturating_add(lifetime.as_secs())));
+        claims.insert("ver".into(), json!("2.0"));
+        claims.insert("jti".into(), json!(self.jti()));
+        for (name, value) in extra {
+            claims.insert(name.clone(), value.clone());
+        }
+        let key = self.current_key();
+        let header = json!({"alg": "RS256", "typ": "JWT", "kid": key.kid});
+        key.sign_jwt(&header, &Value::Object(claims))
+    }
+
+    fn mint(&self, caller: &CallerClaims) -> String {
+        let mut claims = Map::new();
+        claims.insert(
+            "aud".into(),
+            json!(
+                caller
+                    .aud
+                    .clone()
+                    .unwrap_or_else(|| self.default_audience())
+            ),
+        );
+        claims.insert("sub".into(), json!(caller.sub));
+        claims.insert(
+            "oid".into(),
+            json!(
+                caller
+                    .oid
+                    .clone()
+                    .unwrap_or_else(|| derive_oid(&caller.sub))
+            ),
+        );
+        claims.insert(
+            "tid".into(),
+            json!(caller.tid.as_deref().unwrap_or(&self.config.tenant_id)),
+        );
+        if let Some(scp) = &caller.scp {
+            claims.insert("scp".into(), json!(scp));
+        }
+        if !caller.roles.is_empty() {
+            claims.insert("roles".into(), json!(caller.roles));
+        }
+        self.issue(claims, caller.lifetime, &caller.extra)
+    }
+
+    fn discovery(&self) -> Value {
+        json!({
+            "issuer": self.issuer,
+            "jwks_uri": format!("{}/jwks", self.issuer),
+            "token_endpoint": format!("{}/token", self.issuer),
+            "authorization_endpoint": format!("{}/authorize", self.issuer),
+            "response_types_supported": ["code"],
+            "subject_types_supported": ["public"],
+            "id_token_signing_alg_values_supported": ["RS256"],
+            "grant_types_supported": [GRANT_CLIENT_CREDENTIALS, GRANT_JWT_BEARER, GRANT_TOKEN_EXCHANGE],
+            "token_endpoint_auth_methods_supported": ["client_secret_post", "client_secret_basic"],
+        })
+    }
+
+    fn jwks(&self) -> Value {
+        let keys: Vec<Value> = self.published_keys().iter().map(|key| key.jwk()).collect();
+        json!({ "keys": keys })
+    }
+}
+
+type Body = Full<Bytes>;
+
+async fn serve(listener: TcpListener, state: Arc<State>) {
+    // Dropping the set (when the handle aborts this task) aborts every connection task.
+    let mut connections = JoinSet::new();
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, peer)) => {
+                    let state = Arc::clone(&state);
+                    connections.spawn(async move {
+                        let service = service_fn(move |request| {
+                            let state = Arc::clone(&state);
+                            async move { Ok::<_, Infallible>(route(&state, request).await) }
+                        });
+                        if let Err(error) = http1::Builder::new()
+                            .timer(TokioTimer::new())
+                            .keep_alive(true)
+                            .serve_connection(TokioIo::new(stream), service)
+                            .await
+                        {
+                            tracing::debug!(%peer, %error, "dev IdP connection failed");
+                        }
+                    });
+                }
+                Err(error) => {
+                    // Usually EMFILE: back off instead of spinning.
+                    tracing::warn!(%error, "dev IdP accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+            Some(_) = connections.join_next(), if !connections.is_empty() => {}
+        }
+    }
+}
+
+async fn route(state: &State, request: Request<Incoming>) -> Response<Body> {
+    let path = request.uri().path().to_owned();
+    let method = request.method().clone();
+    match (path.as_str(), method) {
+        ("/.well-known/openid-configuration", Method::GET) => {
+            json_response(StatusCode::OK, &state.discovery())
+        }
+        ("/jwks", Method::GET) => {
+            let mut response = json_response(StatusCode::OK, &state.jwks());
+            response.headers_mut().insert(
+                header::CACHE_CONTROL,
+                HeaderValue::from_static("max-age=300"),
+            );
+            response
+        }
+        ("/token", Method::POST) => token(state, request).await,
+        ("/dev/token", Method::POST) => dev_token(state, request).await,
+        ("/dev/fail", Method::POST) => dev_fail(state, request).await,
+        ("/dev/stats", Method::GET) => json_response(
+            StatusCode::OK,
+            &json!({"token_requests": state.token_requests.load(Ordering::SeqCst)}),
+        ),
+        (
+            "/.well-known/openid-configuration"
+            | "/jwks"
+            | "/token"
+            | "/dev/token"
+            | "/dev/fail"
+            | "/dev/stats",
+            _,
+        ) => error_response(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+            "this method is not allowed on this path",
+        ),
+        _ => error_response(StatusCode::NOT_FOUND, "not_found", "no such endpoint"),
+    }
+}
+
+fn json_response(status: StatusCode, body: &Value) -> Response<Body> {
+    let mut response = Response::new(Full::new(Bytes::from(body.to_string())));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    response
+}
+
+fn error_response(status: StatusCode, error: &str, description: &str) -> Response<Body> {
+    json_response(
+        status,
+        &json!({"error": error, "error_description": description}),
+    )
+}
+
+/// Reads a whole request body of at most [`MAX_BODY_BYTES`].
+async fn read_body(headers: &HeaderMap, body: Incoming) -> Result<Bytes, Response<Body>> {
+    let too_large = || {
+        error_response(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "invalid_request",
+            "the request body is larger than 1 MiB",
+        )
+    };
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.parse::<u64>().ok());
+    if declared.is_some_and(|length| length > MAX_BODY_BYTES as u64) {
+        return Err(too_large());
+    }
+    match Limited::new(body, MAX_BODY_BYTES).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(error) if error.downcast_ref::<LengthLimitError>().is_some() => Err(too_large()),
+        Err(_) => Err(error_response(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            "the request body could not be read",
+        )),
+    }
+}
+
+/// An OAuth 2.0 error answer (RFC 6749 §5.2), with Entra's `error_codes` where one applies.
+#[derive(Debug)]
+struct OAuthError {
+    status: StatusCode,
+    body: Map<String, Value>,
+    basic_challenge: bool,
+}
+
+impl OAuthError {
+    fn new(status: StatusCode, error: &str, description: impl Into<String>) -> Self {
+        let mut body = Map::new();
+        body.insert("error".into(), json!(error));
+        body.insert("error_description".into(), json!(description.into()));
+        Self {
+            status,
+            body,
+            basic_challenge: false,
+        }
+    }
+
+    fn invalid_request(description: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "invalid_request", description)
+    }
+
+    fn invalid_scope(description: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "invalid_scope", description)
+    }
+
+    fn invalid_client(description: impl Into<String>, basic_challenge: bool) -> Self {
+        Self {
+            basic_challenge,
+            ..Self::new(StatusCode::UNAUTHORIZED, "invalid_client", description)
+        }
+    }
+
+    fn with(mut self, name: &str, value: Value) -> Self {
+        self.body.insert(name.into(), value);
+        self
+    }
+
+    fn into_response(self) -> Response<Body> {
+        let mut response = json_response(self.status, &Value::Object(self.body));
+        if self.basic_challenge {
+            response.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static(r#"Basic realm="dev-idp""#),
+            );
+        }
+        response
+    }
+}
+
+fn failure_response(failure: Failure) -> Response<Body> {
+    match failure {
+        Failure::ServerError => error_response(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "server_error",
+            "injected failure: the dev IdP is pretending to be down",
+        ),
+        Failure::TooManyRequests { retry_after_secs } => {
+            let mut response = error_response(
+                StatusCode::TOO_MANY_REQUESTS,
+                "temporarily_unavailable",
+                "injected failure: too many requests",
+            );
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(retry_after_secs));
+            response
+        }
+        // Handled by the caller, which sleeps and then answers normally; kept total here.
+        Failure::Delay(_) => error_response(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "server_error",
+            "injected delay was not applied",
+        ),
+        Failure::InvalidGrant => OAuthError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_grant",
+            "AADSTS50013: Assertion failed signature validation.",
+        )
+        .with("error_codes", json!([50013]))
+        .into_response(),
+        Failure::InteractionRequired { claims } => OAuthError::new(
+            StatusCode::BAD_REQUEST,
+            "interaction_required",
+            "AADSTS50076: Due to a configuration change made by your administrator, or because you \
+             moved to a new location, you must use multi-factor authentication to access the resource.",
+        )
+        .with("error_codes", json!([50076]))
+        .with("suberror", json!("basic_action"))
+        .with("claims", json!(claims))
+        .into_response(),
+        Failure::ConsentRequired => OAuthError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_grant",
+            "AADSTS65001: The user or administrator has not consented to use the application.",
+        )
+        .with("error_codes", json!([65001]))
+        .with("suberror", json!("consent_required"))
+        .into_response(),
+    }
+}
+
+/// The credential of an `Authorization: Basic` header, if one was sent.
+enum BasicCredential {
+    Absent,
+    Malformed,
+    Present { client_id: String, secret: String },
+}
+
+/// Parses `Authorization: Basic base64(urlencode(id) ":" urlencode(secret))` (RFC 6749 §2.3.1).
+fn basic_credential(headers: &HeaderMap) -> BasicCredential {
+    let Some(value) = headers.get(header::AUTHORIZATION) else {
+        return BasicCredential::Absent;
+    };
+    let Some((scheme, encoded)) = value.to_str().ok().and_then(|v| v.trim().split_once(' ')) else {
+        return BasicCredential::Absent;
+    };
+    if !scheme.eq_ignore_ascii_case("basic") {
+        return BasicCredential::Absent;
+    }
+    let decoded = STANDARD
+        .decode(encoded.trim())
+        .ok()
+        .and_then(|bytes| String::from_utf8(bytes).ok());
+    let Some((id, secret)) = decoded.as_deref().and_then(|text| text.split_once(':')) else {
+        return BasicCredential::Malformed;
+    };
+    let form_decode = |part: &str| {
+        percent_encoding::percent_decode_str(&part.replace('+', " "))
+            .decode_utf8()
+            .ok()
+            .map(std::borrow::Cow::into_owned)
+    };
+    match (form_decode(id), form_decode(secret)) {
+        (Some(client_id), Some(secret)) => BasicCredential::Present { client_id, secret },
+        _ => BasicCredential::Malformed,
+    }
+}
+
+/// A parsed `application/x-www-form-urlencoded` token request.
+struct Form(Vec<(String, String)>);
+
+impl Form {
+    /// A parameter that may appear at most once (RFC 6749 §3.2); an empty value counts as absent (§3.1).
+    fn single<'a>(&'a self, name: &str) -> Result<Option<&'a str>, OAuthError> {
+        let mut values = self
+            .0
+            .iter()
+            .filter(|(field, value)| field == name && !value.is_empty())
+            .map(|(_, value)| value.as_str());
+        let first = values.next();
+        if values.next().is_some() {
+            return Err(OAuthError::invalid_request(format!(
+                "parameter '{name}' is repeated"
+            )));
+        }
+        Ok(first)
+    }
+
+    fn required<'a>(&'a self, name: &str) -> Result<&'a str, OAuthError> {
+        self.single(name)?.ok_or_else(|| {
+            OAuthError::invalid_request(format!("missing required parameter '{name}'"))
+        })
+    }
+
+    fn all<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a str> + 'a {
+        self.0
+            .iter()
+            .filter(move |(field, value)| field == name && !value.is_empty())
+            .map(|(_, value)| value.as_str())
+    }
+}
+
+async fn token(state: &State, request: Request<Incoming>) -> Response<Body> {
+    state.token_requests.fetch_add(1, Ordering::SeqCst);
+    let (parts, body) = request.into_parts();
+    let client_request_id = parts
+        .headers
+        .get("client-request-id")
+        .map(|value| String::from_utf8_lossy(value.as_bytes()).into_owned());
+    let basic = basic_credential(&parts.headers);
+    let has_basic = !matches!(basic, BasicCredential::Absent);
+    let bytes = match read_body(&parts.headers, body).await {
+        Ok(bytes) => bytes,
+        Err(response) => {
+            lock(&state.recorded).push(RecordedTokenRequest {
+                grant_type: None,
+                form: Vec::new(),
+                basic_auth: has_basic,
+                client_request_id,
+            });
+            return response;
+        }
+    };
+    let form = Form(url::form_urlencoded::parse(&bytes).into_owned().collect());
+    lock(&state.recorded).push(RecordedTokenRequest {
+        grant_type: form.all("grant_type").next().map(str::to_owned),
+        form: form
+            .0
+            .iter()
+            .map(|(name, value)| {
+                let value = match name.as_str() {
+                    "client_secret" | "client_assertion" => REDACTED.to_owned(),
+                    _ => value.clone(),
+                };
+                (name.clone(), value)
+            })
+            .collect(),
+        basic_auth: has_basic,
+        client_request_id,
+    });
+
+    match state.take_failure() {
+        Some(Failure::Delay(delay)) => tokio::time::sleep(delay).await,
+        Some(failure) => {
+            tracing::debug!(
+                ?failure,
+                "dev IdP token endpoint answering an injected failure"
+            );
+            return failure_response(failure);
+        }
+        None => {}
+    }
+
+    let is_form = parts
+        .headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|value| value.to_str().ok())
+        .is_some_and(|value| {
+            value.split(';').next().is_some_and(|mime| {
+                mime.trim()
+                    .eq_ignore_ascii_case("application/x-www-form-urlencoded")
+            })
+        });
+    let outcome = if is_form {
+        grant(state, &form, basic)
+    } else {
+        Err(OAuthError::invalid_request(
+            "the token request must be application/x-www-form-urlencoded",
+        ))
+    };
+    match outcome {
+        Ok(body) => {
+            let mut response = json_response(StatusCode::OK, &body);
+            let headers = response.headers_mut();
+            headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+            headers.insert(header::PRAGMA, HeaderValue::from_static("no-cache"));
+            response
+        }
+        Err(error) => {
+            tracing::debug!(status = %error.status, error = ?error.body.get("error"), "dev IdP refused a token request");
+            error.into_response()
+        }
+    }
+}
+
+fn grant(state: &State, form: &Form, basic: BasicCredential) -> Result<Value, OAuthError> {
+    let grant_type = form.required("grant_type")?;
+    let client = authenticate_client(state, form, basic)?;
+    match grant_type {
+        GRANT_CLIENT_CREDENTIALS => client_credentials(state, form, client),
+        GRANT_JWT_BEARER => on_behalf_of(state, form, client),
+        GRANT_TOKEN_EXCHANGE => token_exchange(state, form, client),
+        _ => Err(OAuthError::new(
+            StatusCode::BAD_REQUEST,
+            "unsupported_grant_type",
+            "AADSTS70003: The app requested an unsupported grant type.",
+        )
+        .with("error_codes", json!([70003]))),
+    }
+}
+
+/// `client_secret_post` or `client_secret_basic`, never both (RFC 6749 §2.3).
+fn authenticate_client<'a>(
+    state: &'a State,
+    form: &Form,
+    basic: BasicCredential,
+) -> Result<&'a DevClient, OAuthError> {
+    if form.single("client_assertion")?.is_some() {
+        return Err(OAuthError::invalid_client(
+            "client_assertion (private_key_jwt) is not supported by the dev IdP",
+            false,
+        ));
+    }
+    let form_id = form.single("client_id")?;
+    let form_secret = form.single("client_secret")?;
+    let (client_id, secret, used_basic) = match basic {
+        BasicCredential::Malformed => {
+            return Err(OAuthError::invalid_client(
+                "malformed Authorization: Basic header",
+                true,
+            ));
+        }
+        BasicCredential::Present { client_id, secret } => {
+            if form_secret.is_some() {
+                return Err(OAuthError::invalid_request(
+                    "more than one client authentication method was used",
+                ));
+            }
+            if form_id.is_some_and(|id| id != client_id) {
+                return Err(OAuthError::invalid_client(
+                    "client_id in the form differs from the Authorization header",
+                    true,
+                ));
+            }
+            (client_id, secret, true)
+        }
+        BasicCredential::Absent => match (form_id, form_secret) {
+            (Some(id), Some(secret)) => (id.to_owned(), secret.to_owned(), false),
+            _ => {
+                return Err(OAuthError::invalid_client(
+                    "AADSTS7000216: 'client_assertion', 'client_secret' or 'request' is required \
+                     for the grant type.",
+                    false,
+                )
+                .with("error_codes", json!([7_000_216])));
+            }
+        },
+    };
+    state
+        .config
+        .clients
+        .iter()
+        .find(|client| {
+            client.client_id == client_id
+                && aws_lc_rs::constant_time::verify_slices_are_equal(
+                    client.client_secret.as_bytes(),
+                    secret.as_bytes(),
+                )
+                .is_ok()
+        })
+        .ok_or_else(|| {
+            OAuthError::invalid_client("AADSTS7000215: Invalid client secret provided.", used_basic)
+                .with("error_codes", json!([7_000_215]))
+        })
+}
+
+fn token_response(state: &State, access_token: &str, scope: Option<String>) -> Value {
+    let lifetime = state.config.token_lifetime.as_secs();
+    let mut body = json!({
+        "token_type": "Bearer",
+        "access_token": access_token,
+        "expires_in": lifetime,
+        "ext_expires_in": lifetime,
+    });
+    if let (Some(scope), Some(object)) = (scope, body.as_object_mut()) {
+        object.insert("scope".into(), json!(scope));
+    }
+    body
+}
+
+fn client_credentials(state: &State, form: &Form, client: &DevClient) -> Result<Value, OAuthError> {
+    let scope = form.required("scope")?;
+    let scopes: Vec<&str> = scope.split_whitespace().collect();
+    let resource = match scopes.as_slice() {
+        [only] => only
+            .strip_suffix("/.default")
+            .filter(|resource| !resource.is_empty()),
+        _ => None,
+    };
+    let Some(resource) = resource else {
+        return Err(OAuthError::invalid_scope(
+            "AADSTS1002012: The provided value for scope is not valid. Client credential flows \
+             must have a scope value with /.default suffixed to the resource identifier.",
+        )
+        .with("error_codes", json!([1_002_012])));
+    };
+    let mut claims = Map::new();
+    claims.insert("aud".into(), json!(resource));
+    claims.insert("sub".into(), json!(client.client_id));
+    claims.insert("oid".into(), json!(client.client_id));
+    claims.insert("tid".into(), json!(state.config.tenant_id));
+    claims.insert("azp".into(), json!(client.client_id));
+    claims.insert("idtyp".into(), json!("app"));
+    let access_token = state.issue(claims, state.config.token_lifetime, &Map::new());
+    tracing::debug!(client_id = %client.client_id, %resource, "dev IdP issued a client_credentials token");
+    Ok(token_response(state, &access_token, None))
+}
+
+/// Scopes of one resource: `<resource>/<name>` each, split at the last `/`.
+struct ResourceScopes {
+    resource: String,
+    /// The `scp` claim: the scope names, `.default` standing for `user_impersonation`.
+    scp: String,
+    /// The granted scopes, fully qualified, for the response's `scope`.
+    granted: String,
+}
+
+fn resource_scopes(scope: &str) -> Result<ResourceScopes, OAuthError> {
+    let invalid = || {
+        OAuthError::invalid_scope(
+            "AADSTS70011: The provided value for the input parameter 'scope' is not valid: every \
+             scope must be '<resource>/<name>' for one resource.",
+        )
+        .with("error_codes", json!([70011]))
+    };
+    let mut resource: Option<&str> = None;
+    let mut names = Vec::new();
+    for item in scope.split_whitespace() {
+        let (item_resource, name) = item.rsplit_once('/').ok_or_else(invalid)?;
+        if item_resource.is_empty() || name.is_empty() || item_resource.ends_with('/') {
+            return Err(invalid());
+        }
+        match resource {
+            Some(seen) if seen != item_resource => return Err(invalid()),
+            _ => resource = Some(item_resource),
+        }
+        names.push(if name == ".default" {
+            "user_impersonation"
+        } else {
+            name
+        });
+    }
+    let resource = resource.ok_or_else(invalid)?;
+    if names.len() > 1
+        && scope
+            .split_whitespace()
+            .any(|item| item.ends_with("/.default"))
+    {
+        return Err(invalid());
+    }
+    let granted = names
+        .iter()
+        .map(|name| format!("{resource}/{name}"))
+        .collect::<Vec<_>>()
+        .join(" ");
+    Ok(ResourceScopes {
+        resource: resource.to_owned(),
+        scp: names.join(" "),
+        granted,
+    })
+}
+
+/// Why a subject token (OBO `assertion` or RFC 8693 `subject_token`) was refused. The token itself is never
+/// quoted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Rejection {
+    Malformed,
+    Algorithm,
+    Signature,
+    Issuer,
+    Expired,
+    NotYetValid,
+    Audience,
+}
+
+impl Rejection {
+    fn code_and_description(self) -> (u32, &'static str) {
+        match self {
+            Rejection::Malformed => (50027, "AADSTS50027: JWT token is invalid or malformed."),
+            Rejection::Algorithm => (
+                50013,
+                "AADSTS50013: Assertion failed signature validation. [Reason - only RS256 is accepted.]",
+            ),
+            Rejection::Signature => (50013, "AADSTS50013: Assertion failed signature validation."),
+            Rejection::Issuer => (
+                50013,
+                "AADSTS50013: Assertion failed signature validation. [Reason - the issuer is not trusted.]",
+            ),
+            Rejection::Expired => (
+                500_133,
+                "AADSTS500133: Assertion is not within its valid time range. [Reason - the assertion is expired.]",
+            ),
+            Rejection::NotYetValid => (
+                500_133,
+                "AADSTS500133: Assertion is not within its valid time range. [Reason - the assertion is not yet valid.]",
+            ),
+            Rejection::Audience => (
+                50013,
+                "AADSTS50013: Assertion audience does not match the Client app presenting the assertion.",
+            ),
+        }
+    }
+
+    fn into_error(self, error: &str) -> OAuthError {
+        let (code, description) = self.code_and_description();
+        OAuthError::new(StatusCode::BAD_REQUEST, error, description)
+            .with("error_codes", json!([code]))
+    }
+}
+
+fn decode_json_segment(segment: &str) -> Option<Map<String, Value>> {
+    let bytes = URL_SAFE_NO_PAD.decode(segment).ok()?;
+    match serde_json::from_slice(&bytes).ok()? {
+        Value::Object(map) => Some(map),
+        _ => None,
+    }
+}
+
+fn numeric_claim(claims: &Map<String, Value>, name: &str) -> Result<Option<f64>, Rejection> {
+    match claims.get(name) {
+        None => Ok(None),
+        Some(value) => value.as_f64().map(Some).ok_or(Rejection::Malformed),
+    }
+}
+
+impl State {
+    /// Verifies a subject token this IdP signed: RS256 with a published key, `iss`, `exp`, `nbf`, and an
+    /// `aud` naming `client`. Returns its claims.
+    fn verify_subject_token(
+        &self,
+        token: &str,
+        client: &DevClient,
+    ) -> Result<Map<String, Value>, Rejection> {
+        let mut segments = token.split('.');
+        let (Some(header), Some(payload), Some(signature), None) = (
+            segments.next(),
+            segments.next(),
+            segments.next(),
+            segments.next(),
+        ) else {
+            return Err(Rejection::Malformed);
+        };
+        let header = decode_json_segment(header).ok_or(Rejection::Malformed)?;
+        let claims = decode_json_segment(payload).ok_or(Rejection::Malformed)?;
+        let signature = URL_SAFE_NO_PAD
+            .decode(signature)
+            .map_err(|_| Rejection::Malformed)?;
+        if header.get("alg").and_then(Value::as_str) != Some("RS256") {
+            return Err(Rejection::Algorithm);
+        }
+        let kid = header.get("kid").and_then(Value::as_str);
+        let signing_input = &token[..header_payload_len(token)];
+        let verified = self
+            .published_keys()
+            .iter()
+            .filter(|key| kid.is_none_or(|kid| kid == key.kid))
+            .any(|key| key.verify(signing_input.as_bytes(), &signature));
+        if !verified {
+            return Err(Rejection::Signature);
+        }
+        if claims.get("iss").and_then(Value::as_str) != Some(self.issuer.as_str()) {
+            return Err(Rejection::Issuer);
+        }
+        #[allow(clippy::cast_precision_loss)]
+        // Seconds since 1970 stay far below 2^52, where f64 is exact.
+        let now = now_secs() as f64;
+        let exp = numeric_claim(&claims, "exp")?.ok_or(Rejection::Malformed)?;
+        if exp <= now {
+            return Err(Rejection::Expired);
+        }
+        if numeric_claim(&claims, "nbf")?.is_some_and(|nbf| nbf > now) {
+            return Err(Rejection::NotYetValid);
+        }
+        let audience_matches = match claims.get("aud") {
+            Some(Value::String(aud)) => client.accepts_audience(aud),
+            Some(Value::Array(auds)) => auds
+                .iter()
+                .filter_map(Value::as_str)
+                .any(|aud| client.accepts_audience(aud)),
+            _ => false,
+        };
+        if !audience_matches {
+            return Err(Rejection::Audience);
+        }
+        if !claims.get("sub").is_some_and(Value::is_string) {
+            return Err(Rejection::Malformed);
+        }
+        Ok(claims)
+    }
+
+    /// A delegated token for `audience` carrying the subject's `sub`/`oid`/`tid` (and display claims).
+    fn issue_delegated(
+        &self,
+        subject: &Map<String, Value>,
+        audience: &str,
+        scp: Option<&str>,
+        client: &DevClient,
+    ) -> String {
+        let mut claims = Map::new();
+        claims.insert("aud".into(), json!(audience));
+        let sub = subject
+            .get("sub")
+            .and_then(Value::as_str)
+            .unwrap_or_default();
+        claims.insert("sub".into(), json!(sub));
+        claims.insert(
+            "oid".into(),
+            subject
+                .get("oid")
+                .cloned()
+                .unwrap_or_else(|| json!(derive_oid(sub))),
+        );
+        claims.insert(
+            "tid".into(),
+            subject
+                .get("tid")
+                .cloned()
+                .unwrap_or_else(|| json!(self.config.tenant_id)),
+        );
+        for name in ["name", "preferred_username"] {
+            if let Some(value) = subject.get(name) {
+                claims.insert(name.into(), value.clone());
+            }
+        }
+        if let Some(scp) = scp {
+            claims.insert("scp".into(), json!(scp));
+        }
+        claims.insert("azp".into(), json!(client.client_id));
+        self.issue(claims, self.config.token_lifetime, &Map::new())
+    }
+}
+
+/// The length of `header.payload`, the JWS signing input (RFC 7515 §5.2); the caller checked there are
+/// exactly two dots.
+fn header_payload_len(token: &str) -> usize {
+    token.rfind('.').unwrap_or(token.len())
+}
+
+/// Entra's On-Behalf-Of flow: `grant_type=urn:ietf:params:oauth:grant-type:jwt-bearer`,
+/// `requested_token_use=on_behalf_of`, the caller's token as `assertion`, and the upstream `scope`.
+fn on_behalf_of(state: &State, form: &Form, client: &DevClient) -> Result<Value, OAuthError> {
+    let requested_token_use = form.required("requested_token_use")?;
+    if requested_token_use != "on_behalf_of" {
+        return Err(OAuthError::invalid_request(
+            "AADSTS70003: requested_token_use must be 'on_behalf_of'.",
+        ));
+    }
+    let assertion = form.required("assertion")?;
+    let scopes = resource_scopes(form.required("scope")?)?;
+    let subject = state
+        .verify_subject_token(assertion, client)
+        .map_err(|rejection| rejection.into_error("invalid_grant"))?;
+    let access_token = state.issue_delegated(&subject, &scopes.resource, Some(&scopes.scp), client);
+    tracing::debug!(client_id = %client.client_id, resource = %scopes.resource, "dev IdP issued an on-behalf-of token");
+    Ok(token_response(state, &access_token, Some(scopes.granted)))
+}
+
+/// RFC 8693 token exchange. An invalid `subject_token` is `invalid_request` (RFC 8693 §2.2.2).
+fn token_exchange(state: &State, form: &Form, client: &DevClient) -> Result<Value, OAuthError> {
+    let subject_token = form.required("subject_token")?;
+    let subject_token_type = form.required("subject_token_type")?;
+    if subject_token_type != TOKEN_TYPE_ACCESS_TOKEN {
+        return Err(OAuthError::invalid_request(format!(
+            "subject_token_type must be '{TOKEN_TYPE_ACCESS_TOKEN}'"
+        )));
+    }
+    if form.single("actor_token")?.is_some() {
+        return Err(OAuthError::invalid_request(
+            "actor_token (delegation) is not supported by the dev IdP",
+        ));
+    }
+    let scope = form.single("scope")?;
+    let audience = form
+        .all("audience")
+        .next()
+        .or_else(|| form.all("resource").next())
+        .map(str::to_owned);
+    let (audience, scp) = match (audience, scope) {
+        (Some(audience), scope) => {
+            let scp = scope.map(|scope| {
+                scope
+                    .split_whitespace()
+                    .map(|item| match item.rsplit_once('/') {
+                        Some((_, ".default")) => "user_impersonation",
+                        Some((_, name)) if !name.is_empty() => name,
+                        _ => item,
+                    })
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            });
+            (audience, scp)
+        }
+        (None, Some(scope)) => {
+            let scopes = resource_scopes(scope)?;
+            (scopes.resource, Some(scopes.scp))
+        }
+        (None, None) => {
+            return Err(OAuthError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_target",
+                "one of audience, resource or scope is required",
+            ));
+        }
+    };
+    let subject = state
+        .verify_subject_token(subject_token, client)
+        .map_err(|rejection| rejection.into_error("invalid_request"))?;
+    let access_token = state.issue_delegated(&subject, &audience, scp.as_deref(), client);
+    tracing::debug!(client_id = %client.client_id, %audience, "dev IdP issued a token-exchange token");
+    let mut body = token_response(state, &access_token, scope.map(str::to_owned));
+    if let Some(object) = body.as_object_mut() {
+        object.insert("issued_token_type".into(), json!(TOKEN_TYPE_ACCESS_TOKEN));
+    }
+    Ok(body)
+}
+
+/// The body of `POST /dev/token`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DevTokenRequest {
+    sub: String,
+    #[serde(default)]
+    aud: Option<String>,
+    #[serde(default)]
+    scp: Option<String>,
+    #[serde(default)]
+    roles: Vec<String>,
+    #[serde(default)]
+    tid: Option<String>,
+    #[serde(default)]
+    oid: Option<String>,
+    #[serde(default)]
+    lifetime_secs: Option<u64>,
+}
+
+async fn dev_token(state: &State, request: Request<Incoming>) -> Response<Body> {
+    let (parts, body) = request.into_parts();
+    let bytes = match read_body(&parts.headers, body).await {
+        Ok(bytes) => bytes,
+        Err(response) => return response,
+    };
+    let body: DevTokenRequest = match serde_json::from_slice(&bytes) {
+        Ok(body) => body,
+        Err(error) => {
+            return error_response(
+                StatusCode::BAD_REQUEST,
+                "invalid_request",
+                &format!("expected a JSON object with at least 'sub': {error}"),
+            );
+        }
+    };
+    let lifetime = body
+        .lifetime_secs
+        .map_or(DEFAULT_TOKEN_LIFETIME, Duration::from_secs);
+    let claims = CallerClaims {
+        sub: body.sub,
+        aud: body.aud,
+        scp: body.scp,
+        roles: body.roles,
+        tid: body.tid,
+        oid: body.oid,
+        lifetime,
+        extra: Map::new(),
+    };
+    let access_token = state.mint(&claims);
+    let wants_text = parts
+        .headers
+        .get_all(header::ACCEPT)
+        .iter()
+        .any(|value| String::from_utf8_lossy(value.as_bytes()).contains("text/plain"));
+    if wants_text {
+        let mut response = Response::new(Full::new(Bytes::from(access_token)));
+        response.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; charset=utf-8"),
+        );
+        return response;
+    }
+    json_response(
+        StatusCode::OK,
+        &json!({
+            "access_token": access_token,
+            "token_type": "Bearer",
+            "expires_in": lifetime.as_secs(),
+        }),
+    )
+}
+
+/// The body of `POST /dev/fail`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DevFailRequest {
+    mode: String,
+    #[serde(default = "one")]
+    count: u32,
+    #[serde(default)]
+    delay_ms: Option<u64>,
+    #[serde(default)]
+    retry_after: Option<u64>,
+    #[serde(default)]
+    claims: Option<String>,
+}
+
+fn one() -> u32 {
+    1
+}
+
+async fn dev_fail(state: &State, request: Request<Incoming>) -> Response<Body> {
+    let (parts, body) = request.into_parts();
+    let bytes = match read_body(&parts.headers, body).await {
+        Ok(bytes) => bytes,
+        Err(response) => return response,
+    };
+    let body: DevFailRequest = match serde_json::from_slice(&bytes) {
+        Ok(body) => body,
+        Err(error) => {
+            return error_response(
+                StatusCode::BAD_REQUEST,
+                "invalid_request",
+                &format!("expected a JSON object with 'mode': {error}"),
+            );
+        }
+    };
+    let failure = match body.mode.as_str() {
+        "500" => Failure::ServerError,
+        "429" => Failure::TooManyRequests {
+            retry_after_secs: body.retry_after.unwrap_or(1),
+        },
+        "delay" => match body.delay_ms {
+            Some(delay_ms) => Failure::Delay(Duration::from_millis(delay_ms)),
+            None => {
+                return error_response(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_request",
+                    "mode 'delay' needs 'delay_ms'",
+                );
+            }
+        },
+        "invalid_grant" => Failure::InvalidGrant,
+        "interaction_required" => Failure::InteractionRequired {
+            claims: body
+                .claims
+                .unwrap_or_else(|| DEFAULT_CLAIMS_CHALLENGE.to_owned()),
+        },
+        "consent_required" => Failure::ConsentRequired,
+        _ => {
+            return error_response(
+                StatusCode::BAD_REQUEST,
+                "invalid_request",
+                "mode must be one of 500, 429, delay, invalid_grant, interaction_required, \
+                 consent_required",
+            );
+        }
+    };
+    state.fail_next(failure, body.count);
+    let mut response = Response::new(Full::new(Bytes::new()));
+    *response.status_mut() = StatusCode::NO_CONTENT;
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+
+    const OBO_SCOPE: &str = "api://downstream/read api://downstream/write";
+
+    async fn idp_with(config: DevIdpConfig) -> DevIdp {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        DevIdp::start(listener, config).await.unwrap()
+    }
+
+    async fn idp() -> DevIdp {
+        idp_with(DevIdpConfig::default()).await
+    }
+
+    fn client() -> reqwest::Client {
+        reqwest::Client::new()
+    }
+
+    /// Verifies `token` against the published JWKS with jsonwebtoken, as the sidecar would.
+    async fn verify(idp: &DevIdp, token: &str, audience: &str) -> Value {
+        let jwks: Value = client()
+            .get(idp.jwks_uri())
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let header = jsonwebtoken::decode_header(token).unwrap();
+        let kid = header.kid.unwrap();
+        let jwk = jwks["keys"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|key| key["kid"] == kid.as_str())
+            .unwrap();
+        let n = URL_SAFE_NO_PAD.decode(jwk["n"].as_str().unwrap()).unwrap();
+        let e = URL_SAFE_NO_PAD.decode(jwk["e"].as_str().unwrap()).unwrap();
+        let mut validation = Validation::new(Algorithm::RS256);
+        validation.set_audience(&[audience]);
+        validation.set_issuer(&[idp.issuer()]);
+        jsonwebtoken::decode::<Value>(
+            token,
+            &DecodingKey::from_rsa_raw_components(&n, &e),
+            &validation,
+        )
+        .unwrap()
+        .claims
+    }
+
+    async fn post_form(idp: &DevIdp, form: &[(&str, &str)]) -> (StatusCode, Value) {
+        let response = client()
+            .post(idp.token_endpoint())
+            .form(form)
+            .send()
+            .await
+            .unwrap();
+        let status = response.status();
+        (status, response.json().await.unwrap())
+    }
+
+    fn obo_form<'a>(assertion: &'a str, scope: &'a str) -> Vec<(&'a str, &'a str)> {
+        vec![
+            ("grant_type", GRANT_JWT_BEARER),
+            ("client_id", DEFAULT_CLIENT_ID),
+            ("client_secret", DEFAULT_CLIENT_SECRET),
+            ("assertion", assertion),
+            ("scope", scope),
+            ("requested_token_use", "on_behalf_of"),
+        ]
+    }
+
+    #[tokio::test]
+    async fn discovery_document_names_endpoints_and_grants() {
+        let idp = idp().await;
+        assert!(idp.issuer().starts_with("http://127.0.0.1:"));
+        let body: Value = client()
+            .get(format!("{}/.well-known/openid-configuration", idp.issuer()))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(body["issuer"], idp.issuer());
+        assert_eq!(body["jwks_uri"], idp.jwks_uri());
+        assert_eq!(body["token_endpoint"], idp.token_endpoint());
+        assert_eq!(
+            body["authorization_endpoint"],
+            format!("{}/authorize", idp.issuer())
+        );
+        assert_eq!(
+            body["id_token_signing_alg_values_supported"],
+            json!(["RS256"])
+        );
+        assert_eq!(
+            body["grant_types_supported"],
+            json!([
+                GRANT_CLIENT_CREDENTIALS,
+                GRANT_JWT_BEARER,
+                GRANT_TOKEN_EXCHANGE
+            ])
+        );
+    }
+
+    #[tokio::test]
+    async fn minted_caller_token_verifies_against_jwks() {
+        let idp = idp().await;
+        let response = client().get(idp.jwks_uri()).send().await.unwrap();
+        assert_eq!(response.headers()[header::CACHE_CONTROL], "max-age=300");
+        let mut caller = CallerClaims::user("alice");
+        caller.scp = Some("access_as_user read".into());
+        caller.roles = vec!["Admin".into()];
+        let token = idp.mint(&caller);
+        let header = jsonwebtoken::decode_header(&token).unwrap();
+        assert_eq!(header.typ.as_deref(), Some("JWT"));
+        assert_eq!(header.kid.as_ref().map(String::len), Some(16));
+        let claims = verify(&idp, &token, "api://obo-sidecar").await;
+        assert_eq!(claims["sub"], "alice");
+        assert_eq!(claims["oid"], derive_oid("alice"));
+        assert_eq!(claims["tid"], DEFAULT_TENANT_ID);
+        assert_eq!(claims["scp"], "access_as_user read");
+        assert_eq!(claims["roles"], json!(["Admin"]));
+        assert_eq!(claims["ver"], "2.0");
+        assert!(claims["jti"].is_string());
+        let exp = claims["exp"].as_u64().unwrap();
+        let iat = claims["iat"].as_u64().unwrap();
+        assert_eq!(exp - iat, 3600);
+        assert_eq!(claims["nbf"], claims["iat"]);
+    }
+
+    #[tokio::test]
+    async fn client_credentials_with_basic_auth_issues_app_token() {
+        let config = DevIdpConfig {
+            clients: vec![DevClient::new("odd id:1", "s3cr+t/=")],
+            ..DevIdpConfig::default()
+        };
+        let idp = idp_with(config).await;
+        let encode = |value: &str| {
+            url::form_urlencoded::byte_serialize(value.as_bytes()).collect::<String>()
+        };
+        let credential = STANDARD.encode(format!("{}:{}", encode("odd id:1"), encode("s3cr+t/=")));
+        let response = client()
+            .post(idp.token_endpoint())
+            .header(header::AUTHORIZATION, format!("Basic {credential}"))
+            .form(&[
+                ("grant_type", "client_credentials"),
+                ("scope", "api://down/.default"),
+            ])
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        assert_eq!(response.headers()[header::CACHE_CONTROL], "no-store");
+        let body: Value = response.json().await.unwrap();
+        assert_eq!(body["token_type"], "Bearer");
+        assert_eq!(body["expires_in"], 3600);
+        assert_eq!(body["ext_expires_in"], 3600);
+        let claims = verify(&idp, body["access_token"].as_str().unwrap(), "api://down").await;
+        assert_eq!(claims["sub"], "odd id:1");
+        assert_eq!(claims["oid"], "odd id:1");
+        assert_eq!(claims["azp"], "odd id:1");
+        assert_eq!(claims["idtyp"], "app");
+        assert!(claims.get("scp").is_none());
+        let recorded = idp.recorded_requests();
+        assert_eq!(recorded.len(), 1);
+        assert!(recorded[0].basic_auth);
+        assert_eq!(
+            recorded[0].grant_type.as_deref(),
+            Some("client_credentials")
+        );
+    }
+
+    #[tokio::test]
+    async fn client_credentials_without_default_suffix_is_invalid_scope() {
+        let idp = idp().await;
+        for scope in [
+            "api://down/read",
+            "api://down/.default api://other/.default",
+            "/.default",
+        ] {
+            let (status, body) = post_form(
+                &idp,
+                &[
+                    ("grant_type", "client_credentials"),
+                    ("client_id", DEFAULT_CLIENT_ID),
+                    ("client_secret", DEFAULT_CLIENT_SECRET),
+                    ("scope", scope),
+                ],
+            )
+            .await;
+            assert_eq!(status, StatusCode::BAD_REQUEST, "{scope}");
+            assert_eq!(body["error"], "invalid_scope", "{scope}");
+        }
+    }
+
+    #[tokio::test]
+    async fn wrong_or_missing_client_secret_is_401_invalid_client() {
+        let idp = idp().await;
+        let (status, body) = post_form(
+            &idp,
+            &[
+                ("grant_type", "client_credentials"),
+                ("client_id", DEFAULT_CLIENT_ID),
+                ("client_secret", "wrong"),
+                ("scope", "api://down/.default"),
+            ],
+        )
+        .await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED);
+        assert_eq!(body["error"], "invalid_client");
+        let (status, body) = post_form(
+            &idp,
+            &[
+                ("grant_type", "client_credentials"),
+                ("scope", "api://down/.default"),
+            ],
+        )
+        .await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED);
+        assert_eq!(body["error"], "invalid_client");
+        let response = client()
+            .post(idp.token_endpoint())
+            .basic_auth(DEFAULT_CLIENT_ID, Some("wrong"))
+            .form(&[
+                ("grant_type", "client_credentials"),
+                ("scope", "api://down/.default"),
+            ])
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+        assert!(response.headers().contains_key(header::WWW_AUTHENTICATE));
+        // Recorded requests never hold the secret.
+        for recorded in idp.recorded_requests() {
+            assert!(recorded.form.iter().all(|(_, value)| value != "wrong"));
+        }
+        assert_eq!(idp.token_requests(), 3);
+    }
+
+    #[tokio::test]
+    async fn obo_copies_subject_and_sets_scp() {
+        let idp = idp().await;
+        let mut caller = CallerClaims::user("alice");
+        caller.tid = Some("tenant-x".into());
+        let assertion = idp.mint(&caller);
+        let response = client()
+            .post(idp.token_endpoint())
+            .header("client-request-id", "req-1")
+            .form(&obo_form(&assertion, OBO_SCOPE))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        let body: Value = response.json().await.unwrap();
+        assert_eq!(body["scope"], OBO_SCOPE);
+        assert_eq!(body["expires_in"], 3600);
+        let claims = verify(
+            &idp,
+            body["access_token"].as_str().unwrap(),
+            "api://downstream",
+        )
+        .await;
+        assert_eq!(claims["sub"], "alice");
+        assert_eq!(claims["oid"], derive_oid("alice"));
+        assert_eq!(claims["tid"], "tenant-x");
+        assert_eq!(claims["scp"], "read write");
+        assert_eq!(claims["azp"], DEFAULT_CLIENT_ID);
+
+        let recorded = idp.recorded_requests();
+        assert_eq!(recorded[0].client_request_id.as_deref(), Some("req-1"));
+        assert_eq!(recorded[0].field("client_secret"), Some(REDACTED));
+        assert_eq!(recorded[0].field("assertion"), Some(assertion.as_str()));
+        assert!(!format!("{:?}", recorded[0]).contains(&assertion));
+        assert!(!recorded[0].basic_auth);
+    }
+
+    #[tokio::test]
+    async fn obo_default_scope_issues_user_impersonation() {
+        let idp = idp().await;
+        let assertion = idp.mint(&CallerClaims {
+            aud: Some(DEFAULT_CLIENT_ID.into()),
+            ..CallerClaims::user("bob")
+        });
+        let (status, body) = post_form(&idp, &obo_form(&assertion, "api://down/.default")).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        let claims = verify(&idp, body["access_token"].as_str().unwrap(), "api://down").await;
+        assert_eq!(claims["scp"], "user_impersonation");
+    }
+
+    #[tokio::test]
+    async fn obo_refuses_hostile_assertions_with_invalid_grant() {
+        let idp = idp().await;
+        let now = now_secs();
+        let good = json!({"iss": idp.issuer(), "aud": "api://obo-sidecar", "sub": "alice", "exp": now + 600});
+        let rs256 = json!({"alg": "RS256", "typ": "JWT"});
+        let with = |name: &str, value: Value| {
+            let mut claims = good.clone();
+            claims[name] = value;
+            claims
+        };
+        let mut no_exp = good.clone();
+        no_exp.as_object_mut().unwrap().remove("exp");
+        let other_idp = super::tests::idp().await;
+        let cases = [
+            (
+                "wrong aud",
+                idp.sign(&rs256, &with("aud", json!("api://someone-else"))),
+            ),
+            ("expired", idp.sign(&rs256, &with("exp", json!(now - 10)))),
+            (
+                "future nbf",
+                idp.sign(&rs256, &with("nbf", json!(now + 600))),
+            ),
+            (
+                "foreign iss",
+                idp.sign(&rs256, &with("iss", json!("https://evil.example"))),
+            ),
+            ("no exp", idp.sign(&rs256, &no_exp)),
+            ("alg lie", idp.sign(&json!({"alg": "HS256"}), &good)),
+            ("alg none", idp.sign(&json!({"alg": "none"}), &good)),
+            ("other key", other_idp.sign(&rs256, &good)),
+            ("garbage", "not.a.jwt".to_owned()),
+            ("four segments", format!("{}.x", idp.sign(&rs256, &good))),
+        ];
+        for (name, assertion) in &cases {
+            let (status, body) = post_form(&idp, &obo_form(assertion, OBO_SCOPE)).await;
+            assert_eq!(status, StatusCode::BAD_REQUEST, "{name}: {body}");
+            assert_eq!(body["error"], "invalid_grant", "{name}");
+            let description = body["error_description"].as_str().unwrap();
+            assert!(description.starts_with("AADSTS"), "{name}: {description}");
+            assert!(!description.contains(assertion.as_str()), "{name}");
+        }
+        // The well-formed control case succeeds.
+        let (status, _) = post_form(&idp, &obo_form(&idp.sign(&rs256, &good), OBO_SCOPE)).await;
+        assert_eq!(status, StatusCode::OK);
+    }
+
+    #[tokio::test]
+    async fn obo_with_mixed_resources_or_missing_fields_is_refused() {
+        let idp = idp().await;
+        let assertion = idp.mint(&CallerClaims::user("alice"));
+        for scope in [
+            "api://a/read api://b/read",
+            "read",
+            "api://a/.default api://a/read",
+        ] {
+            let (status, body) = post_form(&idp, &obo_form(&assertion, scope)).await;
+            assert_eq!(status, StatusCode::BAD_REQUEST, "{scope}");
+            assert_eq!(body["error"], "invalid_scope", "{scope}");
+        }
+        let mut form = obo_form(&assertion, OBO_SCOPE);
+        form.retain(|(name, _)| *name != "requested_token_use");
+        let (status, body) = post_form(&idp, &form).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        assert_eq!(body["error"], "invalid_request");
+        let (status, body) = post_form(
+            &idp,
+            &[
+                ("grant_type", "password"),
+                ("client_id", DEFAULT_CLIENT_ID),
+                ("client_secret", DEFAULT_CLIENT_SECRET),
+            ],
+        )
+        .await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        assert_eq!(body["error"], "unsupported_grant_type");
+        let response = client()
+            .post(idp.token_endpoint())
+            .header(header::CONTENT_TYPE, "application/json")
+            .body("{}")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::BAD_REQUEST);
+        let body: Value = response.json().await.unwrap();
+        assert_eq!(body["error"], "invalid_request");
+    }
+
+    #[tokio::test]
+    async fn token_exchange_issues_for_first_audience() {
+        let idp = idp().await;
+        let subject = idp.mint(&CallerClaims::user("carol"));
+        let (status, body) = post_form(
+            &idp,
+            &[
+                ("grant_type", GRANT_TOKEN_EXCHANGE),
+                ("client_id", DEFAULT_CLIENT_ID),
+                ("client_secret", DEFAULT_CLIENT_SECRET),
+                ("subject_token", &subject),
+                ("subject_token_type", TOKEN_TYPE_ACCESS_TOKEN),
+                ("audience", "https://first.example"),
+                ("audience", "https://second.example"),
+                ("resource", "https://resource.example"),
+                ("scope", "read"),
+            ],
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        assert_eq!(body["issued_token_type"], TOKEN_TYPE_ACCESS_TOKEN);
+        let claims = verify(
+            &idp,
+            body["access_token"].as_str().unwrap(),
+            "https://first.example",
+        )
+        .await;
+        assert_eq!(claims["sub"], "carol");
+        assert_eq!(claims["scp"], "read");
+
+        let (status, body) = post_form(
+            &idp,
+            &[
+                ("grant_type", GRANT_TOKEN_EXCHANGE),
+                ("client_id", DEFAULT_CLIENT_ID),
+                ("client_secret", DEFAULT_CLIENT_SECRET),
+                ("subject_token", &subject),
+                ("subject_token_type", TOKEN_TYPE_ACCESS_TOKEN),
+                ("scope", "api://down/read"),
+            ],
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        verify(&idp, body["access_token"].as_str().unwrap(), "api://down").await;
+
+        let (status, body) = post_form(
+            &idp,
+            &[
+                ("grant_type", GRANT_TOKEN_EXCHANGE),
+                ("client_id", DEFAULT_CLIENT_ID),
+                ("client_secret", DEFAULT_CLIENT_SECRET),
+                ("subject_token", &subject),
+                (
+                    "subject_token_type",
+                    "urn:ietf:params:oauth:token-type:id_token",
+                ),
+                ("audience", "x"),
+            ],
+        )
+        .await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        assert_eq!(body["error"], "invalid_request");
+    }
+
+    #[tokio::test]
+    async fn injected_failures_are_served_in_order_then_normal_answers_resume() {
+        let idp = idp().await;
+        let assertion = idp.mint(&CallerClaims::user("alice"));
+        let form = obo_form(&assertion, OBO_SCOPE);
+        idp.fail_next(Failure::ServerError, 2);
+        idp.fail_next(
+            Failure::TooManyRequests {
+                retry_after_secs: 7,
+            },
+            1,
+        );
+        idp.fail_next(Failure::InvalidGrant, 1);
+        idp.fail_next(
+            Failure::InteractionRequired {
+                claims: "{\"x\":1}".into(),
+            },
+            1,
+        );
+        idp.fail_next(Failure::ConsentRequired, 1);
+        idp.fail_next(Failure::Delay(Duration::from_millis(20)), 1);
+
+        for _ in 0..2 {
+            let (status, body) = post_form(&idp, &form).await;
+            assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR);
+            assert!(body["error"].is_string());
+        }
+        let response = client()
+            .post(idp.token_endpoint())
+            .form(&form)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(response.headers()[header::RETRY_AFTER], "7");
+        let (status, body) = post_form(&idp, &form).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        assert_eq!(body["error"], "invalid_grant");
+        assert_eq!(body["error_codes"], json!([50013]));
+        let (status, body) = post_form(&idp, &form).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        assert_eq!(body["error"], "interaction_required");
+        assert_eq!(body["suberror"], "basic_action");
+        assert_eq!(body["claims"], "{\"x\":1}");
+        let (status, body) = post_form(&idp, &form).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        assert_eq!(body["suberror"], "consent_required");
+        assert_eq!(body["error_codes"], json!([65001]));
+        let started = std::time::Instant::now();
+        let (status, _) = post_form(&idp, &form).await;
+        assert_eq!(status, StatusCode::OK);
+        assert!(started.elapsed() >= Duration::from_millis(20));
+        let (status, _) = post_form(&idp, &form).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(idp.token_requests(), 8);
+        assert_eq!(idp.recorded_requests().len(), 8);
+    }
+
+    #[tokio::test]
+    async fn rotated_key_is_published_alongside_the_old_one() {
+        let idp = idp().await;
+        let old = idp.mint(&CallerClaims::user("alice"));
+        idp.rotate_key();
+        let new = idp.mint(&CallerClaims::user("alice"));
+        let old_kid = jsonwebtoken::decode_header(&old).unwrap().kid.unwrap();
+        let new_kid = jsonwebtoken::decode_header(&new).unwrap().kid.unwrap();
+        assert_ne!(old_kid, new_kid);
+        let jwks: Value = client()
+            .get(idp.jwks_uri())
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let kids: Vec<&str> = jwks["keys"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|key| key["kid"].as_str().unwrap())
+            .collect();
+        assert_eq!(kids, [old_kid.as_str(), new_kid.as_str()]);
+        for token in [&old, &new] {
+            verify(&idp, token, "api://obo-sidecar").await;
+            let (status, _) = post_form(&idp, &obo_form(token, OBO_SCOPE)).await;
+            assert_eq!(status, StatusCode::OK);
+        }
+    }
+
+    #[tokio::test]
+    async fn dev_endpoints_mint_fail_and_count() {
+        let idp = idp().await;
+        let response = client()
+            .post(format!("{}/dev/token", idp.issuer()))
+            .json(&json!({"sub": "dave", "scp": "read", "roles": ["R"], "lifetime_secs": 60}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        let body: Value = response.json().await.unwrap();
+        assert_eq!(body["expires_in"], 60);
+        let claims = verify(
+            &idp,
+            body["access_token"].as_str().unwrap(),
+            "api://obo-sidecar",
+        )
+        .await;
+        assert_eq!(claims["sub"], "dave");
+        assert_eq!(claims["roles"], json!(["R"]));
+
+        let response = client()
+            .post(format!("{}/dev/token", idp.issuer()))
+            .header(header::ACCEPT, "text/plain")
+            .json(&json!({"sub": "dave", "aud": "api://x"}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        let token = response.text().await.unwrap();
+        verify(&idp, &token, "api://x").await;
+
+        for bad in ["{", "{}", "[1]", "{\"sub\": 3}"] {
+            let response = client()
+                .post(format!("{}/dev/token", idp.issuer()))
+                .body(bad)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(response.status(), StatusCode::BAD_REQUEST, "{bad}");
+            let body: Value = response.json().await.unwrap();
+            assert_eq!(body["error"], "invalid_request");
+        }
+
+        let response = client()
+            .post(format!("{}/dev/fail", idp.issuer()))
+            .json(&json!({"mode": "429", "count": 2, "retry_after": 3}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::NO_CONTENT);
+        let response = client()
+            .post(format!("{}/dev/fail", idp.issuer()))
+            .json(&json!({"mode": "explode"}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::BAD_REQUEST);
+        for _ in 0..2 {
+            let response = client()
+                .post(idp.token_endpoint())
+                .form(&[("a", "b")])
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(response.status(), StatusCode::TOO_MANY_REQUESTS);
+            assert_eq!(response.headers()[header::RETRY_AFTER], "3");
+        }
+        let stats: Value = client()
+            .get(format!("{}/dev/stats", idp.issuer()))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(stats, json!({"token_requests": 2}));
+    }
+
+    #[tokio::test]
+    async fn unknown_paths_and_huge_bodies_get_json_errors() {
+        let idp = idp().await;
+        let response = client()
+            .get(format!("{}/nope", idp.issuer()))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::NOT_FOUND);
+        let body: Value = response.json().await.unwrap();
+        assert_eq!(body["error"], "not_found");
+        let response = client().get(idp.token_endpoint()).send().await.unwrap();
+        assert_eq!(response.status(), StatusCode::METHOD_NOT_ALLOWED);
+        let response = client()
+            .post(idp.token_endpoint())
+            .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
+            .body(vec![b'a'; MAX_BODY_BYTES + 1])
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::PAYLOAD_TOO_LARGE);
+        let body: Value = response.json().await.unwrap();
+        assert_eq!(body["error"], "invalid_request");
+        assert_eq!(idp.token_requests(), 1);
+    }
+
+    #[tokio::test]
+    async fn dropping_the_handle_stops_the_server() {
+        let idp = idp().await;
+        let url = idp.jwks_uri();
+        let http = client();
+        assert!(http.get(&url).send().await.is_ok());
+        drop(idp);
+        // The accept loop and its keep-alive connections are aborted: no answer comes back.
+        let outcome = tokio::time::timeout(Duration::from_secs(5), http.get(&url).send()).await;
+        assert!(matches!(outcome, Ok(Err(_))));
+    }
+}

@@ -1,0 +1,371 @@
+//! The one request-path error type. Each variant is classified by fault (caller, IdP, upstream, internal),
+//! which decides the status, the log level and the RFC 6750 `WWW-Authenticate` challenge. Bodies are RFC 9457
+//! problem details. Nothing here ever holds or quotes a token: variants carry fixed descriptions.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderValue, Response, StatusCode, header};
+use http_body_util::Full;
+
+/// Whose fault a failure is; decides the log level.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    Caller,
+    Idp,
+    Upstream,
+    Internal,
+}
+
+/// Why a request did not reach its upstream.
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error("no route matches the request path")]
+    NoRoute,
+    #[error("malformed request: {0}")]
+    BadRequest(&'static str),
+    #[error("bearer token missing")]
+    MissingToken,
+    #[error("invalid caller token: {0}")]
+    InvalidToken(&'static str),
+    #[error("caller token lacks a required scope or role")]
+    InsufficientScope {
+        /// The scopes (or roles) that would have been accepted, space-separated.
+        scope: String,
+        detail: &'static str,
+    },
+    #[error("the issuer's signing keys are not available yet")]
+    KeysUnavailable { retry_after: Duration },
+    #[error("the IdP rejected the subject token")]
+    IdpRejectedSubject,
+    #[error("the IdP asks for more claims (MFA, conditional access)")]
+    IdpClaimsChallenge {
+        authorization_uri: String,
+        /// Base64 of the IdP's claims JSON.
+        claims: String,
+    },
+    #[error("the IdP reports that consent for the route's scopes is missing")]
+    IdpConsentRequired { scope: String },
+    #[error(
+        "the IdP refused the sidecar's token request ({error}); check the identity configuration"
+    )]
+    IdpMisconfigured { error: String },
+    #[error("the IdP is unavailable")]
+    IdpUnavailable { retry_after: Option<Duration> },
+    #[error("the request's deadline ran out while acquiring its upstream token")]
+    TokenDeadline,
+    #[error("upstream unreachable")]
+    UpstreamConnect(#[source] Box<dyn std::error::Error + Send + Sync>),
+    #[error("upstream did not answer in time")]
+    UpstreamTimeout,
+    #[error("internal error: {0}")]
+    Internal(&'static str),
+}
+
+impl ProxyError {
+    pub fn fault(&self) -> Fault {
+        match self {
+            ProxyError::NoRoute
+            | ProxyError::BadRequest(_)
+            | ProxyError::MissingToken
+            | ProxyError::InvalidToken(_)
+            | ProxyError::InsufficientScope { .. }
+            | ProxyError::IdpRejectedSubject
+            | ProxyError::IdpClaimsChallenge { .. }
+            | ProxyError::IdpConsentRequired { .. } => Fault::Caller,
+            ProxyError::KeysUnavailable { .. }
+            | ProxyError::IdpUnavailable { .. }
+            | ProxyError::TokenDeadline => Fault::Idp,
+            ProxyError::UpstreamConnect(_) | ProxyError::UpstreamTimeout => Fault::Upstream,
+            ProxyError::IdpMisconfigured { .. } | ProxyError::Internal(_) => Fault::Internal,
+        }
+    }
+
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ProxyError::NoRoute => StatusCode::NOT_FOUND,
+            ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ProxyError::MissingToken
+            | ProxyError::InvalidToken(_)
+            | ProxyError::IdpRejectedSubject
+            | ProxyError::IdpClaimsChallenge { .. } => StatusCode::UNAUTHORIZED,
+            ProxyError::InsufficientScope { .. } | ProxyError::IdpConsentRequired { .. } => {
+                StatusCode::FORBIDDEN
+            }
+            ProxyError::KeysUnavailable { .. }
+            | ProxyError::IdpUnavailable { .. }
+            | ProxyError::TokenDeadline => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::IdpMisconfigured { .. } | ProxyError::Internal(_) => {
+                StatusCode::INTERNAL_SERVER_ERROR
+            }
+            ProxyError::UpstreamConnect(_) => StatusCode::BAD_GATEWAY,
+            ProxyError::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
+        }
+    }
+
+    /// The RFC 6750 §3 challenge, for 401 and 403.
+    fn challenge(&self) -> Option<String> {
+        match self {
+            ProxyError::MissingToken => Some("Bearer".to_owned()),
+            ProxyError::InvalidToken(description) => Some(format!(
+                "Bearer error=\"invalid_token\", error_description=\"{description}\""
+            )),
+            ProxyError::IdpRejectedSubject => Some(
+                "Bearer error=\"invalid_token\", error_description=\"the IdP rejected the token for this exchange\""
+                    .to_owned(),
+            ),
+            ProxyError::InsufficientScope { scope, .. } | ProxyError::IdpConsentRequired { scope } => Some(format!(
+                "Bearer error=\"insufficient_scope\", scope=\"{}\"",
+                quoted_safe(scope)
+            )),
+            ProxyError::IdpClaimsChallenge {
+                authorization_uri,
+                claims,
+            } => Some(format!(
+                "Bearer realm=\"\", authorization_uri=\"{}\", error=\"insufficient_claims\", claims=\"{claims}\"",
+                quoted_safe(authorization_uri)
+            )),
+            ProxyError::NoRoute
+            | ProxyError::BadRequest(_)
+            | ProxyError::KeysUnavailable { .. }
+            | ProxyError::IdpMisconfigured { .. }
+            | ProxyError::IdpUnavailable { .. }
+            | ProxyError::TokenDeadline
+            | ProxyError::UpstreamConnect(_)
+            | ProxyError::UpstreamTimeout
+            | ProxyError::Internal(_) => None,
+        }
+    }
+
+    fn retry_after(&self) -> Option<Duration> {
+        match self {
+            ProxyError::KeysUnavailable { retry_after } => Some(*retry_after),
+            ProxyError::IdpUnavailable { retry_after } => *retry_after,
+            _ => None,
+        }
+    }
+
+    /// The problem `type` and `title` (RFC 9457 §3.1).
+    fn kind(&self) -> (&'static str, &'static str) {
+        match self {
+            ProxyError::NoRoute => ("no-route", "No route"),
+            ProxyError::BadRequest(_) => ("bad-request", "Bad request"),
+            ProxyError::MissingToken => ("missing-token", "Bearer token required"),
+            ProxyError::InvalidToken(_) => ("invalid-token", "Invalid token"),
+            ProxyError::InsufficientScope { .. } => ("insufficient-scope", "Insufficient scope"),
+            ProxyError::KeysUnavailable { .. } => ("keys-unavailable", "Signing keys unavailable"),
+            ProxyError::IdpRejectedSubject => ("idp-invalid-grant", "Token rejected by the IdP"),
+            ProxyError::IdpClaimsChallenge { .. } => {
+                ("idp-claims-challenge", "Additional claims required")
+            }
+            ProxyError::IdpConsentRequired { .. } => ("idp-consent-required", "Consent required"),
+            ProxyError::IdpMisconfigured { .. } => ("idp-misconfigured", "Token request refused"),
+            ProxyError::IdpUnavailable { .. } => ("idp-unavailable", "IdP unavailable"),
+            ProxyError::TokenDeadline => ("token-deadline", "Token acquisition timed out"),
+            ProxyError::UpstreamConnect(_) => ("upstream-unreachable", "Upstream unreachable"),
+            ProxyError::UpstreamTimeout => ("upstream-timeout", "Upstream timeout"),
+            ProxyError::Internal(_) => ("internal", "Internal error"),
+        }
+    }
+
+    /// What the caller is told. Internal details (IdP error codes, upstream addresses) stay in the log.
+    fn detail(&self) -> String {
+        match self {
+            ProxyError::InsufficientScope { detail, .. } => (*detail).to_owned(),
+            ProxyError::IdpMisconfigured { .. } => {
+                "the sidecar's token request was refused by the IdP".to_owned()
+            }
+            ProxyError::UpstreamConnect(_) => "upstream unreachable".to_owned(),
+            _ => self.to_string(),
+        }
+    }
+
+    /// The response the caller gets.
+    pub fn to_response<B: From<Bytes>>(&self) -> Response<B> {
+        let status = self.status();
+        let (kind, title) = self.kind();
+        let body = serde_json::json!({
+            "type": format!("urn:obo-sidecar:problem:{kind}"),
+            "title": title,
+            "status": status.as_u16(),
+            "detail": self.detail(),
+        });
+        let mut response = Response::new(B::from(Bytes::from(body.to_string())));
+        *response.status_mut() = status;
+        let headers = response.headers_mut();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/problem+json"),
+        );
+        headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        if let Some(challenge) = self.challenge()
+            && let Ok(value) = HeaderValue::from_str(&challenge)
+        {
+            headers.insert(header::WWW_AUTHENTICATE, value);
+        }
+        if let Some(after) = self.retry_after() {
+            headers.insert(
+                header::RETRY_AFTER,
+                HeaderValue::from(after.as_secs().max(1)),
+            );
+        }
+        response
+    }
+}
+
+/// Keeps a value inside an RFC 7235 quoted-string: no quotes, backslashes or control characters.
+fn quoted_safe(value: &str) -> String {
+    value
+        .chars()
+        .filter(|c| *c != '"' && *c != '\\' && !c.is_control())
+        .collect()
+}
+
+/// A response body for responses the sidecar makes itself.
+pub type FullBody = Full<Bytes>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn response(error: &ProxyError) -> Response<FullBody> {
+        error.to_response()
+    }
+
+    fn challenge(r: &Response<FullBody>) -> Option<&str> {
+        r.headers()
+            .get(header::WWW_AUTHENTICATE)
+            .and_then(|v| v.to_str().ok())
+    }
+
+    #[test]
+    fn no_route_is_404() {
+        let r = response(&ProxyError::NoRoute);
+        assert_eq!(r.status(), 404);
+        assert_eq!(
+            r.headers()[header::CONTENT_TYPE],
+            "application/problem+json"
+        );
+        assert!(challenge(&r).is_none());
+    }
+
+    #[test]
+    fn bad_request_is_400() {
+        assert_eq!(
+            response(&ProxyError::BadRequest("encoded slash")).status(),
+            400
+        );
+    }
+
+    #[test]
+    fn missing_token_is_401_with_bare_bearer() {
+        let r = response(&ProxyError::MissingToken);
+        assert_eq!(r.status(), 401);
+        assert_eq!(challenge(&r), Some("Bearer"));
+    }
+
+    #[test]
+    fn invalid_token_is_401_invalid_token() {
+        let r = response(&ProxyError::InvalidToken("token expired"));
+        assert_eq!(r.status(), 401);
+        assert_eq!(
+            challenge(&r),
+            Some("Bearer error=\"invalid_token\", error_description=\"token expired\"")
+        );
+    }
+
+    #[test]
+    fn insufficient_scope_is_403_with_scope() {
+        let r = response(&ProxyError::InsufficientScope {
+            scope: "access_as_user".to_owned(),
+            detail: "missing scope",
+        });
+        assert_eq!(r.status(), 403);
+        assert_eq!(
+            challenge(&r),
+            Some("Bearer error=\"insufficient_scope\", scope=\"access_as_user\"")
+        );
+    }
+
+    #[test]
+    fn keys_unavailable_is_503_with_retry_after() {
+        let r = response(&ProxyError::KeysUnavailable {
+            retry_after: Duration::from_secs(5),
+        });
+        assert_eq!(r.status(), 503);
+        assert_eq!(r.headers()[header::RETRY_AFTER], "5");
+    }
+
+    #[test]
+    fn idp_rejected_subject_is_401_invalid_token() {
+        let r = response(&ProxyError::IdpRejectedSubject);
+        assert_eq!(r.status(), 401);
+        assert!(challenge(&r).is_some_and(|c| c.starts_with("Bearer error=\"invalid_token\"")));
+    }
+
+    #[test]
+    fn idp_claims_challenge_is_401_insufficient_claims() {
+        let r = response(&ProxyError::IdpClaimsChallenge {
+            authorization_uri: "https://login.example.com/t/oauth2/v2.0/authorize".to_owned(),
+            claims: "eyJhY2Nlc3NfdG9rZW4iOnt9fQ==".to_owned(),
+        });
+        assert_eq!(r.status(), 401);
+        assert_eq!(
+            challenge(&r),
+            Some(
+                "Bearer realm=\"\", authorization_uri=\"https://login.example.com/t/oauth2/v2.0/authorize\", \
+                 error=\"insufficient_claims\", claims=\"eyJhY2Nlc3NfdG9rZW4iOnt9fQ==\""
+            )
+        );
+    }
+
+    #[test]
+    fn idp_consent_required_is_403_insufficient_scope() {
+        let r = response(&ProxyError::IdpConsentRequired {
+            scope: "https://graph.example.com/.default".to_owned(),
+        });
+        assert_eq!(r.status(), 403);
+        assert!(challenge(&r).is_some_and(|c| c.contains("insufficient_scope")));
+    }
+
+    #[test]
+    fn idp_misconfigured_is_500_without_details() {
+        let r = response(&ProxyError::IdpMisconfigured {
+            error: "invalid_client".to_owned(),
+        });
+        assert_eq!(r.status(), 500);
+        assert!(challenge(&r).is_none());
+    }
+
+    #[test]
+    fn idp_unavailable_is_503_with_retry_after_when_known() {
+        let r = response(&ProxyError::IdpUnavailable {
+            retry_after: Some(Duration::from_secs(7)),
+        });
+        assert_eq!(r.status(), 503);
+        assert_eq!(r.headers()[header::RETRY_AFTER], "7");
+        let r = response(&ProxyError::IdpUnavailable { retry_after: None });
+        assert!(r.headers().get(header::RETRY_AFTER).is_none());
+    }
+
+    #[test]
+    fn token_deadline_is_503() {
+        assert_eq!(response(&ProxyError::TokenDeadline).status(), 503);
+    }
+
+    #[test]
+    fn upstream_connect_is_502() {
+        let r = response(&ProxyError::UpstreamConnect("refused".into()));
+        assert_eq!(r.status(), 502);
+    }
+
+    #[test]
+    fn upstream_timeout_is_504() {
+        assert_eq!(response(&ProxyError::UpstreamTimeout).status(), 504);
+    }
+
+    #[test]
+    fn internal_is_500() {
+        assert_eq!(response(&ProxyError::Internal("bug")).status(), 500);
+    }
+}

@@ -1,0 +1,129 @@
+//! CLI -> tracing -> config -> bind -> serve until SIGTERM/SIGINT. The only place `anyhow` is used.
+
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use clap::Parser as _;
+use obo_sidecar::cli::{self, Cli, Command, ConfigArg, EXIT_CONFIG, LogFormat};
+use obo_sidecar::config::Config;
+use tracing_subscriber::EnvFilter;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing(cli.log_format);
+    obo_sidecar::tls::install_crypto_provider();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            tracing::error!(%error, "cannot start the runtime");
+            return ExitCode::FAILURE;
+        }
+    };
+    let command = cli.command.unwrap_or_else(|| {
+        Command::Run(ConfigArg {
+            path: std::env::var_os("OBO_SIDECAR_CONFIG")
+                .map_or_else(|| "sidecar.toml".into(), Into::into),
+        })
+    });
+    let result = runtime.block_on(async {
+        match command {
+            Command::Check(arg) => match cli::check(&arg.path) {
+                Ok(_) => Ok(ExitCode::SUCCESS),
+                Err(error) => {
+                    report_config_error(&arg.path, &error);
+                    Ok(ExitCode::from(EXIT_CONFIG))
+                }
+            },
+            Command::Run(arg) => serve(&arg.path).await,
+            Command::Demo => obo_sidecar::demo::run(shutdown_signal())
+                .await
+                .map(|()| ExitCode::SUCCESS)
+                .map_err(Into::into),
+            Command::DevIdp { listen } => dev_idp(listen).await,
+        }
+    });
+    match result {
+        Ok(code) => code,
+        Err(error) => {
+            tracing::error!(error = format!("{error:#}"), "obo-sidecar failed");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn report_config_error(path: &std::path::Path, error: &obo_sidecar::config::ConfigError) {
+    let mut text = format!("{}: {error}", path.display());
+    text.push('\n');
+    // Problems go to stderr as plain lines so `check` output reads well in a terminal and in CI logs.
+    let _ = std::io::Write::write_all(&mut std::io::stderr(), text.as_bytes());
+}
+
+async fn serve(path: &std::path::Path) -> anyhow::Result<ExitCode> {
+    let config = match Config::load(path) {
+        Ok(config) => config,
+        Err(error) => {
+            report_config_error(path, &error);
+            return Ok(ExitCode::from(EXIT_CONFIG));
+        }
+    };
+    let listeners = obo_sidecar::Listeners::bind(&config)
+        .await
+        .context("binding the listeners")?;
+    obo_sidecar::run(config, listeners, shutdown_signal())
+        .await
+        .context("serving")?;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn dev_idp(listen: std::net::SocketAddr) -> anyhow::Result<ExitCode> {
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("binding {listen}"))?;
+    let idp = obo_sidecar::dev_idp::DevIdp::start(
+        listener,
+        obo_sidecar::dev_idp::DevIdpConfig::default(),
+    )
+    .await
+    .context("starting the development IdP")?;
+    tracing::warn!(issuer = %idp.issuer(), client_id = obo_sidecar::dev_idp::DEFAULT_CLIENT_ID,
+        "development IdP serving: NOT FOR PRODUCTION (it signs tokens for anyone who asks)");
+    shutdown_signal().await;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn init_tracing(format: LogFormat) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+/// SIGTERM or SIGINT (Ctrl-C).
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => {},
+                    _ = tokio::signal::ctrl_c() => {},
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

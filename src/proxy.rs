@@ -1,0 +1,149 @@
+//! One request: route -> authenticate -> authorize -> acquire the upstream token -> forward. Errors become
+//! responses here and only here, each logged once at the level its fault calls for.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::{Either, Full};
+use hyper::body::Incoming;
+
+use crate::auth::{Authenticator, authorize};
+use crate::config::{Config, Route};
+use crate::error::{Fault, ProxyError};
+use crate::exchange::Exchanger;
+use crate::forward::{self, UpstreamClient};
+
+/// What the proxy answers: the upstream's streamed body, or one the sidecar made.
+pub type ProxyBody = Either<Incoming, Full<Bytes>>;
+
+/// The request path's state, shared by every connection.
+pub struct Proxy {
+    /// Longest `match_prefix` first, so the first match is the longest.
+    routes: Vec<Route>,
+    authenticator: Arc<Authenticator>,
+    exchanger: Exchanger,
+    client: UpstreamClient,
+}
+
+/// How a request ended, for the access log.
+struct Outcome<'a> {
+    route: Option<&'a str>,
+    status: StatusCode,
+    cache: &'static str,
+}
+
+impl Proxy {
+    pub fn new(
+        config: &Config,
+        authenticator: Arc<Authenticator>,
+        exchanger: Exchanger,
+        client: UpstreamClient,
+    ) -> Self {
+        let mut routes = config.routes.clone();
+        routes.sort_by_key(|r| std::cmp::Reverse(r.match_prefix.len()));
+        Proxy {
+            routes,
+            authenticator,
+            exchanger,
+            client,
+        }
+    }
+
+    pub fn exchanger(&self) -> &Exchanger {
+        &self.exchanger
+    }
+
+    /// Serves one caller request.
+    pub async fn handle(
+        &self,
+        request: Request<Incoming>,
+        remote: SocketAddr,
+    ) -> Response<ProxyBody> {
+        let started = Instant::now();
+        let method = request.method().clone();
+        let mut outcome = Outcome {
+            route: None,
+            status: StatusCode::OK,
+            cache: "-",
+        };
+        let response = match self.proxy(request, remote, &mut outcome).await {
+            Ok(response) => response,
+            Err(error) => {
+                log_error(&error, outcome.route);
+                error.to_response::<Full<Bytes>>().map(Either::Right)
+            }
+        };
+        outcome.status = response.status();
+        tracing::info!(
+            target: "access",
+            route = outcome.route.unwrap_or("-"),
+            %method,
+            status = outcome.status.as_u16(),
+            cache = outcome.cache,
+            duration_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
+            "request"
+        );
+        response
+    }
+
+    async fn proxy<'a>(
+        &'a self,
+        request: Request<Incoming>,
+        remote: SocketAddr,
+        outcome: &mut Outcome<'a>,
+    ) -> Result<Response<ProxyBody>, ProxyError> {
+        let path = forward::normalize_path(request.uri().path())?;
+        let route = self
+            .routes
+            .iter()
+            .find(|r| forward::prefix_matches(&r.match_prefix, &path))
+            .ok_or(ProxyError::NoRoute)?;
+        outcome.route = Some(&route.name);
+        let deadline = tokio::time::Instant::now() + route.timeout;
+
+        let caller =
+            tokio::time::timeout_at(deadline, self.authenticator.authenticate(request.headers()))
+                .await
+                .map_err(|_| ProxyError::KeysUnavailable {
+                    retry_after: crate::auth::jwks::KEYS_RETRY_AFTER,
+                })??;
+        authorize(&caller.claims, route)?;
+
+        let acquired = tokio::time::timeout_at(deadline, self.exchanger.acquire(route, &caller))
+            .await
+            .map_err(|_| ProxyError::TokenDeadline)??;
+        if acquired.key.is_some() {
+            outcome.cache = if acquired.from_cache { "hit" } else { "miss" };
+        }
+
+        let uri = forward::upstream_uri(route, &path, request.uri().query())?;
+        let upstream = forward::upstream_request(request, uri, remote, acquired.header);
+        let mut response =
+            match tokio::time::timeout_at(deadline, self.client.request(upstream)).await {
+                Err(_) => return Err(ProxyError::UpstreamTimeout),
+                Ok(Err(error)) => return Err(ProxyError::UpstreamConnect(Box::new(error))),
+                Ok(Ok(response)) => response,
+            };
+        if response.status() == StatusCode::UNAUTHORIZED
+            && let Some(key) = &acquired.key
+        {
+            tracing::info!(route = %route.name, "upstream refused its token; dropping the cached one");
+            self.exchanger.cache().forget(key).await;
+        }
+        forward::clean_response_headers(response.headers_mut());
+        Ok(response.map(Either::Left))
+    }
+}
+
+fn log_error(error: &ProxyError, route: Option<&str>) {
+    let route = route.unwrap_or("-");
+    let detail = crate::auth::jwks::error_chain(error);
+    match error.fault() {
+        Fault::Caller => tracing::debug!(route, error = %detail, "request refused"),
+        Fault::Idp | Fault::Upstream => tracing::warn!(route, error = %detail, "request failed"),
+        Fault::Internal => tracing::error!(route, error = %detail, "request failed"),
+    }
+}

@@ -1,0 +1,370 @@
+//! Everything that must not reach the upstream: bad caller tokens (401), missing scopes (403), and every
+//! IdP failure mapped per SPEC §4. None of them ever reaches the upstream or echoes a token.
+#![allow(
+    clippy::expect_used,
+    clippy::unwrap_used,
+    reason = "helpers of tests: a failure is a test failure"
+)]
+
+mod support;
+
+use std::time::Duration;
+
+use base64::Engine as _;
+use obo_sidecar::dev_idp::{CallerClaims, DevIdp, DevIdpConfig, Failure};
+use serde_json::json;
+use support::Harness;
+
+const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+
+fn now() -> i64 {
+    i64::try_from(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("clock")
+            .as_secs(),
+    )
+    .expect("time")
+}
+
+/// Claims the sidecar would accept, to be spoiled one at a time.
+fn good_claims(h: &Harness) -> serde_json::Value {
+    json!({
+        "iss": h.idp.issuer(),
+        "aud": "api://obo-sidecar",
+        "sub": "mallory",
+        "scp": "access_as_user",
+        "iat": now(),
+        "exp": now() + 600,
+    })
+}
+
+fn kid_of(token: &str) -> String {
+    let header = token.split('.').next().expect("header");
+    let header: serde_json::Value =
+        serde_json::from_slice(&B64.decode(header).expect("b64")).expect("json");
+    header["kid"].as_str().expect("kid").to_owned()
+}
+
+fn rs256(h: &Harness) -> serde_json::Value {
+    json!({"alg": "RS256", "typ": "JWT", "kid": kid_of(&h.token("x", "y"))})
+}
+
+/// Asserts a 401 `invalid_token` whose body and challenge never quote the token, and that nothing reached
+/// the upstream or the IdP.
+async fn assert_invalid_token(h: &Harness, token: &str, why: &str) {
+    let response = h.get("/obo/x", Some(token)).await;
+    assert_eq!(response.status(), 401, "{why}");
+    let challenge = response.headers()["www-authenticate"]
+        .to_str()
+        .expect("ascii")
+        .to_owned();
+    assert!(
+        challenge.starts_with("Bearer error=\"invalid_token\", error_description=\""),
+        "{why}: {challenge}"
+    );
+    assert_eq!(
+        response.headers()["content-type"],
+        "application/problem+json"
+    );
+    let body = response.text().await.expect("body");
+    for part in token.split('.').filter(|p| p.len() > 8) {
+        assert!(
+            !body.contains(part) && !challenge.contains(part),
+            "{why}: token echoed"
+        );
+    }
+    assert_eq!(h.upstream.requests(), 0, "{why}: reached the upstream");
+    assert_eq!(h.idp.token_requests(), 0, "{why}: reached the IdP");
+}
+
+/// No `Authorization` is 401 with a bare `Bearer` challenge.
+#[tokio::test]
+async fn missing_token_is_401_with_bare_challenge() {
+    let h = Harness::start().await;
+    let response = h.get("/obo/x", None).await;
+    assert_eq!(response.status(), 401);
+    assert_eq!(response.headers()["www-authenticate"], "Bearer");
+}
+
+/// Expired, wrong audience, wrong issuer, bad signature, `alg: none`, HS256, missing or string `exp`,
+/// unknown key and malformed tokens are each 401 `invalid_token`.
+#[tokio::test]
+async fn bad_caller_tokens_are_401() {
+    let h = Harness::start().await;
+    let header = rs256(&h);
+    let with = |patch: serde_json::Value| {
+        let mut claims = good_claims(&h);
+        for (k, v) in patch.as_object().expect("object") {
+            if v.is_null() {
+                claims.as_object_mut().expect("object").remove(k);
+            } else {
+                claims[k] = v.clone();
+            }
+        }
+        h.idp.sign(&header, &claims)
+    };
+    let mut past = serde_json::Map::new();
+    past.insert("exp".into(), json!(now() - 60));
+    past.insert("iat".into(), json!(now() - 3600));
+    let expired = h.idp.mint(&CallerClaims {
+        scp: Some("access_as_user".into()),
+        extra: past,
+        ..CallerClaims::user("alice")
+    });
+    let good = h.token("alice", "access_as_user");
+    let mut parts: Vec<&str> = good.split('.').collect();
+    let other = h.token("bob", "access_as_user");
+    parts[2] = other.split('.').nth(2).expect("signature");
+    let bad_signature = parts.join(".");
+    let unsigned = |alg: &str| {
+        format!(
+            "{}.{}.",
+            B64.encode(json!({"alg": alg, "typ": "JWT"}).to_string()),
+            B64.encode(good_claims(&h).to_string())
+        )
+    };
+    let hs256 = format!(
+        "{}.{}.{}",
+        B64.encode(json!({"alg": "HS256", "kid": kid_of(&good)}).to_string()),
+        B64.encode(good_claims(&h).to_string()),
+        B64.encode([7u8; 32])
+    );
+    let stranger = DevIdp::start(support::bind().await, DevIdpConfig::default())
+        .await
+        .expect("idp");
+    let foreign = stranger.sign(&header, &good_claims(&h));
+    let cases: Vec<(String, &str)> = vec![
+        (
+            with(json!({"exp": now() - 600, "iat": now() - 1200})),
+            "expired",
+        ),
+        (expired, "expired (minted)"),
+        (with(json!({"aud": "api://someone-else"})), "wrong aud"),
+        (with(json!({"aud": null})), "no aud"),
+        (
+            with(json!({"iss": "https://evil.example.com"})),
+            "unknown iss",
+        ),
+        (with(json!({"iss": null})), "no iss"),
+        (with(json!({"exp": null})), "no exp"),
+        (
+            with(json!({"exp": (now() + 600).to_string()})),
+            "string exp",
+        ),
+        (with(json!({"nbf": now() + 600})), "not yet valid"),
+        (with(json!({"iat": now() + 600})), "issued in the future"),
+        (bad_signature, "bad signature"),
+        (foreign, "signed by another IdP's key"),
+        (unsigned("none"), "alg none"),
+        (unsigned("None"), "alg None"),
+        (hs256, "HS256"),
+        (
+            h.idp.sign(
+                &json!({"alg": "RS256", "kid": "no-such-key"}),
+                &good_claims(&h),
+            ),
+            "unknown kid",
+        ),
+        (
+            h.idp.sign(
+                &json!({"alg": "RS256", "kid": kid_of(&good), "crit": ["exp"]}),
+                &good_claims(&h),
+            ),
+            "crit",
+        ),
+        ("not-a-jwt".to_owned(), "one part"),
+        ("a.b.c".to_owned(), "garbage parts"),
+    ];
+    for (token, why) in &cases {
+        assert_invalid_token(&h, token, why).await;
+    }
+}
+
+/// A valid token without the route's scope is 403 `insufficient_scope` naming the scope.
+#[tokio::test]
+async fn missing_scope_is_403() {
+    let h = Harness::start().await;
+    let response = h.get("/obo/x", Some(&h.token("alice", "other"))).await;
+    assert_eq!(response.status(), 403);
+    assert_eq!(
+        response.headers()["www-authenticate"],
+        "Bearer error=\"insufficient_scope\", scope=\"access_as_user\""
+    );
+    let app_only = h.idp.mint(&CallerClaims {
+        roles: vec!["Reader".into()],
+        ..CallerClaims::user("daemon")
+    });
+    let response = h.get("/obo/x", Some(&app_only)).await;
+    assert_eq!(
+        response.status(),
+        403,
+        "an app-only token cannot be exchanged On-Behalf-Of"
+    );
+    assert_eq!(h.idp.token_requests(), 0);
+    assert_eq!(h.upstream.requests(), 0);
+}
+
+/// The token endpoint unreachable is 503.
+#[tokio::test]
+async fn idp_down_is_503() {
+    let h = Harness::start_with(|_, dead| format!("http://{dead}/token")).await;
+    let response = h
+        .get("/obo/x", Some(&h.token("alice", "access_as_user")))
+        .await;
+    assert_eq!(response.status(), 503);
+    assert_eq!(h.upstream.requests(), 0);
+}
+
+/// IdP 5xx is retried once, then 503; 429 is 503 with its `Retry-After`.
+#[tokio::test]
+async fn idp_5xx_and_429_are_503() {
+    let h = Harness::start().await;
+    h.idp.fail_next(Failure::ServerError, 2);
+    let response = h
+        .get("/obo/x", Some(&h.token("alice", "access_as_user")))
+        .await;
+    assert_eq!(response.status(), 503);
+    assert_eq!(h.idp.token_requests(), 2, "one retry");
+    h.idp.fail_next(
+        Failure::TooManyRequests {
+            retry_after_secs: 7,
+        },
+        1,
+    );
+    let response = h
+        .get("/obo/x", Some(&h.token("bob", "access_as_user")))
+        .await;
+    assert_eq!(response.status(), 503);
+    assert_eq!(response.headers()["retry-after"], "7");
+    // One transient failure is absorbed by the retry.
+    h.idp.fail_next(Failure::ServerError, 1);
+    assert_eq!(
+        h.get("/obo/x", Some(&h.token("carol", "access_as_user")))
+            .await
+            .status(),
+        200
+    );
+    assert_eq!(h.upstream.requests(), 1);
+}
+
+/// IdP `invalid_grant` is 401 `invalid_token`; the failure is not cached.
+#[tokio::test]
+async fn idp_invalid_grant_is_401() {
+    let h = Harness::start().await;
+    let caller = h.token("alice", "access_as_user");
+    h.idp.fail_next(Failure::InvalidGrant, 1);
+    let response = h.get("/obo/x", Some(&caller)).await;
+    assert_eq!(response.status(), 401);
+    assert!(
+        response.headers()["www-authenticate"]
+            .to_str()
+            .expect("ascii")
+            .contains("invalid_token")
+    );
+    assert_eq!(
+        h.get("/obo/x", Some(&caller)).await.status(),
+        200,
+        "failures are not cached"
+    );
+}
+
+/// IdP `interaction_required` with claims is 401 `insufficient_claims` carrying the claims (base64).
+#[tokio::test]
+async fn idp_claims_challenge_is_relayed() {
+    let h = Harness::start().await;
+    let claims = r#"{"access_token":{"capolids":{"essential":true,"values":["c1"]}}}"#;
+    h.idp.fail_next(
+        Failure::InteractionRequired {
+            claims: claims.to_owned(),
+        },
+        1,
+    );
+    let response = h
+        .get("/obo/x", Some(&h.token("alice", "access_as_user")))
+        .await;
+    assert_eq!(response.status(), 401);
+    let challenge = response.headers()["www-authenticate"]
+        .to_str()
+        .expect("ascii")
+        .to_owned();
+    let encoded = base64::engine::general_purpose::STANDARD.encode(claims);
+    assert!(
+        challenge.contains("error=\"insufficient_claims\""),
+        "{challenge}"
+    );
+    assert!(
+        challenge.contains(&format!("claims=\"{encoded}\"")),
+        "{challenge}"
+    );
+    assert!(
+        challenge.contains(&format!(
+            "authorization_uri=\"{}/authorize\"",
+            h.idp.issuer()
+        )),
+        "{challenge}"
+    );
+}
+
+/// IdP consent missing is 403 `insufficient_scope` with the route's scopes.
+#[tokio::test]
+async fn idp_consent_required_is_403() {
+    let h = Harness::start().await;
+    h.idp.fail_next(Failure::ConsentRequired, 1);
+    let response = h
+        .get("/obo/x", Some(&h.token("alice", "access_as_user")))
+        .await;
+    assert_eq!(response.status(), 403);
+    assert_eq!(
+        response.headers()["www-authenticate"],
+        "Bearer error=\"insufficient_scope\", scope=\"api://downstream/.default\""
+    );
+}
+
+/// A wrong client secret (`invalid_client`) is our misconfiguration: 500.
+#[tokio::test]
+async fn idp_invalid_client_is_500() {
+    let idp = DevIdp::start(support::bind().await, DevIdpConfig::default())
+        .await
+        .expect("idp");
+    let upstream = obo_sidecar::echo::EchoUpstream::start(support::bind().await)
+        .await
+        .expect("upstream");
+    let dead = support::dead_addr().await;
+    let text = support::base_config(&idp, &upstream.url(), &idp.token_endpoint(), dead);
+    let config = obo_sidecar::config::Config::parse(&text, &|_| Some("wrong-secret".to_owned()))
+        .expect("config");
+    let sidecar = support::start_sidecar(config).await;
+    sidecar.ready().await;
+    let token = idp.mint(&CallerClaims {
+        scp: Some("access_as_user".into()),
+        ..CallerClaims::user("alice")
+    });
+    let response = reqwest::Client::new()
+        .get(format!("http://{}/obo/x", sidecar.proxy_addr))
+        .bearer_auth(token)
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(response.status(), 500);
+    let body = response.text().await.expect("body");
+    assert!(!body.contains("wrong-secret"));
+    assert_eq!(upstream.requests(), 0);
+}
+
+/// A token request slower than the route's deadline is 503, not a hang.
+#[tokio::test]
+async fn idp_slower_than_the_deadline_is_503() {
+    let h = Harness::start().await;
+    h.idp.fail_next(Failure::Delay(Duration::from_secs(5)), 1);
+    let started = std::time::Instant::now();
+    let response = h
+        .get("/obo-fast/x", Some(&h.token("alice", "access_as_user")))
+        .await;
+    assert_eq!(
+        response.status(),
+        503,
+        "the route's 1 s deadline covers token acquisition"
+    );
+    assert!(started.elapsed() < Duration::from_secs(5));
+}

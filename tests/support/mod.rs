@@ -1,0 +1,252 @@
+//! Test harness: the development IdP, the echo upstream and the sidecar, all in-process on `127.0.0.1:0`.
+#![allow(dead_code, reason = "each test binary uses part of the harness")]
+#![allow(
+    clippy::expect_used,
+    clippy::unwrap_used,
+    reason = "a harness failure is a test failure"
+)]
+
+use std::net::SocketAddr;
+
+use obo_sidecar::config::Config;
+use obo_sidecar::dev_idp::{
+    CallerClaims, DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, DevIdp, DevIdpConfig,
+};
+use obo_sidecar::echo::EchoUpstream;
+use obo_sidecar::{Listeners, Sidecar};
+use tokio::net::TcpListener;
+
+pub const SECRET_VARIABLE: &str = "TEST_OBO_CLIENT_SECRET";
+
+pub struct Harness {
+    pub idp: DevIdp,
+    pub upstream: EchoUpstream,
+    pub sidecar: Sidecar,
+    pub http: reqwest::Client,
+}
+
+/// An address where nothing listens.
+pub async fn dead_addr() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    listener.local_addr().expect("addr")
+}
+
+/// The base configuration: every token kind, plus a dead and a slow upstream.
+pub fn base_config(idp: &DevIdp, upstream: &str, token_endpoint: &str, dead: SocketAddr) -> String {
+    format!(
+        r#"
+[listen]
+proxy = "127.0.0.1:0"
+admin = "127.0.0.1:0"
+
+[inbound]
+issuers = ["{issuer}"]
+audiences = ["api://{DEFAULT_CLIENT_ID}"]
+clock_skew = "5s"
+
+[identity]
+flavor = "entra"
+token_endpoint = "{token_endpoint}"
+client_id = "{DEFAULT_CLIENT_ID}"
+client_secret = {{ env = "{SECRET_VARIABLE}" }}
+timeout = "2s"
+
+[[routes]]
+name = "obo"
+path_prefix = "/obo/"
+upstream = "{upstream}/base/"
+token = "obo"
+scopes = ["api://downstream/.default"]
+required_scopes = ["access_as_user"]
+
+[[routes]]
+name = "obo-other"
+path_prefix = "/obo/other"
+upstream = "{upstream}/other/"
+token = "obo"
+scopes = ["api://other/read"]
+
+[[routes]]
+name = "app"
+path_prefix = "/app"
+upstream = "{upstream}/"
+token = "app"
+scopes = ["api://downstream/.default"]
+
+[[routes]]
+name = "passthrough"
+path_prefix = "/pass/"
+upstream = "{upstream}/"
+token = "passthrough"
+
+[[routes]]
+name = "none"
+path_prefix = "/none/"
+upstream = "{upstream}/"
+token = "none"
+required_roles = ["Reader"]
+
+[[routes]]
+name = "dead"
+path_prefix = "/dead/"
+upstream = "http://{dead}/"
+token = "none"
+
+[[routes]]
+name = "obo-fast"
+path_prefix = "/obo-fast/"
+upstream = "{upstream}/"
+token = "obo"
+scopes = ["api://downstream/.default"]
+timeout = "1s"
+
+[[routes]]
+name = "slow"
+path_prefix = "/slow/"
+upstream = "{upstream}/"
+token = "none"
+timeout = "1s"
+"#,
+        issuer = idp.issuer(),
+    )
+}
+
+pub fn parse(text: &str) -> Config {
+    Config::parse(text, &|name| {
+        (name == SECRET_VARIABLE).then(|| DEFAULT_CLIENT_SECRET.to_owned())
+    })
+    .unwrap_or_else(|e| panic!("test config invalid: {e}"))
+}
+
+impl Harness {
+    /// IdP, upstream and sidecar with the base configuration.
+    pub async fn start() -> Harness {
+        Harness::start_with(|idp, _| idp.token_endpoint()).await
+    }
+
+    /// As [`Harness::start`], with the token endpoint chosen by `token_endpoint`.
+    pub async fn start_with(token_endpoint: impl FnOnce(&DevIdp, SocketAddr) -> String) -> Harness {
+        let idp = DevIdp::start(bind().await, DevIdpConfig::default())
+            .await
+            .expect("idp");
+        let upstream = EchoUpstream::start(bind().await).await.expect("upstream");
+        let dead = dead_addr().await;
+        let endpoint = token_endpoint(&idp, dead);
+        let config = parse(&base_config(&idp, &upstream.url(), &endpoint, dead));
+        let sidecar = start_sidecar(config).await;
+        let http = reqwest::Client::builder()
+            .no_proxy()
+            .build()
+            .expect("client");
+        let harness = Harness {
+            idp,
+            upstream,
+            sidecar,
+            http,
+        };
+        harness.wait_ready().await;
+        harness
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.sidecar.proxy_addr)
+    }
+
+    pub fn admin_url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.sidecar.admin_addr)
+    }
+
+    /// A caller token for `sub` with scopes `scp`.
+    pub fn token(&self, sub: &str, scp: &str) -> String {
+        self.idp.mint(&CallerClaims {
+            scp: Some(scp.to_owned()),
+            ..CallerClaims::user(sub)
+        })
+    }
+
+    /// GET `path` with a bearer token.
+    pub async fn get(&self, path: &str, token: Option<&str>) -> reqwest::Response {
+        let mut request = self.http.get(self.url(path));
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        request.send().await.expect("request")
+    }
+
+    /// Waits until the sidecar has its signing keys (fetched in the background), then checks `/readyz`.
+    pub async fn wait_ready(&self) {
+        tokio::time::timeout(std::time::Duration::from_secs(20), self.sidecar.ready())
+            .await
+            .expect("sidecar never became ready");
+        let readyz = self
+            .http
+            .get(self.admin_url("/readyz"))
+            .send()
+            .await
+            .expect("readyz");
+        assert_eq!(readyz.status(), 200);
+    }
+}
+
+pub async fn bind() -> TcpListener {
+    TcpListener::bind("127.0.0.1:0").await.expect("bind")
+}
+
+pub async fn start_sidecar(config: Config) -> Sidecar {
+    let listeners = Listeners {
+        proxy: bind().await,
+        admin: bind().await,
+    };
+    obo_sidecar::start(config, listeners)
+        .await
+        .expect("sidecar starts")
+}
+
+/// The JSON the echo upstream answered.
+pub async fn echoed(response: reqwest::Response) -> serde_json::Value {
+    assert_eq!(response.status(), 200, "expected the upstream's answer");
+    response.json().await.expect("echo JSON")
+}
+
+/// The `Authorization` header value the upstream saw, if any.
+pub fn seen_authorization(echo: &serde_json::Value) -> Option<String> {
+    echo["headers"].as_array()?.iter().find_map(|pair| {
+        (pair[0].as_str()?.eq_ignore_ascii_case("authorization"))
+            .then(|| pair[1].as_str().map(str::to_owned))?
+    })
+}
+
+/// Every value of header `name` the upstream saw.
+pub fn seen_header(echo: &serde_json::Value, name: &str) -> Vec<String> {
+    echo["headers"]
+        .as_array()
+        .map(|pairs| {
+            pairs
+                .iter()
+                .filter(|pair| {
+                    pair[0]
+                        .as_str()
+                        .is_some_and(|n| n.eq_ignore_ascii_case(name))
+                })
+                .filter_map(|pair| pair[1].as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Sends `request` verbatim on a new connection and reads the whole answer (the request should say
+/// `Connection: close`). Returns the status and the raw response text.
+pub async fn raw_request(addr: SocketAddr, request: &[u8]) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    stream.write_all(request).await.expect("write");
+    let mut answer = Vec::new();
+    let _ = stream.read_to_end(&mut answer).await;
+    let text = String::from_utf8_lossy(&answer).into_owned();
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no status line in {text:?}"));
+    (status, text)
+}
