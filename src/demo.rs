@@ -90,28 +90,32 @@ pub async fn run(shutdown: impl Future<Output = ()>) -> Result<(), DemoError> {
             idp.issuer()
         )
     };
-    let text = format!(
-        "\n\
-obo-sidecar demo: development IdP {idp} (NOT FOR PRODUCTION), echo upstream {up}, sidecar {proxy}\n\
-\n\
-(a) no token: 401 with WWW-Authenticate: Bearer\n\
-    curl -i {proxy}/api/hello\n\
-\n\
-(b) alice's token is validated, exchanged On-Behalf-Of, and the upstream receives a different token\n\
-    (see \"authorization\".\"claims\": aud api://downstream, sub alice):\n\
-    curl -s {proxy}/api/hello -H \"Authorization: Bearer {ok}\"\n\
-\n\
-(c) a token without the access_as_user scope: 403 insufficient_scope\n\
-    curl -i {proxy}/api/hello -H \"Authorization: Bearer {bad}\"\n\
-\n\
-Also: {proxy}/app/ (the sidecar's own app token), {proxy}/passthrough/ (the caller's token), admin http://{admin}/readyz\n\
-Ctrl-C stops everything.\n",
-        idp = idp.issuer(),
-        up = upstream.url(),
-        ok = mint("access_as_user"),
-        bad = mint("other"),
-        admin = sidecar.admin_addr,
-    );
+    let lines = [
+        String::new(),
+        format!(
+            "obo-sidecar demo: development IdP {} (NOT FOR PRODUCTION), echo upstream {}, sidecar {proxy}",
+            idp.issuer(),
+            upstream.url()
+        ),
+        String::new(),
+        "(a) no token: 401 with WWW-Authenticate: Bearer".to_owned(),
+        format!("    curl -si {proxy}/api/hello"),
+        String::new(),
+        "(b) alice's token is validated and exchanged On-Behalf-Of: the upstream echoes the different token it got".to_owned(),
+        "    (\"authorization\".\"claims\" show aud api://downstream and sub alice):".to_owned(),
+        format!("    curl -s {proxy}/api/hello -H \"Authorization: Bearer {}\"", mint("access_as_user")),
+        String::new(),
+        "(c) a token without the access_as_user scope: 403 insufficient_scope".to_owned(),
+        format!("    curl -si {proxy}/api/hello -H \"Authorization: Bearer {}\"", mint("other")),
+        String::new(),
+        format!(
+            "Also: {proxy}/app/ (the sidecar's own app token), {proxy}/passthrough/ (the caller's token), admin http://{}/readyz",
+            sidecar.admin_addr
+        ),
+        "Ctrl-C stops everything.".to_owned(),
+        String::new(),
+    ];
+    let text = lines.join("\n");
     let _ = std::io::stdout().lock().write_all(text.as_bytes());
     let _ = std::io::stdout().lock().flush();
     shutdown.await;

@@ -73,6 +73,8 @@ pub struct DevIdpConfig {
     pub token_lifetime: Duration,
     /// The `tid` claim of every token, unless a caller token names its own.
     pub tenant_id: String,
+    /// Serve HTTPS with this configuration (the issuer is then `https://…`); plain HTTP when `None`.
+    pub tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 impl Default for DevIdpConfig {
@@ -81,6 +83,7 @@ impl Default for DevIdpConfig {
             clients: vec![DevClient::new(DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET)],
             token_lifetime: DEFAULT_TOKEN_LIFETIME,
             tenant_id: DEFAULT_TENANT_ID.to_owned(),
+            tls: None,
         }
     }
 }
@@ -280,7 +283,12 @@ impl DevIdp {
         let key = tokio::task::spawn_blocking(SigningKey::generate)
             .await
             .map_err(std::io::Error::other)??;
-        let issuer = format!("http://{addr}");
+        let scheme = if config.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        let issuer = format!("{scheme}://{addr}");
         tracing::warn!(
             %issuer,
             "development IdP started: NOT FOR PRODUCTION; it mints tokens for anyone who asks"
@@ -611,16 +619,24 @@ async fn serve(listener: TcpListener, state: Arc<State>) {
                 Ok((stream, peer)) => {
                     let state = Arc::clone(&state);
                     connections.spawn(async move {
+                        let tls = state.config.tls.clone();
                         let service = service_fn(move |request| {
                             let state = Arc::clone(&state);
                             async move { Ok::<_, Infallible>(route(&state, request).await) }
                         });
-                        if let Err(error) = http1::Builder::new()
-                            .timer(TokioTimer::new())
-                            .keep_alive(true)
-                            .serve_connection(TokioIo::new(stream), service)
-                            .await
-                        {
+                        let mut builder = http1::Builder::new();
+                        builder.timer(TokioTimer::new()).keep_alive(true);
+                        let served = match tls {
+                            None => builder.serve_connection(TokioIo::new(stream), service).await,
+                            Some(tls) => match tokio_rustls::TlsAcceptor::from(tls).accept(stream).await {
+                                Ok(stream) => builder.serve_connection(TokioIo::new(stream), service).await,
+                                Err(error) => {
+                                    tracing::debug!(%peer, %error, "dev IdP TLS handshake failed");
+                                    return;
+                                }
+                            },
+                        };
+                        if let Err(error) = served {
                             tracing::debug!(%peer, %error, "dev IdP connection failed");
                         }
                     });

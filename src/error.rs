@@ -24,6 +24,8 @@ pub enum ProxyError {
     NoRoute,
     #[error("malformed request: {0}")]
     BadRequest(&'static str),
+    #[error("request header block too large")]
+    HeadersTooLarge,
     #[error("bearer token missing")]
     MissingToken,
     #[error("invalid caller token: {0}")]
@@ -67,6 +69,7 @@ impl ProxyError {
         match self {
             ProxyError::NoRoute
             | ProxyError::BadRequest(_)
+            | ProxyError::HeadersTooLarge
             | ProxyError::MissingToken
             | ProxyError::InvalidToken(_)
             | ProxyError::InsufficientScope { .. }
@@ -85,6 +88,7 @@ impl ProxyError {
         match self {
             ProxyError::NoRoute => StatusCode::NOT_FOUND,
             ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ProxyError::HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             ProxyError::MissingToken
             | ProxyError::InvalidToken(_)
             | ProxyError::IdpRejectedSubject
@@ -127,6 +131,7 @@ impl ProxyError {
             )),
             ProxyError::NoRoute
             | ProxyError::BadRequest(_)
+            | ProxyError::HeadersTooLarge
             | ProxyError::KeysUnavailable { .. }
             | ProxyError::IdpMisconfigured { .. }
             | ProxyError::IdpUnavailable { .. }
@@ -150,6 +155,7 @@ impl ProxyError {
         match self {
             ProxyError::NoRoute => ("no-route", "No route"),
             ProxyError::BadRequest(_) => ("bad-request", "Bad request"),
+            ProxyError::HeadersTooLarge => ("headers-too-large", "Request header fields too large"),
             ProxyError::MissingToken => ("missing-token", "Bearer token required"),
             ProxyError::InvalidToken(_) => ("invalid-token", "Invalid token"),
             ProxyError::InsufficientScope { .. } => ("insufficient-scope", "Insufficient scope"),
@@ -255,6 +261,11 @@ mod tests {
             response(&ProxyError::BadRequest("encoded slash")).status(),
             400
         );
+    }
+
+    #[test]
+    fn headers_too_large_is_431() {
+        assert_eq!(response(&ProxyError::HeadersTooLarge).status(), 431);
     }
 
     #[test]

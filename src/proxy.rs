@@ -95,6 +95,14 @@ impl Proxy {
         remote: SocketAddr,
         outcome: &mut Outcome<'a>,
     ) -> Result<Response<ProxyBody>, ProxyError> {
+        let header_bytes: usize = request
+            .headers()
+            .iter()
+            .map(|(n, v)| n.as_str().len() + v.len() + 4)
+            .sum();
+        if header_bytes > crate::server::MAX_HEADER_BYTES {
+            return Err(ProxyError::HeadersTooLarge);
+        }
         let path = forward::normalize_path(request.uri().path())?;
         let route = self
             .routes

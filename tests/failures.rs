@@ -368,3 +368,23 @@ async fn idp_slower_than_the_deadline_is_503() {
     );
     assert!(started.elapsed() < Duration::from_secs(5));
 }
+
+/// A header block over 64 KiB is 431; a bearer token over 16 KiB is 401, before any decoding.
+#[tokio::test]
+async fn oversized_headers_are_431_and_oversized_bearer_401() {
+    let h = Harness::start().await;
+    let huge = "a".repeat(70 * 1024);
+    let request =
+        format!("GET /obo/x HTTP/1.1\r\nHost: x\r\nx-big: {huge}\r\nConnection: close\r\n\r\n");
+    let (status, _) = support::raw_request(h.sidecar.proxy_addr, request.as_bytes()).await;
+    assert_eq!(status, 431);
+    let big_token = format!(
+        "{}.{}.{}",
+        "a".repeat(6000),
+        "b".repeat(6000),
+        "c".repeat(6000)
+    );
+    let response = h.get("/obo/x", Some(&big_token)).await;
+    assert_eq!(response.status(), 401);
+    assert_eq!(h.upstream.requests(), 0);
+}

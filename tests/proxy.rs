@@ -305,3 +305,69 @@ async fn admin_endpoints_answer() {
         .expect("json");
     assert_eq!(ready["ready"], true);
 }
+
+/// An IdP served over TLS by a private CA is trusted through `ca_file` (JWKS and token endpoint), and an
+/// `obo` route forwards with an exchanged token; without the CA file the keys never load and callers get 503.
+#[tokio::test]
+async fn idp_over_tls_is_trusted_through_ca_file() {
+    let pki = support::TestPki::new();
+    let config = obo_sidecar::dev_idp::DevIdpConfig {
+        tls: Some(pki.server.clone()),
+        ..obo_sidecar::dev_idp::DevIdpConfig::default()
+    };
+    let idp = obo_sidecar::dev_idp::DevIdp::start(support::bind().await, config)
+        .await
+        .expect("idp");
+    assert!(idp.issuer().starts_with("https://"));
+    let upstream = obo_sidecar::echo::EchoUpstream::start(support::bind().await)
+        .await
+        .expect("upstream");
+    let ca = pki.ca_file();
+    let dead = support::dead_addr().await;
+    let base = support::base_config(&idp, &upstream.url(), &idp.token_endpoint(), dead);
+    let with_ca = base
+        .replace(
+            "clock_skew = \"5s\"",
+            &format!(
+                "clock_skew = \"5s\"\nca_file = {:?}",
+                ca.display().to_string()
+            ),
+        )
+        .replace(
+            "timeout = \"2s\"",
+            &format!("timeout = \"2s\"\nca_file = {:?}", ca.display().to_string()),
+        );
+    let sidecar = support::start_sidecar(support::parse(&with_ca)).await;
+    tokio::time::timeout(std::time::Duration::from_secs(20), sidecar.ready())
+        .await
+        .expect("ready");
+    let caller = idp.mint(&CallerClaims {
+        scp: Some("access_as_user".into()),
+        ..CallerClaims::user("alice")
+    });
+    let http = reqwest::Client::new();
+    let response = http
+        .get(format!("http://{}/obo/x", sidecar.proxy_addr))
+        .bearer_auth(&caller)
+        .send()
+        .await
+        .expect("request");
+    let echo = echoed(response).await;
+    assert_eq!(claims_of(&echo)["aud"], "api://downstream");
+    assert_eq!(claims_of(&echo)["iss"], idp.issuer());
+
+    let without_ca = support::start_sidecar(support::parse(&base)).await;
+    let response = http
+        .get(format!("http://{}/obo/x", without_ca.proxy_addr))
+        .bearer_auth(&caller)
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(
+        response.status(),
+        503,
+        "an untrusted IdP certificate means no keys"
+    );
+    assert!(response.headers().contains_key("retry-after"));
+    let _ = std::fs::remove_file(ca);
+}

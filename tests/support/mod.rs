@@ -250,3 +250,53 @@ pub async fn raw_request(addr: SocketAddr, request: &[u8]) -> (u16, String) {
         .unwrap_or_else(|| panic!("no status line in {text:?}"));
     (status, text)
 }
+
+/// A throwaway CA and a server certificate for `127.0.0.1` and `localhost` signed by it.
+pub struct TestPki {
+    pub ca_pem: String,
+    pub server: std::sync::Arc<rustls::ServerConfig>,
+}
+
+impl TestPki {
+    pub fn new() -> TestPki {
+        use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+        obo_sidecar::tls::install_crypto_provider();
+        let ca_key = KeyPair::generate().expect("CA key");
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("CA params");
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca_params
+            .distinguished_name
+            .push(DnType::CommonName, "obo-sidecar test CA");
+        let ca_cert = ca_params.self_signed(&ca_key).expect("CA cert");
+        let issuer = Issuer::from_params(&ca_params, &ca_key);
+        let leaf_key = KeyPair::generate().expect("leaf key");
+        let leaf_params =
+            CertificateParams::new(vec!["127.0.0.1".to_owned(), "localhost".to_owned()])
+                .expect("leaf params");
+        let leaf = leaf_params
+            .signed_by(&leaf_key, &issuer)
+            .expect("leaf cert");
+        let key =
+            rustls_pki_types::PrivateKeyDer::try_from(leaf_key.serialize_der()).expect("key der");
+        let server = rustls::ServerConfig::builder()
+            .with_no_client_auth()
+            .with_single_cert(vec![leaf.der().clone()], key)
+            .expect("server config");
+        TestPki {
+            ca_pem: ca_cert.pem(),
+            server: std::sync::Arc::new(server),
+        }
+    }
+
+    /// Writes the CA certificate to a fresh temporary file and returns its path.
+    pub fn ca_file(&self) -> std::path::PathBuf {
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let path = std::env::temp_dir().join(format!(
+            "obo-sidecar-test-ca-{}-{n}.pem",
+            std::process::id()
+        ));
+        std::fs::write(&path, &self.ca_pem).expect("write CA");
+        path
+    }
+}
