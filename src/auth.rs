@@ -228,11 +228,9 @@ pub fn authorize(claims: &CallerClaims, route: &Route) -> Result<(), ProxyError>
     if scope_ok || role_ok {
         return Ok(());
     }
-    let mut wanted: Vec<&str> = Vec::new();
-    wanted.extend(required_scopes.iter().flatten().map(String::as_str));
-    wanted.extend(required_roles.iter().flatten().map(String::as_str));
+    // RFC 6750 §3: `scope` lists scopes; a roles-only policy has none to name.
     Err(ProxyError::InsufficientScope {
-        scope: wanted.join(" "),
+        scope: required_scopes.as_deref().unwrap_or_default().join(" "),
         detail: "the token lacks a scope or role this route requires",
     })
 }
@@ -538,6 +536,10 @@ mod tests {
             upstream: url::Url::parse("http://127.0.0.1/").expect("url"),
             token,
             scopes: vec![],
+            identity: "default".into(),
+            audience: vec![],
+            resource: vec![],
+            requested_token_type: None,
             policy,
             timeout: Duration::from_secs(1),
         }

@@ -22,6 +22,15 @@ pub struct Cli {
     /// Log line format on stderr (level from `RUST_LOG`, default info).
     #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
     pub log_format: LogFormat,
+    /// Configuration file (for `run`, the default command, and `check`).
+    #[arg(
+        short = 'c',
+        long = "config",
+        env = "OBO_SIDECAR_CONFIG",
+        default_value = "sidecar.toml",
+        global = true
+    )]
+    pub config: PathBuf,
     #[command(subcommand)]
     pub command: Option<Command>,
 }
@@ -47,9 +56,9 @@ pub struct ConfigArg {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Serve (the default).
-    Run(ConfigArg),
+    Run,
     /// Load and validate the configuration without binding ports; print the resolved routes.
-    Check(ConfigArg),
+    Check,
     /// Start a development IdP, an echo upstream and the sidecar on loopback, and print curl commands.
     Demo,
     /// The embedded development IdP alone. NOT FOR PRODUCTION: it signs tokens for anyone who asks.
@@ -96,9 +105,19 @@ pub fn route_table(config: &Config) -> String {
                 route.scopes.join(" ")
             },
             match route.token {
-                crate::config::TokenKind::Obo | crate::config::TokenKind::App => config
-                    .identity_for(route)
-                    .map_or_else(|| "-".to_owned(), |i| i.name.clone()),
+                crate::config::TokenKind::Obo | crate::config::TokenKind::App => {
+                    config.identity_for(route).map_or_else(
+                        || "-".to_owned(),
+                        |i| {
+                            format!(
+                                "{} ({}, {})",
+                                i.name,
+                                i.flavor.as_str(),
+                                i.auth_method.as_str()
+                            )
+                        },
+                    )
+                }
                 _ => "-".to_owned(),
             },
         ]);

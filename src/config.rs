@@ -13,7 +13,9 @@ use jsonwebtoken::Algorithm;
 use toml::{Table, Value};
 use url::Url;
 
+use crate::exchange::client_auth::{AuthMethod, CertificateKey, Credential};
 use crate::secret::Secret;
+use std::sync::Arc;
 
 /// Loopback by default: a sidecar is reached by its own pod or host, never by the network unless told.
 pub const DEFAULT_PROXY_LISTEN: &str = "127.0.0.1:15080";
@@ -31,13 +33,19 @@ pub const DEFAULT_CACHE_MAX_ENTRIES: u64 = 100_000;
 pub const DEFAULT_EXPIRY_MARGIN: Duration = Duration::from_secs(300);
 /// Whole request, including token acquisition; matches Envoy's default route timeout scale.
 pub const DEFAULT_ROUTE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Bounds that keep time arithmetic far from overflow and catch typos (`"60m"` for `"60s"`).
+pub const MAX_CLOCK_SKEW: Duration = Duration::from_secs(3600);
+pub const MAX_IDP_TIMEOUT: Duration = Duration::from_secs(600);
+pub const MAX_EXPIRY_MARGIN: Duration = Duration::from_secs(86_400);
+pub const MAX_ROUTE_TIMEOUT: Duration = Duration::from_secs(86_400);
 
 /// The validated configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
     pub listen: Listen,
     pub inbound: Inbound,
-    pub identity: Option<Identity>,
+    /// `[identity]` as `"default"`, and every `[identities.NAME]`.
+    pub identities: BTreeMap<String, Arc<Identity>>,
     pub cache: CacheSettings,
     pub routes: Vec<Route>,
 }
@@ -80,26 +88,39 @@ impl Policy {
 pub enum Flavor {
     /// Entra's jwt-bearer On-Behalf-Of grant.
     Entra,
+    /// RFC 8693 token exchange.
+    Rfc8693,
 }
 
 impl Flavor {
     pub fn as_str(self) -> &'static str {
         match self {
             Flavor::Entra => "entra",
+            Flavor::Rfc8693 => "rfc8693",
         }
     }
 }
 
-/// This sidecar's own client registration at the IdP.
-#[derive(Debug, Clone)]
+/// The placeholder of multi-tenant URLs, filled from the caller's validated `tid`.
+pub const TENANT_PLACEHOLDER: &str = "{tenantid}";
+/// The name of `[identity]`; `[identities.NAME]` add more.
+pub const DEFAULT_IDENTITY: &str = "default";
+
+/// One client registration of this sidecar at an IdP.
+#[derive(Debug)]
 pub struct Identity {
     pub name: String,
     pub flavor: Flavor,
-    pub token_endpoint: Url,
+    /// May contain `{tenantid}`.
+    pub token_endpoint: String,
     pub client_id: String,
-    pub client_secret: Secret,
+    pub credential: Credential,
+    pub auth_method: AuthMethod,
+    /// Entra client capabilities (e.g. `cp1` for CAE), sent in the `claims` parameter.
+    pub client_capabilities: Vec<String>,
     pub ca_file: Option<PathBuf>,
     pub timeout: Duration,
+    pub max_concurrent: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -141,7 +162,15 @@ pub struct Route {
     pub match_prefix: String,
     pub upstream: Url,
     pub token: TokenKind,
+    /// The identity (`[identity]` is `"default"`) that acquires this route's tokens.
+    pub identity: String,
     pub scopes: Vec<String>,
+    /// RFC 8693 `audience` values.
+    pub audience: Vec<String>,
+    /// RFC 8693 / RFC 8707 `resource` values.
+    pub resource: Vec<String>,
+    /// RFC 8693 `requested_token_type`.
+    pub requested_token_type: Option<String>,
     /// The route's own policy when it sets one, else `[inbound]`'s.
     pub policy: Policy,
     pub timeout: Duration,
@@ -217,9 +246,9 @@ impl Config {
         }
     }
 
-    /// The identity a route acquires its tokens with (only one in this version).
-    pub fn identity_for(&self, _route: &Route) -> Option<&Identity> {
-        self.identity.as_ref()
+    /// The identity a route acquires its tokens with.
+    pub fn identity_for(&self, route: &Route) -> Option<&Arc<Identity>> {
+        self.identities.get(&route.identity)
     }
 }
 
@@ -358,6 +387,41 @@ impl<'a> Fields<'a> {
         }
     }
 
+    /// A duration between `min` and `max` (inclusive).
+    fn bounded_duration(
+        &self,
+        key: &str,
+        default: Duration,
+        min: Duration,
+        max: Duration,
+        p: &mut Problems,
+    ) -> Duration {
+        let value = self.duration(key, default, p);
+        if value < min || value > max {
+            p.add(
+                &self.at(key),
+                format!(
+                    "must be between {} and {}",
+                    humantime::format_duration(min),
+                    humantime::format_duration(max)
+                ),
+            );
+            return default;
+        }
+        value
+    }
+
+    /// A PEM file of one or more CA certificates.
+    fn pem_roots(&self, key: &str, p: &mut Problems) -> Option<PathBuf> {
+        let text = self.string(key, p)?;
+        let path = PathBuf::from(text);
+        match crate::tls::read_pem_certificates(&path) {
+            Ok(_) => {}
+            Err(e) => p.add(&self.at(key), crate::auth::jwks::error_chain(&e)),
+        }
+        Some(path)
+    }
+
     fn socket_addr(&self, key: &str, default: &str, p: &mut Problems) -> Option<SocketAddr> {
         let text = self.string(key, p).unwrap_or(default);
         if let Ok(addr) = text.parse() {
@@ -371,15 +435,6 @@ impl<'a> Fields<'a> {
     fn url(&self, key: &str, p: &mut Problems) -> Option<Url> {
         let text = self.string(key, p)?;
         parse_url(text, &self.at(key), p)
-    }
-
-    fn path(&self, key: &str, p: &mut Problems) -> Option<PathBuf> {
-        let text = self.string(key, p)?;
-        let path = PathBuf::from(text);
-        if !path.is_file() {
-            p.add(&self.at(key), format!("cannot read file {text:?}"));
-        }
-        Some(path)
     }
 }
 
@@ -427,7 +482,14 @@ fn read_config(root: &Table, env: EnvLookup<'_>, p: &mut Problems) -> Option<Con
     let top = Fields::new(
         root,
         "",
-        &["listen", "inbound", "identity", "cache", "routes"],
+        &[
+            "listen",
+            "inbound",
+            "identity",
+            "identities",
+            "cache",
+            "routes",
+        ],
         p,
     );
 
@@ -441,29 +503,30 @@ fn read_config(root: &Table, env: EnvLookup<'_>, p: &mut Problems) -> Option<Con
         );
         None
     };
-    let identity = top
-        .table("identity", p)
-        .and_then(|t| read_identity(t, env, p));
+    let identities = read_identities(&top, env, p);
+    let mut declared: HashSet<String> = HashSet::new();
+    if top.value("identity").is_some() {
+        declared.insert(DEFAULT_IDENTITY.to_owned());
+    }
+    if let Some(Value::Table(named)) = top.value("identities") {
+        declared.extend(named.keys().cloned());
+    }
     let cache = read_cache(top.table("cache", p), p);
     let default_policy = inbound
         .as_ref()
         .map(|i| i.policy.clone())
         .unwrap_or_default();
-    let routes = read_routes(&top, &default_policy, p);
-
-    if identity.is_none()
-        && top.value("identity").is_none()
-        && routes
-            .iter()
-            .any(|r| matches!(r.token, TokenKind::Obo | TokenKind::App))
-    {
-        p.add("identity", "missing: a route with token = \"obo\" or \"app\" needs the sidecar's client registration");
-    }
+    let context = RouteContext {
+        default_policy: &default_policy,
+        declared: &declared,
+        identities: &identities,
+    };
+    let routes = read_routes(&top, &context, p);
 
     Some(Config {
         listen: listen?,
         inbound: inbound?,
-        identity,
+        identities,
         cache,
         routes,
     })
@@ -551,8 +614,14 @@ fn read_inbound(table: &Table, p: &mut Problems) -> Inbound {
             algs
         }
     };
-    let clock_skew = f.duration("clock_skew", DEFAULT_CLOCK_SKEW, p);
-    let ca_file = f.path("ca_file", p);
+    let clock_skew = f.bounded_duration(
+        "clock_skew",
+        DEFAULT_CLOCK_SKEW,
+        Duration::ZERO,
+        MAX_CLOCK_SKEW,
+        p,
+    );
+    let ca_file = f.pem_roots("ca_file", p);
     let policy = read_policy(&f, p);
     Inbound {
         issuers,
@@ -659,66 +728,277 @@ fn read_secret(f: &Fields<'_>, key: &str, env: EnvLookup<'_>, p: &mut Problems) 
     }
 }
 
-fn read_identity(table: &Table, env: EnvLookup<'_>, p: &mut Problems) -> Option<Identity> {
+/// Entra's public cloud authority, used when `AZURE_AUTHORITY_HOST` is unset (workload-identity webhook).
+pub const DEFAULT_AZURE_AUTHORITY_HOST: &str = "https://login.microsoftonline.com/";
+/// Token requests in flight to one IdP; more wait (bounded by the request's deadline). Entra throttles per
+/// app; 64 keeps a cold burst from looking like an attack while never being the bottleneck of a warm cache.
+pub const DEFAULT_MAX_CONCURRENT: usize = 64;
+
+fn read_identity(
+    table: &Table,
+    name: &str,
+    at: &str,
+    env: EnvLookup<'_>,
+    p: &mut Problems,
+) -> Option<Identity> {
     let f = Fields::new(
         table,
-        "identity",
+        at,
         &[
             "flavor",
             "token_endpoint",
             "client_id",
             "client_secret",
+            "client_certificate",
+            "client_assertion_file",
+            "auth_method",
+            "client_capabilities",
             "ca_file",
             "timeout",
+            "max_concurrent",
         ],
         p,
     );
     let flavor = match f.string("flavor", p).unwrap_or("entra") {
         "entra" => Some(Flavor::Entra),
+        "rfc8693" => Some(Flavor::Rfc8693),
         other => {
             p.add(
                 &f.at("flavor"),
-                format!("unknown flavor {other:?}: this version speaks \"entra\""),
+                format!("unknown flavor {other:?}: \"entra\" or \"rfc8693\""),
             );
             None
         }
     };
-    let token_endpoint = if f.value("token_endpoint").is_none() {
-        p.add(&f.at("token_endpoint"), "missing");
-        None
-    } else {
-        f.url("token_endpoint", p)
-    };
-    if let Some(url) = &token_endpoint {
-        require_https(url, &f.at("token_endpoint"), p);
-        if url.as_str().contains("%7Btenantid%7D") || url.as_str().contains("{tenantid}") {
-            p.add(
-                &f.at("token_endpoint"),
-                "{tenantid} is not supported by this version",
-            );
+    let entra = flavor == Some(Flavor::Entra);
+    // Entra: unset keys fall back to what the Azure workload-identity webhook injects.
+    let token_endpoint = match f.string("token_endpoint", p) {
+        Some(text) => Some(text.to_owned()),
+        None if f.value("token_endpoint").is_some() => None,
+        None => {
+            if let (true, Some(tenant)) = (entra, env("AZURE_TENANT_ID")) {
+                let host = env("AZURE_AUTHORITY_HOST")
+                    .unwrap_or_else(|| DEFAULT_AZURE_AUTHORITY_HOST.to_owned());
+                Some(format!(
+                    "{}/{}/oauth2/v2.0/token",
+                    host.trim_end_matches('/'),
+                    tenant.trim()
+                ))
+            } else {
+                p.add(&f.at("token_endpoint"), "missing");
+                None
+            }
         }
-    }
-    let client_id = f.required_string("client_id", p);
-    let client_secret = if f.value("client_secret").is_none() {
-        p.add(
-            &f.at("client_secret"),
-            "missing: the client authenticates with a secret",
-        );
-        None
-    } else {
-        read_secret(&f, "client_secret", env, p)
     };
-    let ca_file = f.path("ca_file", p);
-    let timeout = f.duration("timeout", DEFAULT_IDP_TIMEOUT, p);
+    let token_endpoint = token_endpoint.and_then(|template| {
+        let at = f.at("token_endpoint");
+        let probe = template.replace(TENANT_PLACEHOLDER, "00000000-0000-0000-0000-000000000000");
+        if probe.contains(['{', '}']) {
+            p.add(&at, "the only placeholder allowed is {tenantid}");
+            return None;
+        }
+        let url = parse_url(&probe, &at, p)?;
+        require_https(&url, &at, p);
+        Some(template)
+    });
+    let client_id = match f.string("client_id", p) {
+        Some(id) if !id.trim().is_empty() => Some(id.to_owned()),
+        Some(_) => {
+            p.add(&f.at("client_id"), "must not be empty");
+            None
+        }
+        None if f.value("client_id").is_some() => None,
+        None => {
+            if let Some(id) = env("AZURE_CLIENT_ID").filter(|_| entra) {
+                Some(id)
+            } else {
+                p.add(&f.at("client_id"), "missing");
+                None
+            }
+        }
+    };
+    let credential = read_credential(&f, entra, env, p);
+    let auth_method = match f.string("auth_method", p) {
+        None => credential.as_ref().map(|c| match c {
+            Credential::Secret(_) => AuthMethod::ClientSecretPost,
+            Credential::Certificate(_) => AuthMethod::PrivateKeyJwt,
+            Credential::AssertionFile(_) => AuthMethod::ClientAssertionFile,
+        }),
+        Some(text) => {
+            if let Some(method) = AuthMethod::parse(text) {
+                let fits = matches!(
+                    (&credential, method),
+                    (
+                        Some(Credential::Secret(_)),
+                        AuthMethod::ClientSecretPost | AuthMethod::ClientSecretBasic,
+                    ) | (Some(Credential::Certificate(_)), AuthMethod::PrivateKeyJwt)
+                        | (
+                            Some(Credential::AssertionFile(_)),
+                            AuthMethod::ClientAssertionFile
+                        )
+                        | (None, _)
+                );
+                if !fits {
+                    p.add(
+                    &f.at("auth_method"),
+                    format!("{text:?} does not fit the credential given (client_secret: client_secret_post or client_secret_basic; client_certificate: private_key_jwt; client_assertion_file: client_assertion_file)"),
+                );
+                }
+                Some(method)
+            } else {
+                p.add(
+                &f.at("auth_method"),
+                format!("unknown auth_method {text:?}: client_secret_post, client_secret_basic, private_key_jwt or client_assertion_file"),
+            );
+                None
+            }
+        }
+    };
+    let client_capabilities = f.strings("client_capabilities", p).unwrap_or_default();
+    if !client_capabilities.is_empty() && !entra {
+        p.add(
+            &f.at("client_capabilities"),
+            "client capabilities are an Entra feature (flavor = \"entra\")",
+        );
+    }
+    let ca_file = f.pem_roots("ca_file", p);
+    let timeout = f.bounded_duration(
+        "timeout",
+        DEFAULT_IDP_TIMEOUT,
+        Duration::from_millis(100),
+        MAX_IDP_TIMEOUT,
+        p,
+    );
+    let max_concurrent = match f.value("max_concurrent") {
+        None => DEFAULT_MAX_CONCURRENT,
+        Some(Value::Integer(n)) if (1..=10_000).contains(n) => {
+            usize::try_from(*n).unwrap_or(DEFAULT_MAX_CONCURRENT)
+        }
+        Some(_) => {
+            p.add(
+                &f.at("max_concurrent"),
+                "expected an integer from 1 to 10000",
+            );
+            DEFAULT_MAX_CONCURRENT
+        }
+    };
     Some(Identity {
-        name: "default".to_owned(),
+        name: name.to_owned(),
         flavor: flavor?,
         token_endpoint: token_endpoint?,
-        client_id: client_id?.to_owned(),
-        client_secret: client_secret?,
+        client_id: client_id?,
+        credential: credential?,
+        auth_method: auth_method?,
+        client_capabilities,
         ca_file,
         timeout,
+        max_concurrent,
     })
+}
+
+/// Exactly one of `client_secret`, `client_certificate`, `client_assertion_file` (for Entra, the last falls
+/// back to `AZURE_FEDERATED_TOKEN_FILE`). Loaded now, so `check` reports what cannot be read.
+fn read_credential(
+    f: &Fields<'_>,
+    entra: bool,
+    env: EnvLookup<'_>,
+    p: &mut Problems,
+) -> Option<Credential> {
+    let given: Vec<&str> = [
+        "client_secret",
+        "client_certificate",
+        "client_assertion_file",
+    ]
+    .into_iter()
+    .filter(|k| f.value(k).is_some())
+    .collect();
+    match given.as_slice() {
+        [] => {
+            if let Some(path) = env("AZURE_FEDERATED_TOKEN_FILE").filter(|_| entra) {
+                return Some(Credential::AssertionFile(PathBuf::from(path)));
+            }
+            p.add(
+                &f.path,
+                "no client credential: set client_secret, client_certificate or client_assertion_file",
+            );
+            None
+        }
+        ["client_secret"] => read_secret(f, "client_secret", env, p).map(Credential::Secret),
+        ["client_certificate"] => {
+            let t = f.table("client_certificate", p)?;
+            let cf = Fields::new(t, f.at("client_certificate"), &["cert_file", "key_file"], p);
+            let cert = cf.required_string("cert_file", p);
+            let key = cf.required_string("key_file", p);
+            match CertificateKey::load(Path::new(cert?), Path::new(key?)) {
+                Ok(loaded) => Some(Credential::Certificate(std::sync::Arc::new(loaded))),
+                Err(e) => {
+                    p.add(&f.at("client_certificate"), e.to_string());
+                    None
+                }
+            }
+        }
+        ["client_assertion_file"] => {
+            let path = f.string("client_assertion_file", p)?;
+            if let Err(e) = std::fs::metadata(path) {
+                p.add(
+                    &f.at("client_assertion_file"),
+                    format!("cannot read {path}: {e}"),
+                );
+            }
+            Some(Credential::AssertionFile(PathBuf::from(path)))
+        }
+        several => {
+            p.add(
+                &f.path,
+                format!("set one client credential, not {}", several.join(" and ")),
+            );
+            None
+        }
+    }
+}
+
+fn read_identities(
+    top: &Fields<'_>,
+    env: EnvLookup<'_>,
+    p: &mut Problems,
+) -> BTreeMap<String, Arc<Identity>> {
+    let mut identities = BTreeMap::new();
+    if let Some(table) = top.table("identity", p)
+        && let Some(identity) = read_identity(table, DEFAULT_IDENTITY, "identity", env, p)
+    {
+        identities.insert(DEFAULT_IDENTITY.to_owned(), Arc::new(identity));
+    }
+    if let Some(named) = top.table("identities", p) {
+        for (name, value) in named {
+            let at = format!("identities.{name}");
+            if name == DEFAULT_IDENTITY {
+                p.add(&at, "\"default\" is the name of [identity]; choose another");
+                continue;
+            }
+            if !is_name(name) {
+                p.add(
+                    &at,
+                    "use letters, digits, '-' and '_' (it names the identity in logs and metrics)",
+                );
+                continue;
+            }
+            let Value::Table(table) = value else {
+                p.add(&at, format!("expected a table, found {}", value.type_str()));
+                continue;
+            };
+            if let Some(identity) = read_identity(table, name, &at, env, p) {
+                identities.insert(name.clone(), Arc::new(identity));
+            }
+        }
+    }
+    identities
+}
+
+fn is_name(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
 }
 
 fn read_cache(table: Option<&Table>, p: &mut Problems) -> CacheSettings {
@@ -737,14 +1017,28 @@ fn read_cache(table: Option<&Table>, p: &mut Problems) -> CacheSettings {
             DEFAULT_CACHE_MAX_ENTRIES
         }
     };
-    let expiry_margin = f.duration("expiry_margin", DEFAULT_EXPIRY_MARGIN, p);
+    let expiry_margin = f.bounded_duration(
+        "expiry_margin",
+        DEFAULT_EXPIRY_MARGIN,
+        Duration::ZERO,
+        MAX_EXPIRY_MARGIN,
+        p,
+    );
     CacheSettings {
         max_entries,
         expiry_margin,
     }
 }
 
-fn read_routes(top: &Fields<'_>, default_policy: &Policy, p: &mut Problems) -> Vec<Route> {
+/// What a route is checked against.
+struct RouteContext<'a> {
+    default_policy: &'a Policy,
+    /// Identity names present in the file (even if they failed to parse).
+    declared: &'a HashSet<String>,
+    identities: &'a BTreeMap<String, Arc<Identity>>,
+}
+
+fn read_routes(top: &Fields<'_>, context: &RouteContext<'_>, p: &mut Problems) -> Vec<Route> {
     let items = match top.value("routes") {
         None => {
             p.add(
@@ -796,7 +1090,7 @@ fn read_routes(top: &Fields<'_>, default_policy: &Policy, p: &mut Problems) -> V
                 format!("{prefix:?} is also the prefix of route {other:?}"),
             );
         }
-        let Some(route) = read_route(table, &at, default_policy, p) else {
+        let Some(route) = read_route(table, &at, context, p) else {
             continue;
         };
         routes.push(route);
@@ -804,7 +1098,12 @@ fn read_routes(top: &Fields<'_>, default_policy: &Policy, p: &mut Problems) -> V
     routes
 }
 
-fn read_route(table: &Table, at: &str, default_policy: &Policy, p: &mut Problems) -> Option<Route> {
+fn read_route(
+    table: &Table,
+    at: &str,
+    context: &RouteContext<'_>,
+    p: &mut Problems,
+) -> Option<Route> {
     let f = Fields::new(
         table,
         at,
@@ -813,7 +1112,11 @@ fn read_route(table: &Table, at: &str, default_policy: &Policy, p: &mut Problems
             "path_prefix",
             "upstream",
             "token",
+            "identity",
             "scopes",
+            "audience",
+            "resource",
+            "requested_token_type",
             "required_scopes",
             "required_roles",
             "timeout",
@@ -822,9 +1125,7 @@ fn read_route(table: &Table, at: &str, default_policy: &Policy, p: &mut Problems
     );
     let name = f.required_string("name", p);
     if let Some(name) = name
-        && !name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        && !is_name(name)
     {
         p.add(
             &f.at("name"),
@@ -871,8 +1172,56 @@ fn read_route(table: &Table, at: &str, default_policy: &Policy, p: &mut Problems
             None
         }
     };
+    let acquires = matches!(token, Some(TokenKind::Obo | TokenKind::App));
+    let identity_name = f
+        .string("identity", p)
+        .unwrap_or(DEFAULT_IDENTITY)
+        .to_owned();
+    if f.value("identity").is_some() && !acquires && token.is_some() {
+        p.add(&f.at("identity"), "only obo and app routes use an identity");
+    }
+    if acquires && !context.declared.contains(&identity_name) {
+        if f.value("identity").is_some() {
+            p.add(
+                &f.at("identity"),
+                format!("unknown identity {identity_name:?}"),
+            );
+        } else {
+            p.add(
+                &f.at("identity"),
+                "no [identity]: a route with token = \"obo\" or \"app\" needs the sidecar's client registration",
+            );
+        }
+    }
+    let flavor = context.identities.get(&identity_name).map(|i| i.flavor);
     let scopes = f.strings("scopes", p).unwrap_or_default();
+    let audience = f.strings("audience", p).unwrap_or_default();
+    let resource = f.strings("resource", p).unwrap_or_default();
+    let requested_token_type = f.string("requested_token_type", p).map(str::to_owned);
+    let exchange_targets =
+        !audience.is_empty() || !resource.is_empty() || requested_token_type.is_some();
+    if exchange_targets && !(token == Some(TokenKind::Obo) && flavor == Some(Flavor::Rfc8693)) {
+        for key in ["audience", "resource", "requested_token_type"] {
+            if f.value(key).is_some() {
+                p.add(
+                    &f.at(key),
+                    "only for obo routes whose identity has flavor = \"rfc8693\"",
+                );
+            }
+        }
+    }
     match token {
+        Some(TokenKind::Obo)
+            if flavor == Some(Flavor::Rfc8693)
+                && scopes.is_empty()
+                && audience.is_empty()
+                && resource.is_empty() =>
+        {
+            p.add(
+                &f.at("scopes"),
+                "an RFC 8693 exchange needs scopes, audience or resource",
+            );
+        }
         Some(TokenKind::Obo | TokenKind::App) if scopes.is_empty() => {
             p.add(
                 &f.at("scopes"),
@@ -898,19 +1247,26 @@ fn read_route(table: &Table, at: &str, default_policy: &Policy, p: &mut Problems
     let policy = if own_policy.is_set() {
         own_policy
     } else {
-        default_policy.clone()
+        context.default_policy.clone()
     };
-    let timeout = f.duration("timeout", DEFAULT_ROUTE_TIMEOUT, p);
-    if timeout.is_zero() {
-        p.add(&f.at("timeout"), "must be greater than zero");
-    }
+    let timeout = f.bounded_duration(
+        "timeout",
+        DEFAULT_ROUTE_TIMEOUT,
+        Duration::from_millis(1),
+        MAX_ROUTE_TIMEOUT,
+        p,
+    );
     Some(Route {
         name: name?.to_owned(),
         path_prefix: path_prefix?.to_owned(),
         match_prefix: match_prefix?,
         upstream: upstream?,
         token: token?,
+        identity: identity_name,
         scopes,
+        audience,
+        resource,
+        requested_token_type,
         policy,
         timeout,
     })
@@ -982,8 +1338,15 @@ scopes = ["https://graph.example.com/.default"]
         assert_eq!(config.routes[0].match_prefix, "/graph");
         assert_eq!(config.cache.expiry_margin, DEFAULT_EXPIRY_MARGIN);
         assert_eq!(config.inbound.algorithms, vec![Algorithm::RS256]);
-        let identity = config.identity.expect("identity");
-        assert_eq!(identity.client_secret.expose(), "s3cret");
+        let identity = &config.identities["default"];
+        assert!(matches!(&identity.credential, Credential::Secret(s) if s.expose() == "s3cret"));
+        assert_eq!(identity.auth_method, AuthMethod::ClientSecretPost);
+        assert_eq!(
+            config
+                .identity_for(&config.routes[0])
+                .map(|i| i.name.as_str()),
+            Some("default")
+        );
     }
 
     #[test]

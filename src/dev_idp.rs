@@ -8,10 +8,14 @@
 //! `aud` and `exp`), and the development hooks tests use: minting caller tokens, signing arbitrary (hostile)
 //! tokens, recording every token request, counting them, and failing the token endpoint on demand.
 //!
+//! Clients authenticate with a secret (`client_secret_post`, `client_secret_basic`), with a `client_assertion`
+//! signed by the key of their registered certificate (`private_key_jwt`, RFC 7523 §2.2), or with a federated
+//! `client_assertion` that the IdP itself signed (standing in for a Kubernetes service-account token issuer,
+//! as Azure workload identity uses).
+//!
 //! Tokens, client secrets and assertions are never logged.
 
-use std::collections::VecDeque;
-use std::convert::Infallible;
+use std::collections::{HashMap, VecDeque};
 use std::fmt::{self, Write as _};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -30,6 +34,7 @@ use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
+use rustls_pki_types::CertificateDer;
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
 use tokio::net::TcpListener;
@@ -57,17 +62,28 @@ const MAX_BODY_BYTES: usize = 1024 * 1024;
 const DEFAULT_CLAIMS_CHALLENGE: &str =
     r#"{"access_token":{"acrs":{"essential":true,"value":"c1"}}}"#;
 
+/// The `aud` a federated client assertion must carry: the audience Entra ID requires of a Kubernetes projected
+/// service-account token (Azure workload identity).
+pub const FEDERATED_AUDIENCE: &str = "api://AzureADTokenExchange";
+
+/// How far in the future a `private_key_jwt` assertion's `exp` may be: ten minutes, Entra's limit. It also
+/// bounds how long a seen `jti` must be remembered (RFC 7523 §3, item 7).
+const MAX_CLIENT_ASSERTION_LIFETIME: Duration = Duration::from_secs(600);
+
 const GRANT_CLIENT_CREDENTIALS: &str = "client_credentials";
 const GRANT_JWT_BEARER: &str = "urn:ietf:params:oauth:grant-type:jwt-bearer";
 const GRANT_TOKEN_EXCHANGE: &str = "urn:ietf:params:oauth:grant-type:token-exchange";
 const TOKEN_TYPE_ACCESS_TOKEN: &str = "urn:ietf:params:oauth:token-type:access_token";
+const TOKEN_TYPE_JWT: &str = "urn:ietf:params:oauth:token-type:jwt";
+const CLIENT_ASSERTION_TYPE_JWT_BEARER: &str =
+    "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
 const REDACTED: &str = "[redacted]";
 
 /// What the development IdP serves: its registered clients, the lifetime of the tokens it issues and the
 /// tenant id it stamps into them.
 #[derive(Clone, Debug)]
 pub struct DevIdpConfig {
-    /// Confidential clients allowed on the token endpoint.
+    /// Confidential clients allowed on the token endpoint; [`DevIdp::add_client`] registers more later.
     pub clients: Vec<DevClient>,
     /// Lifetime of tokens issued by `POST /token` (`expires_in`).
     pub token_lifetime: Duration,
@@ -91,12 +107,24 @@ impl Default for DevIdpConfig {
 /// A confidential client registered with the development IdP. Its API audience is `api://{client_id}`: a
 /// subject token whose `aud` is `client_id` or `api://{client_id}` is accepted as an On-Behalf-Of assertion
 /// (or RFC 8693 `subject_token`) from this client.
+///
+/// A client holds any mix of credentials: a secret, a certificate, a federated subject. Combine the
+/// constructors with struct update syntax, e.g. `DevClient { certificate_der: Some(der), ..DevClient::new(id,
+/// secret) }`.
 #[derive(Clone, PartialEq, Eq)]
 pub struct DevClient {
     /// The OAuth 2.0 `client_id`.
     pub client_id: String,
-    /// The client secret, for `client_secret_post` or `client_secret_basic` (RFC 6749 §2.3.1).
-    pub client_secret: String,
+    /// The client secret, for `client_secret_post` or `client_secret_basic` (RFC 6749 §2.3.1); `None`: the
+    /// client cannot authenticate with a secret.
+    pub client_secret: Option<String>,
+    /// The client's registered X.509 certificate (DER), for `private_key_jwt` (RFC 7523 §2.2, OpenID Connect
+    /// Core §9): a `client_assertion` signed with its key (PS256 or RS256) authenticates the client.
+    pub certificate_der: Option<Vec<u8>>,
+    /// The `sub` of a federated `client_assertion` this client accepts: a JWT signed by the IdP's own keys
+    /// with `aud` [`FEDERATED_AUDIENCE`], as Azure workload identity presents a Kubernetes service-account
+    /// token (e.g. `system:serviceaccount:apps:api`).
+    pub federated_subject: Option<String>,
 }
 
 impl DevClient {
@@ -104,7 +132,35 @@ impl DevClient {
     pub fn new(client_id: impl Into<String>, client_secret: impl Into<String>) -> Self {
         Self {
             client_id: client_id.into(),
-            client_secret: client_secret.into(),
+            client_secret: Some(client_secret.into()),
+            certificate_der: None,
+            federated_subject: None,
+        }
+    }
+
+    /// A client that authenticates with `private_key_jwt` only, with this certificate (DER).
+    pub fn with_certificate(
+        client_id: impl Into<String>,
+        certificate_der: impl Into<Vec<u8>>,
+    ) -> Self {
+        Self {
+            client_id: client_id.into(),
+            client_secret: None,
+            certificate_der: Some(certificate_der.into()),
+            federated_subject: None,
+        }
+    }
+
+    /// A client that authenticates with a federated client assertion only, whose `sub` is `subject`.
+    pub fn with_federated_subject(
+        client_id: impl Into<String>,
+        subject: impl Into<String>,
+    ) -> Self {
+        Self {
+            client_id: client_id.into(),
+            client_secret: None,
+            certificate_der: None,
+            federated_subject: Some(subject.into()),
         }
     }
 
@@ -122,7 +178,18 @@ impl fmt::Debug for DevClient {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("DevClient")
             .field("client_id", &self.client_id)
-            .field("client_secret", &REDACTED)
+            .field(
+                "client_secret",
+                &self.client_secret.as_ref().map(|_| REDACTED),
+            )
+            .field(
+                "certificate_der",
+                &self
+                    .certificate_der
+                    .as_ref()
+                    .map(|der| format!("{} bytes", der.len())),
+            )
+            .field("federated_subject", &self.federated_subject)
             .finish()
     }
 }
@@ -194,6 +261,36 @@ pub enum Failure {
     },
     /// 400 `invalid_grant` with `suberror: consent_required`, AADSTS65001.
     ConsentRequired,
+    /// 401 `invalid_client`, AADSTS7000215, whatever credential was sent.
+    InvalidClient,
+    /// 200 with an HTML body, as a captive portal or a misrouted proxy answers.
+    NonJson200,
+    /// 200 with an empty body.
+    EmptyBody200,
+    /// The normal answer, but with `"token_type": "N_A"` (a token the client must not use as a bearer token).
+    NotBearer,
+    /// The normal answer without `expires_in` (and `ext_expires_in`): the client must fall back on the JWT's
+    /// own `exp`.
+    ExpiresInAbsent,
+    /// Close the connection without answering.
+    ResetConnection,
+}
+
+/// How the client of a token request presented its credential (RFC 6749 §2.3, RFC 7523 §2.2), as read from
+/// the request: recorded whether or not the credential turned out valid.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ClientAuth {
+    /// `client_secret` in the form (`client_secret_post`).
+    SecretPost,
+    /// `Authorization: Basic` (`client_secret_basic`).
+    SecretBasic,
+    /// A `client_assertion` signed with the key of the client's certificate (`private_key_jwt`): its header
+    /// has `x5t#S256`, its `iss` is the form's `client_id`, there is no `client_id` in the form, or it does not
+    /// decode.
+    PrivateKeyJwt,
+    /// Any other `client_assertion`: a federated token (Kubernetes workload identity) presented with the
+    /// form's `client_id`.
+    FederatedAssertion,
 }
 
 /// One `POST /token` request as the IdP received it.
@@ -205,6 +302,11 @@ pub struct RecordedTokenRequest {
     pub form: Vec<(String, String)>,
     /// Whether the request carried `Authorization: Basic` (`client_secret_basic`).
     pub basic_auth: bool,
+    /// How the client presented its credential; `None` when it presented none (or the body was unreadable).
+    pub client_auth: Option<ClientAuth>,
+    /// The `alg` of the `client_assertion` header (e.g. `PS256`), when an assertion was sent and its header
+    /// decodes.
+    pub assertion_alg: Option<String>,
     /// The `client-request-id` header, if any.
     pub client_request_id: Option<String>,
 }
@@ -242,6 +344,8 @@ impl fmt::Debug for RecordedTokenRequest {
             .field("grant_type", &self.grant_type)
             .field("form", &form)
             .field("basic_auth", &self.basic_auth)
+            .field("client_auth", &self.client_auth)
+            .field("assertion_alg", &self.assertion_alg)
             .field("client_request_id", &self.client_request_id)
             .finish()
     }
@@ -271,7 +375,7 @@ impl Drop for DevIdp {
 impl DevIdp {
     /// Serves the IdP on `listener` until the handle is dropped. The issuer is `http://{listener address}`,
     /// with an unspecified address (`0.0.0.0`, `::`) replaced by loopback.
-    pub async fn start(listener: TcpListener, config: DevIdpConfig) -> std::io::Result<DevIdp> {
+    pub async fn start(listener: TcpListener, mut config: DevIdpConfig) -> std::io::Result<DevIdp> {
         let mut addr = listener.local_addr()?;
         if addr.ip().is_unspecified() {
             let loopback = match addr.ip() {
@@ -293,14 +397,21 @@ impl DevIdp {
             %issuer,
             "development IdP started: NOT FOR PRODUCTION; it mints tokens for anyone who asks"
         );
+        // The clients live behind a lock so `add_client` can register more; `config.clients` stays empty.
+        let clients = std::mem::take(&mut config.clients)
+            .into_iter()
+            .map(Arc::new)
+            .collect();
         let state = Arc::new(State {
             config,
+            clients: RwLock::new(clients),
             issuer,
             keys: RwLock::new(vec![Arc::new(key)]),
             token_requests: AtomicU64::new(0),
             recorded: Mutex::new(Vec::new()),
             failures: Mutex::new(VecDeque::new()),
             jti_counter: AtomicU64::new(0),
+            seen_client_assertions: Mutex::new(HashMap::new()),
         });
         let task = tokio::spawn(serve(listener, Arc::clone(&state)));
         Ok(DevIdp { state, addr, task })
@@ -351,6 +462,23 @@ impl DevIdp {
     /// already queued).
     pub fn fail_next(&self, failure: Failure, count: u32) {
         self.state.fail_next(failure, count);
+    }
+
+    /// Registers `client`, replacing any client with the same `client_id`: tests use it for a client whose
+    /// certificate they generate after the IdP started.
+    pub fn add_client(&self, client: DevClient) {
+        let mut clients = self
+            .state
+            .clients
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
+        match clients
+            .iter_mut()
+            .find(|registered| registered.client_id == client.client_id)
+        {
+            Some(registered) => *registered = Arc::new(client),
+            None => clients.push(Arc::new(client)),
+        }
     }
 
     /// Generates a new signing key, publishes it in the JWKS next to the old ones (tokens signed earlier
@@ -477,7 +605,9 @@ impl SigningKey {
 
 /// Everything the server tasks and the handle share.
 struct State {
+    /// The configuration, its `clients` moved to `clients`.
     config: DevIdpConfig,
+    clients: RwLock<Vec<Arc<DevClient>>>,
     issuer: String,
     /// Every published key; the last one signs.
     keys: RwLock<Vec<Arc<SigningKey>>>,
@@ -485,6 +615,9 @@ struct State {
     recorded: Mutex<Vec<RecordedTokenRequest>>,
     failures: Mutex<VecDeque<(Failure, u32)>>,
     jti_counter: AtomicU64,
+    /// The `jti` of every accepted `private_key_jwt` assertion, keyed by `(client_id, jti)`, with its `exp`:
+    /// an entry is dropped once its assertion has expired, since an expired assertion is refused anyway.
+    seen_client_assertions: Mutex<HashMap<(String, String), f64>>,
 }
 
 impl State {
@@ -520,10 +653,27 @@ impl State {
     }
 
     fn default_audience(&self) -> String {
-        self.config
-            .clients
+        self.clients
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
             .first()
-            .map_or_else(|| format!("api://{DEFAULT_CLIENT_ID}"), DevClient::audience)
+            .map_or_else(
+                || format!("api://{DEFAULT_CLIENT_ID}"),
+                |client| client.audience(),
+            )
+    }
+
+    fn client(&self, client_id: &str) -> Option<Arc<DevClient>> {
+        self.clients
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .find(|client| client.client_id == client_id)
+            .cloned()
+    }
+
+    fn token_endpoint(&self) -> String {
+        format!("{}/token", self.issuer)
     }
 
     fn jti(&self) -> String {
@@ -592,13 +742,14 @@ impl State {
         json!({
             "issuer": self.issuer,
             "jwks_uri": format!("{}/jwks", self.issuer),
-            "token_endpoint": format!("{}/token", self.issuer),
+            "token_endpoint": self.token_endpoint(),
             "authorization_endpoint": format!("{}/authorize", self.issuer),
             "response_types_supported": ["code"],
             "subject_types_supported": ["public"],
             "id_token_signing_alg_values_supported": ["RS256"],
             "grant_types_supported": [GRANT_CLIENT_CREDENTIALS, GRANT_JWT_BEARER, GRANT_TOKEN_EXCHANGE],
-            "token_endpoint_auth_methods_supported": ["client_secret_post", "client_secret_basic"],
+            "token_endpoint_auth_methods_supported": ["client_secret_post", "client_secret_basic", "private_key_jwt"],
+            "token_endpoint_auth_signing_alg_values_supported": ["PS256", "RS256"],
         })
     }
 
@@ -622,7 +773,7 @@ async fn serve(listener: TcpListener, state: Arc<State>) {
                         let tls = state.config.tls.clone();
                         let service = service_fn(move |request| {
                             let state = Arc::clone(&state);
-                            async move { Ok::<_, Infallible>(route(&state, request).await) }
+                            async move { route(&state, request).await }
                         });
                         let mut builder = http1::Builder::new();
                         builder.timer(TokioTimer::new()).keep_alive(true);
@@ -652,10 +803,26 @@ async fn serve(listener: TcpListener, state: Arc<State>) {
     }
 }
 
-async fn route(state: &State, request: Request<Incoming>) -> Response<Body> {
+/// Returned by the service to make hyper close the connection without answering
+/// ([`Failure::ResetConnection`]).
+#[derive(Debug)]
+struct ConnectionReset;
+
+impl fmt::Display for ConnectionReset {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("injected failure: connection closed without an answer")
+    }
+}
+
+impl std::error::Error for ConnectionReset {}
+
+async fn route(
+    state: &State,
+    request: Request<Incoming>,
+) -> Result<Response<Body>, ConnectionReset> {
     let path = request.uri().path().to_owned();
     let method = request.method().clone();
-    match (path.as_str(), method) {
+    let response = match (path.as_str(), method) {
         ("/.well-known/openid-configuration", Method::GET) => {
             json_response(StatusCode::OK, &state.discovery())
         }
@@ -667,7 +834,7 @@ async fn route(state: &State, request: Request<Incoming>) -> Response<Body> {
             );
             response
         }
-        ("/token", Method::POST) => token(state, request).await,
+        ("/token", Method::POST) => return token(state, request).await,
         ("/dev/token", Method::POST) => dev_token(state, request).await,
         ("/dev/fail", Method::POST) => dev_fail(state, request).await,
         ("/dev/stats", Method::GET) => json_response(
@@ -688,7 +855,8 @@ async fn route(state: &State, request: Request<Incoming>) -> Response<Body> {
             "this method is not allowed on this path",
         ),
         _ => error_response(StatusCode::NOT_FOUND, "not_found", "no such endpoint"),
-    }
+    };
+    Ok(response)
 }
 
 fn json_response(status: StatusCode, body: &Value) -> Response<Body> {
@@ -787,8 +955,48 @@ impl OAuthError {
     }
 }
 
-fn failure_response(failure: Failure) -> Response<Body> {
-    match failure {
+/// What an injected [`Failure`] does to one token request.
+enum Injection {
+    /// Answer this instead.
+    Answer(Response<Body>),
+    /// Wait this long, then answer normally.
+    Delay(Duration),
+    /// Answer normally, then rewrite a successful answer.
+    Reshape(Reshape),
+    /// Close the connection without answering.
+    Reset,
+}
+
+/// A rewrite of a successful token answer.
+#[derive(Clone, Copy, Debug)]
+enum Reshape {
+    NotBearer,
+    NoExpiresIn,
+}
+
+impl Reshape {
+    fn apply(self, body: &mut Value) {
+        let Some(object) = body.as_object_mut() else {
+            return;
+        };
+        match self {
+            Reshape::NotBearer => {
+                object.insert("token_type".into(), json!("N_A"));
+            }
+            Reshape::NoExpiresIn => {
+                object.remove("expires_in");
+                object.remove("ext_expires_in");
+            }
+        }
+    }
+}
+
+fn injection(failure: Failure) -> Injection {
+    let answer = match failure {
+        Failure::Delay(delay) => return Injection::Delay(delay),
+        Failure::NotBearer => return Injection::Reshape(Reshape::NotBearer),
+        Failure::ExpiresInAbsent => return Injection::Reshape(Reshape::NoExpiresIn),
+        Failure::ResetConnection => return Injection::Reset,
         Failure::ServerError => error_response(
             StatusCode::INTERNAL_SERVER_ERROR,
             "server_error",
@@ -805,12 +1013,6 @@ fn failure_response(failure: Failure) -> Response<Body> {
                 .insert(header::RETRY_AFTER, HeaderValue::from(retry_after_secs));
             response
         }
-        // Handled by the caller, which sleeps and then answers normally; kept total here.
-        Failure::Delay(_) => error_response(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "server_error",
-            "injected delay was not applied",
-        ),
         Failure::InvalidGrant => OAuthError::new(
             StatusCode::BAD_REQUEST,
             "invalid_grant",
@@ -836,7 +1038,32 @@ fn failure_response(failure: Failure) -> Response<Body> {
         .with("error_codes", json!([65001]))
         .with("suberror", json!("consent_required"))
         .into_response(),
-    }
+        Failure::InvalidClient => {
+            OAuthError::invalid_client("AADSTS7000215: Invalid client secret provided.", false)
+                .with("error_codes", json!([7_000_215]))
+                .into_response()
+        }
+        Failure::NonJson200 => {
+            let mut response = Response::new(Full::new(Bytes::from_static(
+                b"<!DOCTYPE html>\n<html><head><title>Sign in</title></head>\
+                  <body><p>Injected failure: not a token response.</p></body></html>\n",
+            )));
+            response.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/html; charset=utf-8"),
+            );
+            response
+        }
+        Failure::EmptyBody200 => {
+            let mut response = Response::new(Full::new(Bytes::new()));
+            response.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            );
+            response
+        }
+    };
+    Injection::Answer(answer)
 }
 
 /// The credential of an `Authorization: Basic` header, if one was sent.
@@ -910,7 +1137,10 @@ impl Form {
     }
 }
 
-async fn token(state: &State, request: Request<Incoming>) -> Response<Body> {
+async fn token(
+    state: &State,
+    request: Request<Incoming>,
+) -> Result<Response<Body>, ConnectionReset> {
     state.token_requests.fetch_add(1, Ordering::SeqCst);
     let (parts, body) = request.into_parts();
     let client_request_id = parts
@@ -926,12 +1156,15 @@ async fn token(state: &State, request: Request<Incoming>) -> Response<Body> {
                 grant_type: None,
                 form: Vec::new(),
                 basic_auth: has_basic,
+                client_auth: has_basic.then_some(ClientAuth::SecretBasic),
+                assertion_alg: None,
                 client_request_id,
             });
-            return response;
+            return Ok(response);
         }
     };
     let form = Form(url::form_urlencoded::parse(&bytes).into_owned().collect());
+    let (client_auth, assertion_alg) = presented_client_auth(&form, has_basic);
     lock(&state.recorded).push(RecordedTokenRequest {
         grant_type: form.all("grant_type").next().map(str::to_owned),
         form: form
@@ -946,19 +1179,20 @@ async fn token(state: &State, request: Request<Incoming>) -> Response<Body> {
             })
             .collect(),
         basic_auth: has_basic,
+        client_auth,
+        assertion_alg,
         client_request_id,
     });
 
-    match state.take_failure() {
-        Some(Failure::Delay(delay)) => tokio::time::sleep(delay).await,
-        Some(failure) => {
-            tracing::debug!(
-                ?failure,
-                "dev IdP token endpoint answering an injected failure"
-            );
-            return failure_response(failure);
+    let mut reshape = None;
+    if let Some(failure) = state.take_failure() {
+        tracing::debug!(?failure, "dev IdP token endpoint injecting a failure");
+        match injection(failure) {
+            Injection::Answer(response) => return Ok(response),
+            Injection::Delay(delay) => tokio::time::sleep(delay).await,
+            Injection::Reshape(how) => reshape = Some(how),
+            Injection::Reset => return Err(ConnectionReset),
         }
-        None => {}
     }
 
     let is_form = parts
@@ -978,8 +1212,11 @@ async fn token(state: &State, request: Request<Incoming>) -> Response<Body> {
             "the token request must be application/x-www-form-urlencoded",
         ))
     };
-    match outcome {
-        Ok(body) => {
+    let response = match outcome {
+        Ok(mut body) => {
+            if let Some(how) = reshape {
+                how.apply(&mut body);
+            }
             let mut response = json_response(StatusCode::OK, &body);
             let headers = response.headers_mut();
             headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
@@ -990,16 +1227,17 @@ async fn token(state: &State, request: Request<Incoming>) -> Response<Body> {
             tracing::debug!(status = %error.status, error = ?error.body.get("error"), "dev IdP refused a token request");
             error.into_response()
         }
-    }
+    };
+    Ok(response)
 }
 
 fn grant(state: &State, form: &Form, basic: BasicCredential) -> Result<Value, OAuthError> {
     let grant_type = form.required("grant_type")?;
     let client = authenticate_client(state, form, basic)?;
     match grant_type {
-        GRANT_CLIENT_CREDENTIALS => client_credentials(state, form, client),
-        GRANT_JWT_BEARER => on_behalf_of(state, form, client),
-        GRANT_TOKEN_EXCHANGE => token_exchange(state, form, client),
+        GRANT_CLIENT_CREDENTIALS => client_credentials(state, form, &client),
+        GRANT_JWT_BEARER => on_behalf_of(state, form, &client),
+        GRANT_TOKEN_EXCHANGE => token_exchange(state, form, &client),
         _ => Err(OAuthError::new(
             StatusCode::BAD_REQUEST,
             "unsupported_grant_type",
@@ -1009,20 +1247,68 @@ fn grant(state: &State, form: &Form, basic: BasicCredential) -> Result<Value, OA
     }
 }
 
-/// `client_secret_post` or `client_secret_basic`, never both (RFC 6749 §2.3).
-fn authenticate_client<'a>(
-    state: &'a State,
+/// How a request presents its client credential, and its `client_assertion`'s `alg`, read from its syntax
+/// alone (for [`RecordedTokenRequest`]); [`authenticate_client`] decides whether the credential is valid.
+fn presented_client_auth(form: &Form, has_basic: bool) -> (Option<ClientAuth>, Option<String>) {
+    if let Some(assertion) = form.all("client_assertion").next() {
+        let form_client_id = form.all("client_id").next();
+        return match Jws::parse(assertion) {
+            Some(jws) => (
+                Some(assertion_kind(&jws, form_client_id)),
+                jws.header
+                    .get("alg")
+                    .and_then(Value::as_str)
+                    .map(str::to_owned),
+            ),
+            None => (Some(ClientAuth::PrivateKeyJwt), None),
+        };
+    }
+    if has_basic {
+        (Some(ClientAuth::SecretBasic), None)
+    } else if form.all("client_secret").next().is_some() {
+        (Some(ClientAuth::SecretPost), None)
+    } else {
+        (None, None)
+    }
+}
+
+/// Which kind of `client_assertion` this is: `private_key_jwt` when its header names a certificate
+/// (`x5t#S256`) or its `iss` is the client (RFC 7523 §3: `iss` and `sub` are the `client_id`, which may then be
+/// left out of the form); otherwise a federated token presented for the form's `client_id`.
+fn assertion_kind(jws: &Jws<'_>, form_client_id: Option<&str>) -> ClientAuth {
+    let iss = jws.claims.get("iss").and_then(Value::as_str);
+    let names_client = form_client_id.is_none_or(|client_id| iss == Some(client_id));
+    if jws.header.contains_key("x5t#S256") || names_client {
+        ClientAuth::PrivateKeyJwt
+    } else {
+        ClientAuth::FederatedAssertion
+    }
+}
+
+/// One client authentication method per request (RFC 6749 §2.3): `client_secret_post`,
+/// `client_secret_basic`, or a `client_assertion` (RFC 7521 §4.2).
+fn authenticate_client(
+    state: &State,
     form: &Form,
     basic: BasicCredential,
-) -> Result<&'a DevClient, OAuthError> {
-    if form.single("client_assertion")?.is_some() {
-        return Err(OAuthError::invalid_client(
-            "client_assertion (private_key_jwt) is not supported by the dev IdP",
-            false,
-        ));
-    }
+) -> Result<Arc<DevClient>, OAuthError> {
     let form_id = form.single("client_id")?;
     let form_secret = form.single("client_secret")?;
+    if let Some(assertion) = form.single("client_assertion")? {
+        if form_secret.is_some() || !matches!(basic, BasicCredential::Absent) {
+            return Err(OAuthError::invalid_request(
+                "more than one client authentication method was used",
+            ));
+        }
+        if form.single("client_assertion_type")? != Some(CLIENT_ASSERTION_TYPE_JWT_BEARER) {
+            return Err(OAuthError::invalid_request(format!(
+                "AADSTS50027: client_assertion_type must be '{CLIENT_ASSERTION_TYPE_JWT_BEARER}'."
+            )));
+        }
+        return state
+            .authenticate_assertion(assertion, form_id)
+            .map_err(AssertionRejection::into_error);
+    }
     let (client_id, secret, used_basic) = match basic {
         BasicCredential::Malformed => {
             return Err(OAuthError::invalid_client(
@@ -1057,21 +1343,375 @@ fn authenticate_client<'a>(
         },
     };
     state
-        .config
-        .clients
-        .iter()
-        .find(|client| {
-            client.client_id == client_id
-                && aws_lc_rs::constant_time::verify_slices_are_equal(
-                    client.client_secret.as_bytes(),
+        .client(&client_id)
+        .filter(|client| {
+            client.client_secret.as_ref().is_some_and(|registered| {
+                aws_lc_rs::constant_time::verify_slices_are_equal(
+                    registered.as_bytes(),
                     secret.as_bytes(),
                 )
                 .is_ok()
+            })
         })
         .ok_or_else(|| {
             OAuthError::invalid_client("AADSTS7000215: Invalid client secret provided.", used_basic)
                 .with("error_codes", json!([7_000_215]))
         })
+}
+
+/// Why a `client_assertion` was refused: always 401 `invalid_client` (RFC 7521 §4.2.1). The assertion itself
+/// is never quoted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum AssertionRejection {
+    Malformed,
+    CriticalHeader,
+    Algorithm,
+    UnknownClient,
+    NoCertificate,
+    Thumbprint,
+    Signature,
+    NotTheClient,
+    Audience,
+    Expired,
+    TooLong,
+    NotYetValid,
+    MissingJti,
+    Replayed,
+    NoFederatedCredential,
+    FederatedAudience,
+    FederatedSubject,
+}
+
+impl AssertionRejection {
+    fn code_and_description(self) -> (u32, &'static str) {
+        match self {
+            AssertionRejection::Malformed => (
+                50027,
+                "AADSTS50027: The client assertion is not a well-formed JWT.",
+            ),
+            AssertionRejection::CriticalHeader => (
+                700_027,
+                "AADSTS700027: Client assertion failed signature validation. [Reason - the header has \
+                 a 'crit' parameter.]",
+            ),
+            AssertionRejection::Algorithm => (
+                700_027,
+                "AADSTS700027: Client assertion failed signature validation. [Reason - alg must be \
+                 PS256 or RS256 with a certificate, RS256 for a federated assertion.]",
+            ),
+            AssertionRejection::UnknownClient => (
+                700_016,
+                "AADSTS700016: The application named by the client assertion was not found.",
+            ),
+            AssertionRejection::NoCertificate => (
+                700_027,
+                "AADSTS700027: Client assertion contains an invalid signature. [Reason - no \
+                 certificate is registered for the client.]",
+            ),
+            AssertionRejection::Thumbprint => (
+                700_027,
+                "AADSTS700027: Client assertion contains an invalid signature. [Reason - x5t#S256 does \
+                 not match the registered certificate.]",
+            ),
+            AssertionRejection::Signature => (
+                700_027,
+                "AADSTS700027: Client assertion contains an invalid signature.",
+            ),
+            AssertionRejection::NotTheClient => (
+                700_021,
+                "AADSTS700021: Client assertion application identifier doesn't match 'client_id' \
+                 parameter. [Reason - iss and sub must both be the client_id.]",
+            ),
+            AssertionRejection::Audience => (
+                700_027,
+                "AADSTS700027: Client assertion failed validation. [Reason - aud must be the token \
+                 endpoint or the issuer.]",
+            ),
+            AssertionRejection::Expired => (
+                700_024,
+                "AADSTS700024: Client assertion is not within its valid time range. [Reason - the \
+                 assertion is expired or has no numeric exp.]",
+            ),
+            AssertionRejection::TooLong => (
+                700_024,
+                "AADSTS700024: Client assertion is not within its valid time range. [Reason - exp is \
+                 more than 10 minutes ahead.]",
+            ),
+            AssertionRejection::NotYetValid => (
+                700_024,
+                "AADSTS700024: Client assertion is not within its valid time range. [Reason - the \
+                 assertion is not yet valid.]",
+            ),
+            AssertionRejection::MissingJti => (
+                700_027,
+                "AADSTS700027: Client assertion failed validation. [Reason - jti is missing.]",
+            ),
+            AssertionRejection::Replayed => (
+                700_027,
+                "AADSTS700027: Client assertion failed validation: jti replayed.",
+            ),
+            AssertionRejection::NoFederatedCredential => (
+                70_021,
+                "AADSTS70021: No matching federated identity record found for presented assertion.",
+            ),
+            AssertionRejection::FederatedAudience => (
+                700_212,
+                "AADSTS700212: No matching federated identity record found for presented assertion \
+                 audience.",
+            ),
+            AssertionRejection::FederatedSubject => (
+                700_213,
+                "AADSTS700213: No matching federated identity record found for presented assertion \
+                 subject.",
+            ),
+        }
+    }
+
+    fn into_error(self) -> OAuthError {
+        let (code, description) = self.code_and_description();
+        OAuthError::invalid_client(description, false).with("error_codes", json!([code]))
+    }
+}
+
+/// A compact JWS (RFC 7515 §7.1) split and decoded; its signature is not yet checked.
+struct Jws<'a> {
+    header: Map<String, Value>,
+    claims: Map<String, Value>,
+    /// `header.payload`, the signing input (RFC 7515 §5.2).
+    signing_input: &'a str,
+    signature: Vec<u8>,
+}
+
+impl<'a> Jws<'a> {
+    /// `None` unless `token` is exactly three base64url segments, the first two JSON objects.
+    fn parse(token: &'a str) -> Option<Self> {
+        let mut segments = token.split('.');
+        let (Some(header), Some(payload), Some(signature), None) = (
+            segments.next(),
+            segments.next(),
+            segments.next(),
+            segments.next(),
+        ) else {
+            return None;
+        };
+        Some(Self {
+            header: decode_json_segment(header)?,
+            claims: decode_json_segment(payload)?,
+            signing_input: &token[..header.len() + 1 + payload.len()],
+            signature: URL_SAFE_NO_PAD.decode(signature).ok()?,
+        })
+    }
+
+    fn alg(&self) -> Option<&str> {
+        self.header.get("alg").and_then(Value::as_str)
+    }
+
+    fn claim(&self, name: &str) -> Option<&str> {
+        self.claims.get(name).and_then(Value::as_str)
+    }
+
+    /// Whether `aud` is `audience` or an array holding one of `audiences`.
+    fn audience_is_one_of(&self, audiences: &[&str]) -> bool {
+        match self.claims.get("aud") {
+            Some(Value::String(aud)) => audiences.contains(&aud.as_str()),
+            Some(Value::Array(auds)) => auds
+                .iter()
+                .filter_map(Value::as_str)
+                .any(|aud| audiences.contains(&aud)),
+            _ => false,
+        }
+    }
+}
+
+#[allow(clippy::cast_precision_loss)]
+// Seconds since 1970 stay far below 2^52, where f64 is exact.
+fn now_f64() -> f64 {
+    now_secs() as f64
+}
+
+impl State {
+    fn authenticate_assertion(
+        &self,
+        assertion: &str,
+        form_client_id: Option<&str>,
+    ) -> Result<Arc<DevClient>, AssertionRejection> {
+        let jws = Jws::parse(assertion).ok_or(AssertionRejection::Malformed)?;
+        if jws.header.contains_key("crit") {
+            return Err(AssertionRejection::CriticalHeader);
+        }
+        match assertion_kind(&jws, form_client_id) {
+            ClientAuth::PrivateKeyJwt => self.verify_private_key_jwt(&jws, form_client_id),
+            ClientAuth::FederatedAssertion | ClientAuth::SecretPost | ClientAuth::SecretBasic => {
+                self.verify_federated_assertion(&jws, form_client_id)
+            }
+        }
+    }
+
+    /// RFC 7523 §3 with OpenID Connect Core §9: signed (PS256 or RS256) by the key of the client's registered
+    /// certificate, `iss` = `sub` = `client_id`, `aud` the token endpoint or the issuer, an `exp` at most
+    /// [`MAX_CLIENT_ASSERTION_LIFETIME`] ahead, and a `jti` never seen before for this client.
+    fn verify_private_key_jwt(
+        &self,
+        jws: &Jws<'_>,
+        form_client_id: Option<&str>,
+    ) -> Result<Arc<DevClient>, AssertionRejection> {
+        let algorithm = match jws.alg() {
+            Some("PS256") => webpki::aws_lc_rs::RSA_PSS_2048_8192_SHA256_LEGACY_KEY,
+            Some("RS256") => webpki::aws_lc_rs::RSA_PKCS1_2048_8192_SHA256,
+            _ => return Err(AssertionRejection::Algorithm),
+        };
+        let iss = jws.claim("iss").ok_or(AssertionRejection::NotTheClient)?;
+        if form_client_id.is_some_and(|client_id| client_id != iss) {
+            return Err(AssertionRejection::NotTheClient);
+        }
+        let client = self.client(iss).ok_or(AssertionRejection::UnknownClient)?;
+        let certificate = client
+            .certificate_der
+            .as_deref()
+            .ok_or(AssertionRejection::NoCertificate)?;
+        if let Some(thumbprint) = jws.header.get("x5t#S256") {
+            let expected = URL_SAFE_NO_PAD.encode(aws_lc_rs::digest::digest(
+                &aws_lc_rs::digest::SHA256,
+                certificate,
+            ));
+            if thumbprint.as_str() != Some(expected.as_str()) {
+                return Err(AssertionRejection::Thumbprint);
+            }
+        }
+        let certificate = CertificateDer::from(certificate);
+        let end_entity = webpki::EndEntityCert::try_from(&certificate)
+            .map_err(|_| AssertionRejection::NoCertificate)?;
+        end_entity
+            .verify_signature(algorithm, jws.signing_input.as_bytes(), &jws.signature)
+            .map_err(|_| AssertionRejection::Signature)?;
+        if jws.claim("sub") != Some(iss) {
+            return Err(AssertionRejection::NotTheClient);
+        }
+        if !jws.audience_is_one_of(&[&self.token_endpoint(), &self.issuer]) {
+            return Err(AssertionRejection::Audience);
+        }
+        let now = now_f64();
+        let exp = jws
+            .claims
+            .get("exp")
+            .and_then(Value::as_f64)
+            .ok_or(AssertionRejection::Expired)?;
+        if exp <= now {
+            return Err(AssertionRejection::Expired);
+        }
+        #[allow(clippy::cast_precision_loss)]
+        // A constant of ten minutes.
+        if exp > now + MAX_CLIENT_ASSERTION_LIFETIME.as_secs() as f64 {
+            return Err(AssertionRejection::TooLong);
+        }
+        if jws
+            .claims
+            .get("nbf")
+            .is_some_and(|nbf| nbf.as_f64().is_none_or(|nbf| nbf > now))
+        {
+            return Err(AssertionRejection::NotYetValid);
+        }
+        let jti = jws
+            .claim("jti")
+            .filter(|jti| !jti.is_empty())
+            .ok_or(AssertionRejection::MissingJti)?;
+        let mut seen = lock(&self.seen_client_assertions);
+        seen.retain(|_, seen_exp| *seen_exp > now);
+        if seen
+            .insert((client.client_id.clone(), jti.to_owned()), exp)
+            .is_some()
+        {
+            return Err(AssertionRejection::Replayed);
+        }
+        Ok(client)
+    }
+
+    /// A federated credential (Azure workload identity): a JWT signed (RS256) by one of the IdP's own
+    /// published keys, with `aud` [`FEDERATED_AUDIENCE`], `sub` the client's `federated_subject`, and an `exp`
+    /// in the future. Its `iss` is not checked: the signature is what makes the IdP trust it. Such a token is
+    /// presented many times until it is rotated, so its `jti` is not remembered.
+    fn verify_federated_assertion(
+        &self,
+        jws: &Jws<'_>,
+        form_client_id: Option<&str>,
+    ) -> Result<Arc<DevClient>, AssertionRejection> {
+        let client = form_client_id
+            .and_then(|client_id| self.client(client_id))
+            .ok_or(AssertionRejection::UnknownClient)?;
+        let subject = client
+            .federated_subject
+            .as_deref()
+            .ok_or(AssertionRejection::NoFederatedCredential)?;
+        if jws.alg() != Some("RS256") {
+            return Err(AssertionRejection::Algorithm);
+        }
+        if !self.verify_own_signature(jws) {
+            return Err(AssertionRejection::Signature);
+        }
+        let now = now_f64();
+        if jws
+            .claims
+            .get("exp")
+            .and_then(Value::as_f64)
+            .is_none_or(|exp| exp <= now)
+        {
+            return Err(AssertionRejection::Expired);
+        }
+        if jws
+            .claims
+            .get("nbf")
+            .is_some_and(|nbf| nbf.as_f64().is_none_or(|nbf| nbf > now))
+        {
+            return Err(AssertionRejection::NotYetValid);
+        }
+        if !jws.audience_is_one_of(&[FEDERATED_AUDIENCE]) {
+            return Err(AssertionRejection::FederatedAudience);
+        }
+        if jws.claim("sub") != Some(subject) {
+            return Err(AssertionRejection::FederatedSubject);
+        }
+        Ok(client)
+    }
+
+    /// Whether one of the published keys (the one named by `kid`, if any) signed `jws` with RS256.
+    fn verify_own_signature(&self, jws: &Jws<'_>) -> bool {
+        let kid = jws.header.get("kid").and_then(Value::as_str);
+        self.published_keys()
+            .iter()
+            .filter(|key| kid.is_none_or(|kid| kid == key.kid))
+            .any(|key| key.verify(jws.signing_input.as_bytes(), &jws.signature))
+    }
+}
+
+/// The claims the `claims` request parameter (OpenID Connect Core §5.5) adds to the issued token: as Entra
+/// does for Continuous Access Evaluation, the client capabilities in `access_token.xms_cc.values` become the
+/// `xms_cc` claim.
+fn requested_claims(form: &Form) -> Result<Map<String, Value>, OAuthError> {
+    let mut extra = Map::new();
+    let Some(claims) = form.single("claims")? else {
+        return Ok(extra);
+    };
+    let Ok(Value::Object(claims)) = serde_json::from_str::<Value>(claims) else {
+        return Err(OAuthError::invalid_request(
+            "AADSTS90014: The claims parameter must be a JSON object.",
+        ));
+    };
+    if let Some(xms_cc) = claims
+        .get("access_token")
+        .and_then(|access_token| access_token.get("xms_cc"))
+    {
+        let values = xms_cc
+            .get("values")
+            .and_then(Value::as_array)
+            .filter(|values| values.iter().all(Value::is_string))
+            .ok_or_else(|| {
+                OAuthError::invalid_request(
+                    "AADSTS90014: claims access_token.xms_cc.values must be an array of strings.",
+                )
+            })?;
+        extra.insert("xms_cc".into(), Value::Array(values.clone()));
+    }
+    Ok(extra)
 }
 
 fn token_response(state: &State, access_token: &str, scope: Option<String>) -> Value {
@@ -1097,6 +1737,7 @@ fn client_credentials(state: &State, form: &Form, client: &DevClient) -> Result<
             .filter(|resource| !resource.is_empty()),
         _ => None,
     };
+    let extra = requested_claims(form)?;
     let Some(resource) = resource else {
         return Err(OAuthError::invalid_scope(
             "AADSTS1002012: The provided value for scope is not valid. Client credential flows \
@@ -1111,7 +1752,7 @@ fn client_credentials(state: &State, form: &Form, client: &DevClient) -> Result<
     claims.insert("tid".into(), json!(state.config.tenant_id));
     claims.insert("azp".into(), json!(client.client_id));
     claims.insert("idtyp".into(), json!("app"));
-    let access_token = state.issue(claims, state.config.token_lifetime, &Map::new());
+    let access_token = state.issue(claims, state.config.token_lifetime, &extra);
     tracing::debug!(client_id = %client.client_id, %resource, "dev IdP issued a client_credentials token");
     Ok(token_response(state, &access_token, None))
 }
@@ -1241,39 +1882,18 @@ impl State {
         token: &str,
         client: &DevClient,
     ) -> Result<Map<String, Value>, Rejection> {
-        let mut segments = token.split('.');
-        let (Some(header), Some(payload), Some(signature), None) = (
-            segments.next(),
-            segments.next(),
-            segments.next(),
-            segments.next(),
-        ) else {
-            return Err(Rejection::Malformed);
-        };
-        let header = decode_json_segment(header).ok_or(Rejection::Malformed)?;
-        let claims = decode_json_segment(payload).ok_or(Rejection::Malformed)?;
-        let signature = URL_SAFE_NO_PAD
-            .decode(signature)
-            .map_err(|_| Rejection::Malformed)?;
-        if header.get("alg").and_then(Value::as_str) != Some("RS256") {
+        let jws = Jws::parse(token).ok_or(Rejection::Malformed)?;
+        if jws.alg() != Some("RS256") {
             return Err(Rejection::Algorithm);
         }
-        let kid = header.get("kid").and_then(Value::as_str);
-        let signing_input = &token[..header_payload_len(token)];
-        let verified = self
-            .published_keys()
-            .iter()
-            .filter(|key| kid.is_none_or(|kid| kid == key.kid))
-            .any(|key| key.verify(signing_input.as_bytes(), &signature));
-        if !verified {
+        if !self.verify_own_signature(&jws) {
             return Err(Rejection::Signature);
         }
+        let claims = jws.claims;
         if claims.get("iss").and_then(Value::as_str) != Some(self.issuer.as_str()) {
             return Err(Rejection::Issuer);
         }
-        #[allow(clippy::cast_precision_loss)]
-        // Seconds since 1970 stay far below 2^52, where f64 is exact.
-        let now = now_secs() as f64;
+        let now = now_f64();
         let exp = numeric_claim(&claims, "exp")?.ok_or(Rejection::Malformed)?;
         if exp <= now {
             return Err(Rejection::Expired);
@@ -1298,16 +1918,18 @@ impl State {
         Ok(claims)
     }
 
-    /// A delegated token for `audience` carrying the subject's `sub`/`oid`/`tid` (and display claims).
+    /// A delegated token for `audience` (a string, or an array of several) carrying the subject's
+    /// `sub`/`oid`/`tid` (and display claims), then `extra`.
     fn issue_delegated(
         &self,
         subject: &Map<String, Value>,
-        audience: &str,
+        audience: Value,
         scp: Option<&str>,
         client: &DevClient,
+        extra: &Map<String, Value>,
     ) -> String {
         let mut claims = Map::new();
-        claims.insert("aud".into(), json!(audience));
+        claims.insert("aud".into(), audience);
         let sub = subject
             .get("sub")
             .and_then(Value::as_str)
@@ -1336,14 +1958,8 @@ impl State {
             claims.insert("scp".into(), json!(scp));
         }
         claims.insert("azp".into(), json!(client.client_id));
-        self.issue(claims, self.config.token_lifetime, &Map::new())
+        self.issue(claims, self.config.token_lifetime, extra)
     }
-}
-
-/// The length of `header.payload`, the JWS signing input (RFC 7515 §5.2); the caller checked there are
-/// exactly two dots.
-fn header_payload_len(token: &str) -> usize {
-    token.rfind('.').unwrap_or(token.len())
 }
 
 /// Entra's On-Behalf-Of flow: `grant_type=urn:ietf:params:oauth:grant-type:jwt-bearer`,
@@ -1357,15 +1973,23 @@ fn on_behalf_of(state: &State, form: &Form, client: &DevClient) -> Result<Value,
     }
     let assertion = form.required("assertion")?;
     let scopes = resource_scopes(form.required("scope")?)?;
+    let extra = requested_claims(form)?;
     let subject = state
         .verify_subject_token(assertion, client)
         .map_err(|rejection| rejection.into_error("invalid_grant"))?;
-    let access_token = state.issue_delegated(&subject, &scopes.resource, Some(&scopes.scp), client);
+    let access_token = state.issue_delegated(
+        &subject,
+        json!(scopes.resource),
+        Some(&scopes.scp),
+        client,
+        &extra,
+    );
     tracing::debug!(client_id = %client.client_id, resource = %scopes.resource, "dev IdP issued an on-behalf-of token");
     Ok(token_response(state, &access_token, Some(scopes.granted)))
 }
 
-/// RFC 8693 token exchange. An invalid `subject_token` is `invalid_request` (RFC 8693 §2.2.2).
+/// RFC 8693 token exchange. An invalid `subject_token` is `invalid_request` (RFC 8693 §2.2.2). The token's
+/// `aud` is every `audience` (or, without one, every `resource`): a string for one, an array for several.
 fn token_exchange(state: &State, form: &Form, client: &DevClient) -> Result<Value, OAuthError> {
     let subject_token = form.required("subject_token")?;
     let subject_token_type = form.required("subject_token_type")?;
@@ -1379,12 +2003,26 @@ fn token_exchange(state: &State, form: &Form, client: &DevClient) -> Result<Valu
             "actor_token (delegation) is not supported by the dev IdP",
         ));
     }
+    let issued_token_type = match form.single("requested_token_type")? {
+        None => TOKEN_TYPE_ACCESS_TOKEN,
+        Some(requested @ (TOKEN_TYPE_ACCESS_TOKEN | TOKEN_TYPE_JWT)) => requested,
+        Some(_) => {
+            return Err(OAuthError::invalid_request(format!(
+                "requested_token_type must be '{TOKEN_TYPE_ACCESS_TOKEN}' or '{TOKEN_TYPE_JWT}'"
+            )));
+        }
+    };
+    let extra = requested_claims(form)?;
     let scope = form.single("scope")?;
-    let audience = form
-        .all("audience")
-        .next()
-        .or_else(|| form.all("resource").next())
-        .map(str::to_owned);
+    let mut audiences: Vec<&str> = form.all("audience").collect();
+    if audiences.is_empty() {
+        audiences = form.all("resource").collect();
+    }
+    let audience = match audiences.as_slice() {
+        [] => None,
+        [only] => Some(json!(only)),
+        several => Some(json!(several)),
+    };
     let (audience, scp) = match (audience, scope) {
         (Some(audience), scope) => {
             let scp = scope.map(|scope| {
@@ -1402,7 +2040,7 @@ fn token_exchange(state: &State, form: &Form, client: &DevClient) -> Result<Valu
         }
         (None, Some(scope)) => {
             let scopes = resource_scopes(scope)?;
-            (scopes.resource, Some(scopes.scp))
+            (json!(scopes.resource), Some(scopes.scp))
         }
         (None, None) => {
             return Err(OAuthError::new(
@@ -1415,11 +2053,11 @@ fn token_exchange(state: &State, form: &Form, client: &DevClient) -> Result<Valu
     let subject = state
         .verify_subject_token(subject_token, client)
         .map_err(|rejection| rejection.into_error("invalid_request"))?;
-    let access_token = state.issue_delegated(&subject, &audience, scp.as_deref(), client);
-    tracing::debug!(client_id = %client.client_id, %audience, "dev IdP issued a token-exchange token");
+    tracing::debug!(client_id = %client.client_id, %audience, "dev IdP issuing a token-exchange token");
+    let access_token = state.issue_delegated(&subject, audience, scp.as_deref(), client, &extra);
     let mut body = token_response(state, &access_token, scope.map(str::to_owned));
     if let Some(object) = body.as_object_mut() {
-        object.insert("issued_token_type".into(), json!(TOKEN_TYPE_ACCESS_TOKEN));
+        object.insert("issued_token_type".into(), json!(issued_token_type));
     }
     Ok(body)
 }
@@ -1553,12 +2191,19 @@ async fn dev_fail(state: &State, request: Request<Incoming>) -> Response<Body> {
                 .unwrap_or_else(|| DEFAULT_CLAIMS_CHALLENGE.to_owned()),
         },
         "consent_required" => Failure::ConsentRequired,
+        "invalid_client" => Failure::InvalidClient,
+        "non_json_200" => Failure::NonJson200,
+        "empty_body_200" => Failure::EmptyBody200,
+        "not_bearer" => Failure::NotBearer,
+        "expires_in_absent" => Failure::ExpiresInAbsent,
+        "reset_connection" => Failure::ResetConnection,
         _ => {
             return error_response(
                 StatusCode::BAD_REQUEST,
                 "invalid_request",
                 "mode must be one of 500, 429, delay, invalid_grant, interaction_required, \
-                 consent_required",
+                 consent_required, invalid_client, non_json_200, empty_body_200, not_bearer, \
+                 expires_in_absent, reset_connection",
             );
         }
     };
@@ -1642,6 +2287,626 @@ mod tests {
         ]
     }
 
+    /// A client certificate (self-signed, RSA 2048) and its key, generated at run time.
+    struct ClientKey {
+        certificate_der: Vec<u8>,
+        key_pair: KeyPair,
+    }
+
+    impl ClientKey {
+        fn generate() -> Self {
+            let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_RSA_SHA256).unwrap();
+            let certificate = rcgen::CertificateParams::new(vec!["obo-sidecar client".into()])
+                .unwrap()
+                .self_signed(&key)
+                .unwrap();
+            Self {
+                certificate_der: certificate.der().to_vec(),
+                key_pair: KeyPair::from_pkcs8(&key.serialize_der()).unwrap(),
+            }
+        }
+
+        /// `x5t#S256`: base64url(SHA-256(certificate DER)).
+        fn thumbprint(&self) -> String {
+            URL_SAFE_NO_PAD.encode(aws_lc_rs::digest::digest(
+                &aws_lc_rs::digest::SHA256,
+                &self.certificate_der,
+            ))
+        }
+
+        /// Signs with PS256 when the header says so, else RS256.
+        fn sign(&self, header: &Value, claims: &Value) -> String {
+            let encoding: &'static dyn signature::RsaEncoding = if header["alg"] == "PS256" {
+                &signature::RSA_PSS_SHA256
+            } else {
+                &signature::RSA_PKCS1_SHA256
+            };
+            let signing_input = format!(
+                "{}.{}",
+                URL_SAFE_NO_PAD.encode(header.to_string()),
+                URL_SAFE_NO_PAD.encode(claims.to_string())
+            );
+            let mut signature = vec![0; self.key_pair.public_modulus_len()];
+            self.key_pair
+                .sign(
+                    encoding,
+                    &aws_lc_rs::rand::SystemRandom::new(),
+                    signing_input.as_bytes(),
+                    &mut signature,
+                )
+                .unwrap();
+            format!("{signing_input}.{}", URL_SAFE_NO_PAD.encode(&signature))
+        }
+    }
+
+    /// RSA key generation is slow in a debug build: two keys serve every test.
+    static CLIENT_KEY: std::sync::LazyLock<ClientKey> =
+        std::sync::LazyLock::new(ClientKey::generate);
+    static OTHER_KEY: std::sync::LazyLock<ClientKey> =
+        std::sync::LazyLock::new(ClientKey::generate);
+
+    const CERT_CLIENT: &str = "cert-client";
+    const FEDERATED_CLIENT: &str = "wi-client";
+    const FEDERATED_SUBJECT: &str = "system:serviceaccount:apps:api";
+    const CAE_CLAIMS: &str = r#"{"access_token":{"xms_cc":{"values":["cp1"]}}}"#;
+
+    /// An IdP that also knows [`CERT_CLIENT`] (certificate [`CLIENT_KEY`]) and [`FEDERATED_CLIENT`].
+    async fn idp_with_assertion_clients() -> DevIdp {
+        let idp = idp().await;
+        let certificate_der = tokio::task::spawn_blocking(|| CLIENT_KEY.certificate_der.clone())
+            .await
+            .unwrap();
+        idp.add_client(DevClient::with_certificate(CERT_CLIENT, certificate_der));
+        idp.add_client(DevClient::with_federated_subject(
+            FEDERATED_CLIENT,
+            FEDERATED_SUBJECT,
+        ));
+        idp
+    }
+
+    fn unique_jti() -> String {
+        static SERIAL: AtomicU64 = AtomicU64::new(0);
+        format!("jti-{}", SERIAL.fetch_add(1, Ordering::Relaxed))
+    }
+
+    /// Good `private_key_jwt` claims for `client_id`, `exp` five minutes ahead.
+    fn assertion_claims(idp: &DevIdp, client_id: &str) -> Value {
+        let now = now_secs();
+        json!({
+            "iss": client_id,
+            "sub": client_id,
+            "aud": idp.token_endpoint(),
+            "iat": now,
+            "nbf": now,
+            "exp": now + 300,
+            "jti": unique_jti(),
+        })
+    }
+
+    fn pkj_header(alg: &str, key: &ClientKey) -> Value {
+        json!({"alg": alg, "typ": "JWT", "x5t#S256": key.thumbprint()})
+    }
+
+    /// A `client_credentials` request authenticated by `client_assertion`.
+    async fn post_with_assertion(
+        idp: &DevIdp,
+        client_id: Option<&str>,
+        assertion: &str,
+        extra: &[(&str, &str)],
+    ) -> (StatusCode, Value) {
+        let mut form = vec![
+            ("grant_type", GRANT_CLIENT_CREDENTIALS),
+            ("client_assertion_type", CLIENT_ASSERTION_TYPE_JWT_BEARER),
+            ("client_assertion", assertion),
+            ("scope", "api://down/.default"),
+        ];
+        if let Some(client_id) = client_id {
+            form.push(("client_id", client_id));
+        }
+        form.extend_from_slice(extra);
+        post_form(idp, &form).await
+    }
+
+    /// A 401 `invalid_client` whose description contains `reason` and not the assertion.
+    fn assert_invalid_client(
+        name: &str,
+        reason: &str,
+        status: StatusCode,
+        body: &Value,
+        assertion: &str,
+    ) {
+        assert_eq!(status, StatusCode::UNAUTHORIZED, "{name}: {body}");
+        assert_eq!(body["error"], "invalid_client", "{name}");
+        let description = body["error_description"].as_str().unwrap();
+        assert!(description.starts_with("AADSTS"), "{name}: {description}");
+        assert!(!description.contains(assertion), "{name}");
+        assert!(description.contains(reason), "{name}: {description}");
+    }
+
+    #[tokio::test]
+    async fn private_key_jwt_with_ps256_or_rs256_authenticates_the_client() {
+        let idp = idp_with_assertion_clients().await;
+        let key = &*CLIENT_KEY;
+        for alg in ["PS256", "RS256"] {
+            let assertion = key.sign(&pkj_header(alg, key), &assertion_claims(&idp, CERT_CLIENT));
+            let (status, body) =
+                post_with_assertion(&idp, Some(CERT_CLIENT), &assertion, &[]).await;
+            assert_eq!(status, StatusCode::OK, "{alg}: {body}");
+            let claims = verify(&idp, body["access_token"].as_str().unwrap(), "api://down").await;
+            assert_eq!(claims["sub"], CERT_CLIENT);
+            let recorded = idp.recorded_requests().pop().unwrap();
+            assert_eq!(recorded.client_auth, Some(ClientAuth::PrivateKeyJwt));
+            assert_eq!(recorded.assertion_alg.as_deref(), Some(alg));
+            assert_eq!(recorded.field("client_assertion"), Some(REDACTED));
+            assert!(!format!("{recorded:?}").contains(&assertion));
+        }
+        // RFC 7523 lets the client leave out client_id, x5t#S256, and name the issuer as aud.
+        let mut claims = assertion_claims(&idp, CERT_CLIENT);
+        claims["aud"] = json!(idp.issuer());
+        let assertion = key.sign(&json!({"alg": "RS256"}), &claims);
+        let (status, body) = post_with_assertion(&idp, None, &assertion, &[]).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        // On-Behalf-Of works with private_key_jwt too.
+        let subject = idp.mint(&CallerClaims {
+            aud: Some(format!("api://{CERT_CLIENT}")),
+            ..CallerClaims::user("alice")
+        });
+        let assertion = key.sign(
+            &pkj_header("PS256", key),
+            &assertion_claims(&idp, CERT_CLIENT),
+        );
+        let (status, body) = post_form(
+            &idp,
+            &[
+                ("grant_type", GRANT_JWT_BEARER),
+                ("client_id", CERT_CLIENT),
+                ("client_assertion_type", CLIENT_ASSERTION_TYPE_JWT_BEARER),
+                ("client_assertion", &assertion),
+                ("assertion", &subject),
+                ("scope", OBO_SCOPE),
+                ("requested_token_use", "on_behalf_of"),
+            ],
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        // A certificate-only client has no secret to match.
+        let (status, body) = post_form(
+            &idp,
+            &[
+                ("grant_type", GRANT_CLIENT_CREDENTIALS),
+                ("client_id", CERT_CLIENT),
+                ("client_secret", ""),
+                ("client_secret", "guess"),
+                ("scope", "api://down/.default"),
+            ],
+        )
+        .await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED, "{body}");
+        let recorded = idp.recorded_requests().pop().unwrap();
+        assert_eq!(recorded.client_auth, Some(ClientAuth::SecretPost));
+        assert_eq!(recorded.assertion_alg, None);
+    }
+
+    #[tokio::test]
+    async fn private_key_jwt_bad_assertions_are_401_invalid_client() {
+        let idp = idp_with_assertion_clients().await;
+        let (key, other) = (&*CLIENT_KEY, &*OTHER_KEY);
+        let now = now_secs();
+        let good = || assertion_claims(&idp, CERT_CLIENT);
+        let with = |name: &str, value: Value| {
+            let mut claims = good();
+            claims[name] = value;
+            claims
+        };
+        let without = |name: &str| {
+            let mut claims = good();
+            claims.as_object_mut().unwrap().remove(name);
+            claims
+        };
+        let ps256 = pkj_header("PS256", key);
+        let cases = [
+            (
+                "other key's signature",
+                "AADSTS700027: Client assertion contains an invalid signature.",
+                other.sign(&ps256, &good()),
+            ),
+            (
+                "other certificate's x5t#S256",
+                "x5t#S256 does not match",
+                key.sign(&pkj_header("PS256", other), &good()),
+            ),
+            (
+                "wrong aud",
+                "aud must be the token endpoint",
+                key.sign(&ps256, &with("aud", json!("https://evil.example"))),
+            ),
+            (
+                "expired",
+                "expired",
+                key.sign(&ps256, &with("exp", json!(now - 10))),
+            ),
+            (
+                "exp an hour ahead",
+                "more than 10 minutes ahead",
+                key.sign(&ps256, &with("exp", json!(now + 3600))),
+            ),
+            (
+                "string exp",
+                "no numeric exp",
+                key.sign(&ps256, &with("exp", json!("soon"))),
+            ),
+            (
+                "future nbf",
+                "not yet valid",
+                key.sign(&ps256, &with("nbf", json!(now + 120))),
+            ),
+            (
+                "sub not the client",
+                "AADSTS700021",
+                key.sign(&ps256, &with("sub", json!("someone"))),
+            ),
+            (
+                "no jti",
+                "jti is missing",
+                key.sign(&ps256, &without("jti")),
+            ),
+            (
+                "alg HS256",
+                "alg must be PS256 or RS256",
+                key.sign(&pkj_header("HS256", key), &good()),
+            ),
+            (
+                "crit header",
+                "'crit'",
+                key.sign(
+                    &json!({"alg": "PS256", "x5t#S256": key.thumbprint(), "crit": ["x"], "x": 1}),
+                    &good(),
+                ),
+            ),
+            ("garbage", "AADSTS50027", "not.a.jwt".to_owned()),
+        ];
+        for (name, reason, assertion) in &cases {
+            let (status, body) = post_with_assertion(&idp, Some(CERT_CLIENT), assertion, &[]).await;
+            assert_invalid_client(name, reason, status, &body, assertion);
+        }
+        // client_id must be the assertion's iss; a client without a certificate cannot use one.
+        let assertion = key.sign(&ps256, &good());
+        let (status, body) =
+            post_with_assertion(&idp, Some(DEFAULT_CLIENT_ID), &assertion, &[]).await;
+        assert_invalid_client(
+            "client_id mismatch",
+            "AADSTS700021",
+            status,
+            &body,
+            &assertion,
+        );
+        let assertion = key.sign(&ps256, &assertion_claims(&idp, DEFAULT_CLIENT_ID));
+        let (status, body) = post_with_assertion(&idp, None, &assertion, &[]).await;
+        assert_invalid_client(
+            "no certificate",
+            "no certificate is registered",
+            status,
+            &body,
+            &assertion,
+        );
+        let assertion = key.sign(&ps256, &assertion_claims(&idp, "nobody"));
+        let (status, body) = post_with_assertion(&idp, None, &assertion, &[]).await;
+        assert_invalid_client("unknown client", "AADSTS700016", status, &body, &assertion);
+
+        // A replayed jti is refused; the same claims with a fresh jti pass.
+        let claims = good();
+        let assertion = key.sign(&ps256, &claims);
+        let (status, body) = post_with_assertion(&idp, Some(CERT_CLIENT), &assertion, &[]).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        let (status, body) = post_with_assertion(&idp, Some(CERT_CLIENT), &assertion, &[]).await;
+        assert_invalid_client("replay", "jti replayed", status, &body, &assertion);
+        let mut fresh = claims.clone();
+        fresh["jti"] = json!(unique_jti());
+        let (status, _) =
+            post_with_assertion(&idp, Some(CERT_CLIENT), &key.sign(&ps256, &fresh), &[]).await;
+        assert_eq!(status, StatusCode::OK);
+
+        // Malformed requests: a second method, or no client_assertion_type.
+        let assertion = key.sign(&ps256, &good());
+        let (status, body) = post_with_assertion(
+            &idp,
+            Some(CERT_CLIENT),
+            &assertion,
+            &[("client_secret", "x")],
+        )
+        .await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+        assert_eq!(body["error"], "invalid_request");
+        let (status, body) = post_form(
+            &idp,
+            &[
+                ("grant_type", GRANT_CLIENT_CREDENTIALS),
+                ("client_assertion", &assertion),
+                ("scope", "api://down/.default"),
+            ],
+        )
+        .await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+        assert_eq!(body["error"], "invalid_request");
+    }
+
+    #[tokio::test]
+    async fn federated_assertion_signed_by_the_idp_authenticates_the_client() {
+        let idp = idp_with_assertion_clients().await;
+        let now = now_secs();
+        let good = json!({
+            "iss": "https://kubernetes.default.svc.cluster.local",
+            "aud": [FEDERATED_AUDIENCE],
+            "sub": FEDERATED_SUBJECT,
+            "iat": now,
+            "exp": now + 3600,
+        });
+        let rs256 = json!({"alg": "RS256", "typ": "JWT"});
+        let token = idp.sign(&rs256, &good);
+        // A projected service-account token is presented again and again until rotated.
+        for _ in 0..2 {
+            let (status, body) =
+                post_with_assertion(&idp, Some(FEDERATED_CLIENT), &token, &[]).await;
+            assert_eq!(status, StatusCode::OK, "{body}");
+            let claims = verify(&idp, body["access_token"].as_str().unwrap(), "api://down").await;
+            assert_eq!(claims["sub"], FEDERATED_CLIENT);
+        }
+        let recorded = idp.recorded_requests().pop().unwrap();
+        assert_eq!(recorded.client_auth, Some(ClientAuth::FederatedAssertion));
+        assert_eq!(recorded.assertion_alg.as_deref(), Some("RS256"));
+        // Signed by the previous key: still trusted after a rotation.
+        idp.rotate_key();
+        let (status, body) = post_with_assertion(&idp, Some(FEDERATED_CLIENT), &token, &[]).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        let (status, _) = post_with_assertion(
+            &idp,
+            Some(FEDERATED_CLIENT),
+            &idp.sign(&json!({"alg": "RS256"}), &{
+                let mut claims = good.clone();
+                claims["aud"] = json!(FEDERATED_AUDIENCE);
+                claims
+            }),
+            &[],
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK);
+
+        let with = |name: &str, value: Value| {
+            let mut claims = good.clone();
+            claims[name] = value;
+            claims
+        };
+        let stranger = super::tests::idp().await;
+        let cases = [
+            (
+                "wrong sub",
+                "AADSTS700213",
+                Some(FEDERATED_CLIENT),
+                idp.sign(
+                    &rs256,
+                    &with("sub", json!("system:serviceaccount:apps:other")),
+                ),
+            ),
+            (
+                "wrong aud",
+                "AADSTS700212",
+                Some(FEDERATED_CLIENT),
+                idp.sign(&rs256, &with("aud", json!(["api://someone-else"]))),
+            ),
+            (
+                "expired",
+                "AADSTS700024",
+                Some(FEDERATED_CLIENT),
+                idp.sign(&rs256, &with("exp", json!(now - 10))),
+            ),
+            (
+                "foreign key",
+                "invalid signature",
+                Some(FEDERATED_CLIENT),
+                stranger.sign(&rs256, &good),
+            ),
+            (
+                "alg PS256",
+                "alg must be",
+                Some(FEDERATED_CLIENT),
+                idp.sign(&json!({"alg": "PS256"}), &good),
+            ),
+            (
+                "client without a federated subject",
+                "AADSTS70021:",
+                Some(DEFAULT_CLIENT_ID),
+                token.clone(),
+            ),
+            ("no client_id", "AADSTS700016", None, token.clone()),
+        ];
+        for (name, reason, client_id, assertion) in &cases {
+            let (status, body) = post_with_assertion(&idp, *client_id, assertion, &[]).await;
+            assert_invalid_client(name, reason, status, &body, assertion);
+        }
+    }
+
+    #[tokio::test]
+    async fn claims_parameter_client_capabilities_become_xms_cc() {
+        let idp = idp().await;
+        let assertion = idp.mint(&CallerClaims::user("alice"));
+        let mut form = obo_form(&assertion, OBO_SCOPE);
+        form.push(("claims", CAE_CLAIMS));
+        let (status, body) = post_form(&idp, &form).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        let claims = verify(
+            &idp,
+            body["access_token"].as_str().unwrap(),
+            "api://downstream",
+        )
+        .await;
+        assert_eq!(claims["xms_cc"], json!(["cp1"]));
+        assert_eq!(idp.recorded_requests()[0].field("claims"), Some(CAE_CLAIMS));
+
+        let app_form = |claims: &'static str| {
+            [
+                ("grant_type", GRANT_CLIENT_CREDENTIALS),
+                ("client_id", DEFAULT_CLIENT_ID),
+                ("client_secret", DEFAULT_CLIENT_SECRET),
+                ("scope", "api://down/.default"),
+                ("claims", claims),
+            ]
+        };
+        let (status, body) = post_form(&idp, &app_form(CAE_CLAIMS)).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        let claims = verify(&idp, body["access_token"].as_str().unwrap(), "api://down").await;
+        assert_eq!(claims["xms_cc"], json!(["cp1"]));
+        // A claims request without capabilities adds nothing.
+        let (status, body) = post_form(&idp, &app_form(DEFAULT_CLAIMS_CHALLENGE)).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        let claims = verify(&idp, body["access_token"].as_str().unwrap(), "api://down").await;
+        assert!(claims.get("xms_cc").is_none());
+        for bad in [
+            "not json",
+            "[1]",
+            "\"cp1\"",
+            r#"{"access_token":{"xms_cc":{"values":"cp1"}}}"#,
+        ] {
+            let (status, body) = post_form(&idp, &app_form(bad)).await;
+            assert_eq!(status, StatusCode::BAD_REQUEST, "{bad}");
+            assert_eq!(body["error"], "invalid_request", "{bad}");
+        }
+    }
+
+    #[tokio::test]
+    async fn token_exchange_echoes_requested_token_type() {
+        let idp = idp().await;
+        let subject = idp.mint(&CallerClaims::user("carol"));
+        let exchange = |requested: Option<&'static str>| {
+            let mut form = vec![
+                ("grant_type", GRANT_TOKEN_EXCHANGE),
+                ("client_id", DEFAULT_CLIENT_ID),
+                ("client_secret", DEFAULT_CLIENT_SECRET),
+                ("subject_token", subject.as_str()),
+                ("subject_token_type", TOKEN_TYPE_ACCESS_TOKEN),
+                ("audience", "https://one.example"),
+            ];
+            form.extend(requested.map(|requested| ("requested_token_type", requested)));
+            form
+        };
+        for (requested, issued) in [
+            (None, TOKEN_TYPE_ACCESS_TOKEN),
+            (Some(TOKEN_TYPE_ACCESS_TOKEN), TOKEN_TYPE_ACCESS_TOKEN),
+            (Some(TOKEN_TYPE_JWT), TOKEN_TYPE_JWT),
+        ] {
+            let (status, body) = post_form(&idp, &exchange(requested)).await;
+            assert_eq!(status, StatusCode::OK, "{body}");
+            assert_eq!(body["issued_token_type"], issued);
+            let claims = verify(
+                &idp,
+                body["access_token"].as_str().unwrap(),
+                "https://one.example",
+            )
+            .await;
+            // A single audience stays a string.
+            assert_eq!(claims["aud"], "https://one.example");
+        }
+        let (status, body) = post_form(
+            &idp,
+            &exchange(Some("urn:ietf:params:oauth:token-type:id_token")),
+        )
+        .await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        assert_eq!(body["error"], "invalid_request");
+    }
+
+    /// Makes one token request for each of `InvalidClient`, `NonJson200`, `EmptyBody200`, `NotBearer`,
+    /// `ExpiresInAbsent` and `ResetConnection`, queued in that order, then a normal one.
+    async fn assert_new_failures_in_order(idp: &DevIdp) {
+        let form = [
+            ("grant_type", GRANT_CLIENT_CREDENTIALS),
+            ("client_id", DEFAULT_CLIENT_ID),
+            ("client_secret", DEFAULT_CLIENT_SECRET),
+            ("scope", "api://down/.default"),
+        ];
+        let send = || client().post(idp.token_endpoint()).form(&form).send();
+
+        let response = send().await.unwrap();
+        assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+        let body: Value = response.json().await.unwrap();
+        assert_eq!(body["error"], "invalid_client");
+
+        let response = send().await.unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        assert!(
+            response.headers()[header::CONTENT_TYPE]
+                .to_str()
+                .unwrap()
+                .starts_with("text/html")
+        );
+        let text = response.text().await.unwrap();
+        assert!(serde_json::from_str::<Value>(&text).is_err(), "{text}");
+
+        let response = send().await.unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        assert!(response.bytes().await.unwrap().is_empty());
+
+        let (status, body) = post_form(idp, &form).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(body["token_type"], "N_A");
+        assert_eq!(body["expires_in"], 3600);
+        verify(idp, body["access_token"].as_str().unwrap(), "api://down").await;
+
+        let (status, body) = post_form(idp, &form).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(body["token_type"], "Bearer");
+        assert!(body.get("expires_in").is_none(), "{body}");
+        assert!(body.get("ext_expires_in").is_none(), "{body}");
+        let claims = verify(idp, body["access_token"].as_str().unwrap(), "api://down").await;
+        assert!(claims["exp"].as_u64().unwrap() > now_secs());
+
+        let outcome = send().await;
+        assert!(outcome.is_err(), "{outcome:?}");
+
+        let (status, body) = post_form(idp, &form).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        assert_eq!(idp.token_requests(), 7);
+    }
+
+    #[tokio::test]
+    async fn broken_answer_failures_are_served_in_order() {
+        let idp = idp().await;
+        for failure in [
+            Failure::InvalidClient,
+            Failure::NonJson200,
+            Failure::EmptyBody200,
+            Failure::NotBearer,
+            Failure::ExpiresInAbsent,
+            Failure::ResetConnection,
+        ] {
+            idp.fail_next(failure, 1);
+        }
+        assert_new_failures_in_order(&idp).await;
+        // The reset request was recorded before the connection closed.
+        assert_eq!(idp.recorded_requests().len(), 7);
+    }
+
+    #[tokio::test]
+    async fn broken_answer_failures_can_be_injected_over_http() {
+        let idp = idp().await;
+        for mode in [
+            "invalid_client",
+            "non_json_200",
+            "empty_body_200",
+            "not_bearer",
+            "expires_in_absent",
+            "reset_connection",
+        ] {
+            let response = client()
+                .post(format!("{}/dev/fail", idp.issuer()))
+                .json(&json!({"mode": mode}))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(response.status(), StatusCode::NO_CONTENT, "{mode}");
+        }
+        assert_new_failures_in_order(&idp).await;
+    }
+
     #[tokio::test]
     async fn discovery_document_names_endpoints_and_grants() {
         let idp = idp().await;
@@ -1671,6 +2936,14 @@ mod tests {
                 GRANT_CLIENT_CREDENTIALS,
                 GRANT_JWT_BEARER,
                 GRANT_TOKEN_EXCHANGE
+            ])
+        );
+        assert_eq!(
+            body["token_endpoint_auth_methods_supported"],
+            json!([
+                "client_secret_post",
+                "client_secret_basic",
+                "private_key_jwt"
             ])
         );
     }
@@ -1950,7 +3223,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn token_exchange_issues_for_first_audience() {
+    async fn token_exchange_issues_for_every_audience() {
         let idp = idp().await;
         let subject = idp.mint(&CallerClaims::user("carol"));
         let (status, body) = post_form(
@@ -1978,6 +3251,10 @@ mod tests {
         .await;
         assert_eq!(claims["sub"], "carol");
         assert_eq!(claims["scp"], "read");
+        assert_eq!(
+            claims["aud"],
+            json!(["https://first.example", "https://second.example"])
+        );
 
         let (status, body) = post_form(
             &idp,

@@ -32,7 +32,7 @@ pub enum ProxyError {
     InvalidToken(&'static str),
     #[error("caller token lacks a required scope or role")]
     InsufficientScope {
-        /// The scopes (or roles) that would have been accepted, space-separated.
+        /// The scopes that would have been accepted, space-separated (empty: none to name).
         scope: String,
         detail: &'static str,
     },
@@ -118,10 +118,13 @@ impl ProxyError {
                 "Bearer error=\"invalid_token\", error_description=\"the IdP rejected the token for this exchange\""
                     .to_owned(),
             ),
-            ProxyError::InsufficientScope { scope, .. } | ProxyError::IdpConsentRequired { scope } => Some(format!(
-                "Bearer error=\"insufficient_scope\", scope=\"{}\"",
-                quoted_safe(scope)
-            )),
+            ProxyError::InsufficientScope { scope, .. } | ProxyError::IdpConsentRequired { scope } => {
+                Some(if scope.is_empty() {
+                    "Bearer error=\"insufficient_scope\"".to_owned()
+                } else {
+                    format!("Bearer error=\"insufficient_scope\", scope=\"{}\"", quoted_safe(scope))
+                })
+            }
             ProxyError::IdpClaimsChallenge {
                 authorization_uri,
                 claims,

@@ -1,48 +1,67 @@
-//! Upstream tokens: Entra On-Behalf-Of (jwt-bearer) and client-credentials requests to the IdP's token
-//! endpoint, every IdP answer mapped to an [`ExchangeError`], and the [`cache`] in front of them.
-//! Only this module talks to the token endpoint.
+//! Upstream tokens: Entra On-Behalf-Of (jwt-bearer), RFC 8693 token exchange and client-credentials
+//! requests to each identity's token endpoint, with the client authentication of [`client_auth`], every IdP
+//! answer mapped to an [`ExchangeError`], and the [`cache`] in front of them. Only this module talks to the
+//! token endpoint.
 
 pub mod cache;
+pub mod client_auth;
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use aws_lc_rs::rand::SecureRandom as _;
 use base64::Engine as _;
 use http::HeaderValue;
 use serde::Deserialize;
 use serde_json::Value;
+use tokio::sync::Semaphore;
+use tokio::time::Instant;
 
 use crate::auth::{Caller, now_unix};
-use crate::config::{CacheSettings, Identity, Route, TokenKind};
+use crate::config::{CacheSettings, Flavor, Identity, Route, TENANT_PLACEHOLDER, TokenKind};
 use crate::error::ProxyError;
 use crate::secret::Secret;
-use cache::{CacheKey, TokenCache};
+use cache::{CacheKey, Entry, Fetch, KeyParts, Lookup, TokenCache};
+use client_auth::{AssertionAlg, AuthMethod, CLIENT_ASSERTION_TYPE, Credential};
 
 /// RFC 7523 / Entra OBO grant type.
 pub const GRANT_JWT_BEARER: &str = "urn:ietf:params:oauth:grant-type:jwt-bearer";
+/// RFC 8693 grant type.
+pub const GRANT_TOKEN_EXCHANGE: &str = "urn:ietf:params:oauth:grant-type:token-exchange";
+/// RFC 8693 §3 token type of an OAuth access token.
+pub const TOKEN_TYPE_ACCESS_TOKEN: &str = "urn:ietf:params:oauth:token-type:access_token";
 /// IdP answers are a few KiB; a larger one is refused rather than buffered.
 const MAX_IDP_BODY_BYTES: usize = 256 * 1024;
 /// A cached token is a miss this close to its `exp`, whatever the margin: it could expire in flight.
 pub const MIN_REMAINING_LIFETIME: Duration = Duration::from_secs(30);
-/// Pause before the one retry of a failed token request.
-const RETRY_DELAY: Duration = Duration::from_millis(100);
+/// The one retry of a failed token request waits 50–150 ms (jittered, so a fleet does not retry in step).
+const RETRY_BASE_DELAY_MS: u64 = 50;
+/// A misconfiguration (`invalid_client`, …) is logged at error at most this often per identity: once per
+/// burst, not once per request.
+const ERROR_LOG_INTERVAL: Duration = Duration::from_secs(60);
+/// How much of an IdP error description reaches the log.
+const MAX_LOGGED_DESCRIPTION: usize = 300;
 
-/// An upstream token ready to send.
+/// An upstream token ready to send, with its timing.
 #[derive(Debug)]
 pub struct UpstreamToken {
     /// `Bearer <token>`, marked sensitive.
     pub header: HeaderValue,
-    /// Unix seconds; 0 when unknown.
+    /// Unix seconds of the token's expiry; 0 when unknown.
     pub expires_on: u64,
-    /// How long the cache may serve it.
-    pub cache_for: Duration,
+    /// From here on a cache hit starts a background refresh.
+    pub stale_at: Instant,
+    /// From here on the token is never sent (`exp` minus 30 s, or the subject token's `exp`).
+    pub expires_at: Instant,
 }
 
 /// What the proxy sends upstream, and the cache entry it came from (to drop it on an upstream 401).
 pub struct Acquired {
     pub header: Option<HeaderValue>,
-    pub key: Option<CacheKey>,
-    pub from_cache: bool,
+    pub sent: Option<(CacheKey, Arc<Entry>)>,
+    pub lookup: Option<Lookup>,
 }
 
 /// Why no upstream token could be had. Fields are for logs; the caller sees the mapped [`ProxyError`].
@@ -56,7 +75,11 @@ pub enum ExchangeError {
     #[error("IdP rejected the subject token ({error}: {codes})")]
     SubjectRejected { error: String, codes: String },
     #[error("IdP requires more claims ({error})")]
-    ClaimsChallenge { error: String, claims: String },
+    ClaimsChallenge {
+        error: String,
+        claims: String,
+        authorization_uri: String,
+    },
     #[error("IdP reports missing consent ({codes})")]
     ConsentRequired { codes: String },
     #[error("IdP refused the sidecar's request: {error} ({codes})")]
@@ -65,14 +88,18 @@ pub enum ExchangeError {
 
 impl ExchangeError {
     /// The caller's answer for this failure on `route`.
-    pub fn to_proxy_error(&self, route: &Route, identity: &Identity) -> ProxyError {
+    pub fn to_proxy_error(&self, route: &Route) -> ProxyError {
         match self {
             ExchangeError::Unavailable { retry_after, .. } => ProxyError::IdpUnavailable {
                 retry_after: *retry_after,
             },
             ExchangeError::SubjectRejected { .. } => ProxyError::IdpRejectedSubject,
-            ExchangeError::ClaimsChallenge { claims, .. } => ProxyError::IdpClaimsChallenge {
-                authorization_uri: authorization_uri(identity),
+            ExchangeError::ClaimsChallenge {
+                claims,
+                authorization_uri,
+                ..
+            } => ProxyError::IdpClaimsChallenge {
+                authorization_uri: authorization_uri.clone(),
                 claims: base64::engine::general_purpose::STANDARD.encode(claims),
             },
             ExchangeError::ConsentRequired { .. } => ProxyError::IdpConsentRequired {
@@ -83,24 +110,40 @@ impl ExchangeError {
             },
         }
     }
-}
 
-/// `…/oauth2/v2.0/token` -> `…/oauth2/v2.0/authorize`.
-fn authorization_uri(identity: &Identity) -> String {
-    let endpoint = identity.token_endpoint.as_str();
-    match endpoint.strip_suffix("/token") {
-        Some(base) => format!("{base}/authorize"),
-        None => endpoint.to_owned(),
+    fn misconfigured(error: impl Into<String>) -> Self {
+        ExchangeError::Misconfigured {
+            error: error.into(),
+            codes: String::new(),
+        }
+    }
+
+    fn unavailable(reason: impl Into<String>) -> Self {
+        ExchangeError::Unavailable {
+            reason: reason.into(),
+            retry_after: None,
+        }
     }
 }
 
-/// A successful token endpoint answer (RFC 6749 §5.1).
+/// `…/oauth2/v2.0/token` -> `…/oauth2/v2.0/authorize`.
+fn authorization_uri(token_endpoint: &str) -> String {
+    match token_endpoint.strip_suffix("/token") {
+        Some(base) => format!("{base}/authorize"),
+        None => token_endpoint.to_owned(),
+    }
+}
+
+/// A successful token endpoint answer (RFC 6749 §5.1, RFC 8693 §2.2.1).
 #[derive(Deserialize)]
 struct TokenResponse {
     access_token: String,
-    token_type: String,
+    #[serde(default)]
+    token_type: Option<String>,
     #[serde(default)]
     expires_in: Option<Value>,
+    #[serde(default)]
+    issued_token_type: Option<String>,
 }
 
 /// An error answer (RFC 6749 §5.2, with Entra's extensions).
@@ -117,30 +160,86 @@ struct ErrorResponse {
     claims: Option<String>,
 }
 
+/// One identity's connection to its IdP: client, concurrency cap and the IdP's remembered back-off.
+struct IdentityClient {
+    identity: Arc<Identity>,
+    http: reqwest::Client,
+    permits: Semaphore,
+    /// Unix-epoch-free monotonic deadline (ms since `epoch`) before which the IdP asked not to be called.
+    backoff_until_ms: AtomicU64,
+    last_error_log_ms: AtomicU64,
+    epoch: Instant,
+}
+
+impl IdentityClient {
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// The remaining back-off the IdP asked for with `Retry-After`, if any.
+    fn backoff(&self) -> Option<Duration> {
+        let until = self.backoff_until_ms.load(Ordering::Acquire);
+        let now = self.now_ms();
+        (until > now).then(|| Duration::from_millis(until - now))
+    }
+
+    fn remember_backoff(&self, retry_after: Duration) {
+        let until = self
+            .now_ms()
+            .saturating_add(u64::try_from(retry_after.as_millis()).unwrap_or(u64::MAX));
+        self.backoff_until_ms.fetch_max(until, Ordering::AcqRel);
+    }
+
+    /// True at most once per [`ERROR_LOG_INTERVAL`].
+    fn should_log_error(&self) -> bool {
+        let now = self.now_ms() + 1;
+        let last = self.last_error_log_ms.load(Ordering::Acquire);
+        let interval = u64::try_from(ERROR_LOG_INTERVAL.as_millis()).unwrap_or(u64::MAX);
+        (last == 0 || now.saturating_sub(last) >= interval)
+            && self
+                .last_error_log_ms
+                .compare_exchange(last, now, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+    }
+}
+
 /// Acquires upstream tokens for routes, through the cache.
 pub struct Exchanger {
-    identity: Option<Identity>,
-    http: reqwest::Client,
+    identities: BTreeMap<String, Arc<IdentityClient>>,
     cache: TokenCache,
     expiry_margin: Duration,
 }
 
 impl Exchanger {
     pub fn new(
-        identity: Option<Identity>,
-        http: reqwest::Client,
+        identities: &BTreeMap<String, Arc<Identity>>,
         settings: &CacheSettings,
-    ) -> Self {
-        Exchanger {
-            identity,
-            http,
+    ) -> Result<Self, crate::tls::TlsError> {
+        let mut clients = BTreeMap::new();
+        for (name, identity) in identities {
+            let roots: Vec<&std::path::Path> = identity
+                .ca_file
+                .iter()
+                .map(std::path::PathBuf::as_path)
+                .collect();
+            let http = crate::tls::idp_client(&roots, identity.timeout)?;
+            clients.insert(
+                name.clone(),
+                Arc::new(IdentityClient {
+                    identity: Arc::clone(identity),
+                    http,
+                    permits: Semaphore::new(identity.max_concurrent),
+                    backoff_until_ms: AtomicU64::new(0),
+                    last_error_log_ms: AtomicU64::new(0),
+                    epoch: Instant::now(),
+                }),
+            );
+        }
+        Ok(Exchanger {
+            identities: clients,
             cache: TokenCache::new(settings.max_entries),
             expiry_margin: settings.expiry_margin,
-        }
-    }
-
-    pub fn identity(&self) -> Option<&Identity> {
-        self.identity.as_ref()
+        })
     }
 
     pub fn cache(&self) -> &TokenCache {
@@ -149,114 +248,284 @@ impl Exchanger {
 
     /// The `Authorization` value `route` sends upstream for `caller`.
     pub async fn acquire(&self, route: &Route, caller: &Caller) -> Result<Acquired, ProxyError> {
-        let identity = match route.token {
+        let client = match route.token {
             TokenKind::None => {
                 return Ok(Acquired {
                     header: None,
-                    key: None,
-                    from_cache: false,
+                    sent: None,
+                    lookup: None,
                 });
             }
             TokenKind::Passthrough => {
                 return Ok(Acquired {
                     header: Some(bearer_header(&caller.token)?),
-                    key: None,
-                    from_cache: false,
+                    sent: None,
+                    lookup: None,
                 });
             }
-            TokenKind::Obo | TokenKind::App => self
-                .identity
-                .as_ref()
-                .ok_or(ProxyError::Internal("route needs an identity"))?,
+            TokenKind::Obo | TokenKind::App => {
+                self.identities
+                    .get(&route.identity)
+                    .ok_or(ProxyError::Internal(
+                        "route names an identity that does not exist",
+                    ))?
+            }
         };
-        let subject = (route.token == TokenKind::Obo).then_some(&caller.token);
-        let key = CacheKey::new(identity, route, subject);
-        let subject_exp = subject.map(|_| caller.claims.exp);
-        let mut fetched = false;
-        let token = self
+        let identity = &client.identity;
+        let token_endpoint = resolve_tenant(&identity.token_endpoint, caller)?;
+        let claims = capabilities_claims(identity);
+        let subject = (route.token == TokenKind::Obo).then(|| caller.token.clone());
+        let key = CacheKey::new(&KeyParts {
+            subject: subject.as_ref(),
+            identity: &identity.name,
+            token_endpoint: &token_endpoint,
+            flavor: identity.flavor.as_str(),
+            auth_method: identity.auth_method.as_str(),
+            scopes: &route.scopes,
+            audience: &route.audience,
+            resource: &route.resource,
+            requested_token_type: route.requested_token_type.as_deref(),
+            claims: claims.as_deref(),
+        });
+        let request = Arc::new(TokenRequest {
+            client: Arc::clone(client),
+            route: route.name.clone(),
+            token_endpoint,
+            grant: match subject {
+                Some(subject) => Grant::OnBehalfOf {
+                    subject,
+                    subject_exp: caller.claims.exp,
+                },
+                None => Grant::App,
+            },
+            scopes: route.scopes.clone(),
+            audience: route.audience.clone(),
+            resource: route.resource.clone(),
+            requested_token_type: route.requested_token_type.clone(),
+            claims,
+            expiry_margin: self.expiry_margin,
+        });
+        let fetch: Fetch = Arc::new(move || {
+            let request = Arc::clone(&request);
+            Box::pin(async move { request.send().await })
+        });
+        let (entry, lookup) = self
             .cache
-            .get_or_fetch(key, async {
-                fetched = true;
-                self.request(identity, route, subject, subject_exp).await
-            })
+            .get_or_fetch(key, &fetch)
             .await
-            .map_err(|e| {
-                log_exchange_error(&e, route);
-                e.to_proxy_error(route, identity)
-            })?;
+            .map_err(|e| e.to_proxy_error(route))?;
         Ok(Acquired {
-            header: Some(token.header.clone()),
-            key: Some(key),
-            from_cache: !fetched,
+            header: Some(entry.token.header.clone()),
+            sent: Some((key, entry)),
+            lookup: Some(lookup),
         })
     }
 
-    /// One token request, retried once when the IdP is unavailable.
-    async fn request(
-        &self,
-        identity: &Identity,
-        route: &Route,
-        subject: Option<&Secret>,
-        subject_exp: Option<u64>,
-    ) -> Result<Arc<UpstreamToken>, ExchangeError> {
-        match self
-            .request_once(identity, route, subject, subject_exp)
-            .await
-        {
-            Err(ExchangeError::Unavailable {
-                retry_after: None,
-                reason,
-            }) => {
-                tracing::debug!(route = %route.name, %reason, "token request failed; retrying once");
-                tokio::time::sleep(RETRY_DELAY).await;
-                self.request_once(identity, route, subject, subject_exp)
-                    .await
-            }
-            other => other,
+    /// The upstream answered 401 to `sent`: drop that cached token so the next request exchanges afresh.
+    pub async fn forget(&self, sent: &(CacheKey, Arc<Entry>)) -> bool {
+        self.cache.forget(sent.0, &sent.1).await
+    }
+}
+
+/// Fills `{tenantid}` from the caller's validated `tid`, which must be a GUID (nothing else may reach a URL).
+fn resolve_tenant(template: &str, caller: &Caller) -> Result<String, ProxyError> {
+    if !template.contains(TENANT_PLACEHOLDER) {
+        return Ok(template.to_owned());
+    }
+    let tid = caller
+        .claims
+        .all
+        .get("tid")
+        .and_then(Value::as_str)
+        .filter(|tid| is_guid(tid))
+        .ok_or(ProxyError::InvalidToken(
+            "token has no valid tenant id (tid)",
+        ))?;
+    Ok(template.replace(TENANT_PLACEHOLDER, &tid.to_ascii_lowercase()))
+}
+
+/// `xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx`, hex.
+pub fn is_guid(text: &str) -> bool {
+    text.len() == 36
+        && text.char_indices().all(|(i, c)| match i {
+            8 | 13 | 18 | 23 => c == '-',
+            _ => c.is_ascii_hexdigit(),
+        })
+}
+
+/// Entra client capabilities (CAE `cp1`) as the `claims` request parameter, the way MSAL merges them.
+fn capabilities_claims(identity: &Identity) -> Option<String> {
+    if identity.flavor != Flavor::Entra || identity.client_capabilities.is_empty() {
+        return None;
+    }
+    Some(
+        serde_json::json!({"access_token": {"xms_cc": {"values": identity.client_capabilities}}})
+            .to_string(),
+    )
+}
+
+enum Grant {
+    OnBehalfOf { subject: Secret, subject_exp: u64 },
+    App,
+}
+
+/// Everything one token request needs, owned, so the background refresh can send it again.
+struct TokenRequest {
+    client: Arc<IdentityClient>,
+    route: String,
+    token_endpoint: String,
+    grant: Grant,
+    scopes: Vec<String>,
+    audience: Vec<String>,
+    resource: Vec<String>,
+    requested_token_type: Option<String>,
+    claims: Option<String>,
+    expiry_margin: Duration,
+}
+
+impl TokenRequest {
+    /// The token request, retried once (with jitter) when the IdP is unavailable and gave no `Retry-After`.
+    /// A `Retry-After` is remembered for the identity: until it passes, requests fail at once.
+    async fn send(&self) -> Result<UpstreamToken, ExchangeError> {
+        let identity = &self.client.identity;
+        if let Some(wait) = self.client.backoff() {
+            return Err(ExchangeError::Unavailable {
+                reason: "the IdP asked to back off (Retry-After)".to_owned(),
+                retry_after: Some(wait),
+            });
         }
+        let _permit = self
+            .client
+            .permits
+            .acquire()
+            .await
+            .map_err(|_| ExchangeError::unavailable("shutting down"))?;
+        let mut outcome = self.send_once().await;
+        if let Err(ExchangeError::Unavailable {
+            retry_after: None,
+            reason,
+        }) = &outcome
+        {
+            tracing::debug!(route = %self.route, identity = %identity.name, %reason, "token request failed; retrying once");
+            tokio::time::sleep(jitter()).await;
+            outcome = self.send_once().await;
+        }
+        match &outcome {
+            Ok(_) => {}
+            Err(error @ ExchangeError::Unavailable { retry_after, .. }) => {
+                if let Some(wait) = retry_after {
+                    self.client.remember_backoff(*wait);
+                }
+                tracing::warn!(route = %self.route, identity = %identity.name, %error, "token request failed");
+            }
+            Err(error @ ExchangeError::Misconfigured { .. }) => {
+                if self.client.should_log_error() {
+                    tracing::error!(route = %self.route, identity = %identity.name, %error,
+                        "token request refused: check this identity's configuration (logged once per minute)");
+                } else {
+                    tracing::debug!(route = %self.route, identity = %identity.name, %error, "token request refused");
+                }
+            }
+            Err(error) => {
+                tracing::info!(route = %self.route, identity = %identity.name, %error, "token request declined for this caller");
+            }
+        }
+        outcome
     }
 
-    async fn request_once(
-        &self,
-        identity: &Identity,
-        route: &Route,
-        subject: Option<&Secret>,
-        subject_exp: Option<u64>,
-    ) -> Result<Arc<UpstreamToken>, ExchangeError> {
-        let scope = route.scopes.join(" ");
-        let mut form: Vec<(&str, &str)> = vec![
-            ("client_id", identity.client_id.as_str()),
-            ("client_secret", identity.client_secret.expose()),
-            ("scope", scope.as_str()),
-        ];
-        match subject {
-            Some(assertion) => form.extend([
-                ("grant_type", GRANT_JWT_BEARER),
-                ("requested_token_use", "on_behalf_of"),
-                ("assertion", assertion.expose()),
-            ]),
-            None => form.push(("grant_type", "client_credentials")),
+    async fn send_once(&self) -> Result<UpstreamToken, ExchangeError> {
+        let identity = &self.client.identity;
+        let client_request_id = client_auth::random_uuid();
+        let mut form: Vec<(&str, String)> = Vec::new();
+        let grant = match (&self.grant, identity.flavor) {
+            (Grant::OnBehalfOf { subject, .. }, Flavor::Entra) => {
+                form.push(("grant_type", GRANT_JWT_BEARER.to_owned()));
+                form.push(("requested_token_use", "on_behalf_of".to_owned()));
+                form.push(("assertion", subject.expose().to_owned()));
+                "obo"
+            }
+            (Grant::OnBehalfOf { subject, .. }, Flavor::Rfc8693) => {
+                form.push(("grant_type", GRANT_TOKEN_EXCHANGE.to_owned()));
+                form.push(("subject_token", subject.expose().to_owned()));
+                form.push(("subject_token_type", TOKEN_TYPE_ACCESS_TOKEN.to_owned()));
+                form.extend(self.audience.iter().map(|a| ("audience", a.clone())));
+                form.extend(self.resource.iter().map(|r| ("resource", r.clone())));
+                if let Some(kind) = &self.requested_token_type {
+                    form.push(("requested_token_type", kind.clone()));
+                }
+                "token_exchange"
+            }
+            (Grant::App, _) => {
+                form.push(("grant_type", "client_credentials".to_owned()));
+                "client_credentials"
+            }
+        };
+        if !self.scopes.is_empty() {
+            form.push(("scope", self.scopes.join(" ")));
         }
-        let grant = if subject.is_some() { "obo" } else { "app" };
+        if let Some(claims) = &self.claims {
+            form.push(("claims", claims.clone()));
+        }
+        let mut basic = None;
+        match (&identity.credential, identity.auth_method) {
+            (Credential::Secret(secret), AuthMethod::ClientSecretBasic) => {
+                basic = Some(client_auth::basic_authorization(
+                    &identity.client_id,
+                    secret,
+                ));
+            }
+            (Credential::Secret(secret), _) => {
+                form.push(("client_id", identity.client_id.clone()));
+                form.push(("client_secret", secret.expose().to_owned()));
+            }
+            (Credential::Certificate(certificate), _) => {
+                let alg = match identity.flavor {
+                    Flavor::Entra => AssertionAlg::PS256,
+                    Flavor::Rfc8693 => AssertionAlg::RS256,
+                };
+                let assertion = certificate
+                    .sign_assertion(&identity.client_id, &self.token_endpoint, alg, now_unix())
+                    .map_err(|e| ExchangeError::misconfigured(e.to_string()))?;
+                form.push(("client_id", identity.client_id.clone()));
+                form.push(("client_assertion_type", CLIENT_ASSERTION_TYPE.to_owned()));
+                form.push(("client_assertion", assertion.expose().to_owned()));
+            }
+            (Credential::AssertionFile(path), _) => {
+                let assertion = client_auth::read_assertion_file(path)
+                    .await
+                    .map_err(|e| ExchangeError::misconfigured(e.to_string()))?;
+                form.push(("client_id", identity.client_id.clone()));
+                form.push(("client_assertion_type", CLIENT_ASSERTION_TYPE.to_owned()));
+                form.push(("client_assertion", assertion.expose().to_owned()));
+            }
+        }
         let started = std::time::Instant::now();
-        let response = self
+        let mut request = self
+            .client
             .http
-            .post(identity.token_endpoint.clone())
+            .post(&self.token_endpoint)
             .header(http::header::ACCEPT, "application/json")
-            .form(&form)
-            .send()
-            .await
-            .map_err(|e| ExchangeError::Unavailable {
-                reason: if e.is_timeout() {
-                    "token request timed out".to_owned()
-                } else {
-                    format!(
-                        "token request failed: {}",
-                        crate::auth::jwks::error_chain(&e)
-                    )
-                },
-                retry_after: None,
+            .header("client-request-id", &client_request_id)
+            .header("return-client-request-id", "true")
+            .form(&form);
+        if let Some(basic) = &basic {
+            let mut value = HeaderValue::from_str(basic.expose()).map_err(|_| {
+                ExchangeError::misconfigured("client credentials are not a valid header value")
             })?;
+            value.set_sensitive(true);
+            request = request.header(http::header::AUTHORIZATION, value);
+        }
+        drop(form);
+        let response = request.send().await.map_err(|e| {
+            ExchangeError::unavailable(if e.is_timeout() {
+                "token request timed out".to_owned()
+            } else {
+                format!(
+                    "token request failed: {}",
+                    crate::auth::jwks::error_chain(&e)
+                )
+            })
+        })?;
         let status = response.status();
         let retry_after = response
             .headers()
@@ -265,70 +534,121 @@ impl Exchanger {
             .and_then(|v| v.trim().parse::<u64>().ok())
             .map(Duration::from_secs);
         let body = read_limited(response).await?;
-        tracing::debug!(route = %route.name, identity = %identity.name, grant, status = status.as_u16(),
-            elapsed_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX), "token request answered");
+        tracing::debug!(
+            route = %self.route,
+            identity = %identity.name,
+            grant,
+            status = status.as_u16(),
+            client_request_id = %client_request_id,
+            elapsed_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+            "token request answered"
+        );
         if status.is_server_error() || status == http::StatusCode::TOO_MANY_REQUESTS {
             return Err(ExchangeError::Unavailable {
-                reason: format!("token endpoint answered {status}"),
-                retry_after: retry_after.or((status == http::StatusCode::TOO_MANY_REQUESTS)
-                    .then_some(Duration::from_secs(1))),
+                reason: format!(
+                    "token endpoint answered {status} (client-request-id {client_request_id})"
+                ),
+                retry_after,
             });
         }
         if !status.is_success() {
-            return Err(map_error_answer(status, &body));
+            let error = map_error_answer(status, &body, &self.token_endpoint);
+            tracing::info!(
+                route = %self.route,
+                identity = %identity.name,
+                client_request_id = %client_request_id,
+                idp_answer = %redacted_answer(&body, identity),
+                "token request refused by the IdP"
+            );
+            return Err(error);
         }
-        let answer: TokenResponse =
-            serde_json::from_slice(&body).map_err(|_| ExchangeError::Unavailable {
-                reason: "token endpoint answered 200 without a token response".to_owned(),
-                retry_after: None,
-            })?;
-        if !answer.token_type.eq_ignore_ascii_case("bearer") {
-            return Err(ExchangeError::Misconfigured {
-                error: format!(
-                    "token_type {:?} is not Bearer",
-                    answer.token_type.chars().take(16).collect::<String>()
-                ),
-                codes: String::new(),
-            });
+        let answer: TokenResponse = serde_json::from_slice(&body).map_err(|_| {
+            ExchangeError::unavailable(format!(
+                "token endpoint answered 200 without a token response (client-request-id {client_request_id})"
+            ))
+        })?;
+        let token_type = answer.token_type.as_deref().unwrap_or_default();
+        if !token_type.eq_ignore_ascii_case("bearer") {
+            return Err(ExchangeError::misconfigured(format!(
+                "token_type {:?} is not Bearer",
+                token_type.chars().take(16).collect::<String>()
+            )));
         }
         if answer.access_token.is_empty() {
-            return Err(ExchangeError::Unavailable {
-                reason: "token endpoint answered an empty access_token".to_owned(),
-                retry_after: None,
-            });
+            return Err(ExchangeError::unavailable(
+                "token endpoint answered an empty access_token",
+            ));
+        }
+        if let Some(issued) = &answer.issued_token_type {
+            tracing::debug!(route = %self.route, issued_token_type = %issued, "token exchanged");
         }
         let now = now_unix();
         let expires_on = expires_in_seconds(answer.expires_in.as_ref())
             .map(|secs| now.saturating_add(secs))
             .or_else(|| jwt_exp(&answer.access_token))
             .unwrap_or(0);
-        let cache_for = cache_lifetime(now, expires_on, subject_exp, self.expiry_margin);
+        let subject_exp = match &self.grant {
+            Grant::OnBehalfOf { subject_exp, .. } => Some(*subject_exp),
+            Grant::App => None,
+        };
+        let (until_stale, until_expired) =
+            cache_lifetime(now, expires_on, subject_exp, self.expiry_margin);
         let token = Secret::new(answer.access_token);
-        Ok(Arc::new(UpstreamToken {
-            header: bearer_header(&token).map_err(|_| ExchangeError::Misconfigured {
-                error: "access_token is not a valid header value".to_owned(),
-                codes: String::new(),
+        let instant = Instant::now();
+        Ok(UpstreamToken {
+            header: bearer_header(&token).map_err(|_| {
+                ExchangeError::misconfigured("access_token is not a valid header value")
             })?,
             expires_on,
-            cache_for,
-        }))
+            stale_at: instant + until_stale,
+            expires_at: instant + until_expired,
+        })
     }
 }
 
-fn log_exchange_error(error: &ExchangeError, route: &Route) {
-    match error {
-        ExchangeError::Misconfigured { .. } => {
-            tracing::error!(route = %route.name, %error, "token request refused");
-        }
-        ExchangeError::Unavailable { .. } => {
-            tracing::warn!(route = %route.name, %error, "token request failed");
-        }
-        ExchangeError::SubjectRejected { .. }
-        | ExchangeError::ClaimsChallenge { .. }
-        | ExchangeError::ConsentRequired { .. } => {
-            tracing::info!(route = %route.name, %error, "token request declined for this caller");
-        }
+/// 50–150 ms.
+fn jitter() -> Duration {
+    let mut byte = [0u8; 1];
+    let _ = aws_lc_rs::rand::SystemRandom::new().fill(&mut byte);
+    Duration::from_millis(RETRY_BASE_DELAY_MS + u64::from(byte[0]) * 100 / 255)
+}
+
+/// An IdP error answer for the log: only the OAuth fields, the description shortened, anything shaped like
+/// a JWT or equal to the client secret replaced by `[redacted]`.
+fn redacted_answer(body: &[u8], identity: &Identity) -> String {
+    let Ok(answer) = serde_json::from_slice::<ErrorResponse>(body) else {
+        return format!("{} bytes, not an OAuth error", body.len());
+    };
+    let mut description: String = answer
+        .error_description
+        .unwrap_or_default()
+        .chars()
+        .take(MAX_LOGGED_DESCRIPTION)
+        .collect();
+    if let Credential::Secret(secret) = &identity.credential {
+        description = description.replace(secret.expose(), "[redacted]");
     }
+    let description = description
+        .split(|c: char| c.is_whitespace())
+        .map(|word| {
+            if looks_like_jwt(word) {
+                "[redacted]"
+            } else {
+                word
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" ");
+    format!(
+        "error={} suberror={} codes={:?} description={description:?}",
+        answer.error.chars().take(64).collect::<String>(),
+        answer.suberror.unwrap_or_default(),
+        answer.error_codes
+    )
+}
+
+fn looks_like_jwt(word: &str) -> bool {
+    word.split('.').filter(|part| part.len() >= 8).count() >= 2 && word.len() >= 40
 }
 
 /// `Authorization: Bearer <token>`, marked sensitive (never logged by hyper, never HPACK-indexed).
@@ -345,31 +665,29 @@ async fn read_limited(mut response: reqwest::Response) -> Result<Vec<u8>, Exchan
         match response.chunk().await {
             Ok(Some(chunk)) => {
                 if body.len() + chunk.len() > MAX_IDP_BODY_BYTES {
-                    return Err(ExchangeError::Unavailable {
-                        reason: "token endpoint answer too large".to_owned(),
-                        retry_after: None,
-                    });
+                    return Err(ExchangeError::unavailable(
+                        "token endpoint answer too large",
+                    ));
                 }
                 body.extend_from_slice(&chunk);
             }
             Ok(None) => return Ok(body),
             Err(e) => {
-                return Err(ExchangeError::Unavailable {
-                    reason: format!("reading the token answer failed: {e}"),
-                    retry_after: None,
-                });
+                return Err(ExchangeError::unavailable(format!(
+                    "reading the token answer failed: {}",
+                    crate::auth::jwks::error_chain(&e)
+                )));
             }
         }
     }
 }
 
 /// Maps an RFC 6749 §5.2 error answer (SPEC §4's table).
-fn map_error_answer(status: http::StatusCode, body: &[u8]) -> ExchangeError {
+fn map_error_answer(status: http::StatusCode, body: &[u8], token_endpoint: &str) -> ExchangeError {
     let Ok(answer) = serde_json::from_slice::<ErrorResponse>(body) else {
-        return ExchangeError::Misconfigured {
-            error: format!("token endpoint answered {status} without an OAuth error"),
-            codes: String::new(),
-        };
+        return ExchangeError::misconfigured(format!(
+            "token endpoint answered {status} without an OAuth error"
+        ));
     };
     let codes = answer
         .error_codes
@@ -391,13 +709,13 @@ fn map_error_answer(status: http::StatusCode, body: &[u8]) -> ExchangeError {
             ExchangeError::ClaimsChallenge {
                 error,
                 claims: answer.claims.unwrap_or_default(),
+                authorization_uri: authorization_uri(token_endpoint),
             }
         }
         "invalid_grant" | "interaction_required" => ExchangeError::SubjectRejected { error, codes },
-        "temporarily_unavailable" => ExchangeError::Unavailable {
-            reason: "token endpoint is temporarily unavailable".to_owned(),
-            retry_after: None,
-        },
+        "temporarily_unavailable" => {
+            ExchangeError::unavailable("token endpoint is temporarily unavailable")
+        }
         _ => ExchangeError::Misconfigured { error, codes },
     }
 }
@@ -422,28 +740,30 @@ fn jwt_exp(token: &str) -> Option<u64> {
     claims.get("exp")?.as_u64()
 }
 
-/// How long a token may be served from the cache: until `exp - margin` (the margin capped at half the
-/// lifetime), never closer than [`MIN_REMAINING_LIFETIME`] to `exp`, and never past the subject token's own
-/// `exp`. Zero (not cached) when the expiry is unknown.
+/// (until stale, until expired) from now. Stale from `exp - margin` (the margin capped at half the
+/// lifetime); expired [`MIN_REMAINING_LIFETIME`] before `exp`, and never later than the subject token's own
+/// `exp`. Both zero (used for this request only, never cached) when the expiry is unknown or past.
 fn cache_lifetime(
     now: u64,
     expires_on: u64,
     subject_exp: Option<u64>,
     margin: Duration,
-) -> Duration {
+) -> (Duration, Duration) {
     if expires_on <= now {
-        return Duration::ZERO;
+        return (Duration::ZERO, Duration::ZERO);
     }
     let lifetime = expires_on - now;
-    let margin = margin
-        .as_secs()
-        .min(lifetime / 2)
-        .max(MIN_REMAINING_LIFETIME.as_secs());
-    let mut until = expires_on.saturating_sub(margin);
+    let mut hard = expires_on.saturating_sub(MIN_REMAINING_LIFETIME.as_secs());
     if let Some(subject_exp) = subject_exp {
-        until = until.min(subject_exp);
+        hard = hard.min(subject_exp);
     }
-    Duration::from_secs(until.saturating_sub(now))
+    let stale = expires_on
+        .saturating_sub(margin.as_secs().min(lifetime / 2))
+        .min(hard);
+    (
+        Duration::from_secs(stale.saturating_sub(now)),
+        Duration::from_secs(hard.saturating_sub(now)),
+    )
 }
 
 #[cfg(test)]
@@ -453,40 +773,48 @@ mod tests {
     #[test]
     fn cache_lifetime_honours_margin_half_life_and_subject_expiry() {
         let m = Duration::from_secs(300);
+        let secs = |(a, b): (Duration, Duration)| (a.as_secs(), b.as_secs());
         assert_eq!(
-            cache_lifetime(1000, 1000 + 3600, None, m),
-            Duration::from_secs(3300)
+            secs(cache_lifetime(1000, 1000 + 3600, None, m)),
+            (3300, 3570)
         );
         // margin capped at half of a short lifetime
-        assert_eq!(
-            cache_lifetime(1000, 1000 + 240, None, m),
-            Duration::from_secs(120)
-        );
+        assert_eq!(secs(cache_lifetime(1000, 1000 + 240, None, m)), (120, 210));
         // never within 30 s of exp
         assert_eq!(
-            cache_lifetime(1000, 1000 + 40, None, Duration::ZERO),
-            Duration::from_secs(10)
+            secs(cache_lifetime(1000, 1000 + 40, None, Duration::ZERO)),
+            (10, 10)
         );
         // dies with the subject token
         assert_eq!(
-            cache_lifetime(1000, 1000 + 3600, Some(1600), m),
-            Duration::from_secs(600)
+            secs(cache_lifetime(1000, 1000 + 3600, Some(1600), m)),
+            (600, 600)
         );
         // unknown or past expiry: not cached
-        assert_eq!(cache_lifetime(1000, 0, None, m), Duration::ZERO);
+        assert_eq!(secs(cache_lifetime(1000, 0, None, m)), (0, 0));
     }
 
     #[test]
     fn idp_errors_map_per_spec_table() {
-        let map = |body: &str| map_error_answer(http::StatusCode::BAD_REQUEST, body.as_bytes());
+        let map = |body: &str| {
+            map_error_answer(
+                http::StatusCode::BAD_REQUEST,
+                body.as_bytes(),
+                "https://idp/t/oauth2/v2.0/token",
+            )
+        };
         assert!(matches!(
             map(r#"{"error":"invalid_grant","error_codes":[50013]}"#),
             ExchangeError::SubjectRejected { .. }
         ));
-        assert!(matches!(
-            map(r#"{"error":"interaction_required","claims":"{\"access_token\":{}}"}"#),
-            ExchangeError::ClaimsChallenge { .. }
-        ));
+        match map(r#"{"error":"interaction_required","claims":"{\"access_token\":{}}"}"#) {
+            ExchangeError::ClaimsChallenge {
+                authorization_uri, ..
+            } => {
+                assert_eq!(authorization_uri, "https://idp/t/oauth2/v2.0/authorize");
+            }
+            other => panic!("{other:?}"),
+        }
         assert!(matches!(
             map(r#"{"error":"invalid_grant","error_codes":[65001],"suberror":"consent_required"}"#),
             ExchangeError::ConsentRequired { .. }
@@ -510,5 +838,20 @@ mod tests {
         assert_eq!(expires_in_seconds(Some(&Value::from("3599"))), Some(3599));
         assert_eq!(expires_in_seconds(Some(&Value::from(60))), Some(60));
         assert_eq!(expires_in_seconds(Some(&Value::from(-1))), None);
+    }
+
+    #[test]
+    fn guids_are_recognized() {
+        assert!(is_guid("72f988bf-86f1-41af-91ab-2d7cd011db47"));
+        assert!(!is_guid("72f988bf-86f1-41af-91ab-2d7cd011db4"));
+        assert!(!is_guid("../../evil/aaaaaaaaaaaaaaaaaaaaaaaaaaaaaa"));
+    }
+
+    #[test]
+    fn jwt_shaped_words_are_redacted_from_logged_answers() {
+        assert!(looks_like_jwt(
+            "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJhbGljZSJ9.c2lnbmF0dXJlLXBhcnQ"
+        ));
+        assert!(!looks_like_jwt("AADSTS50013:"));
     }
 }

@@ -200,13 +200,15 @@ fn canonical(name: &HeaderName) -> std::borrow::Cow<'_, str> {
 fn strip(headers: &mut HeaderMap, extra: &[&str], keep_te_trailers: bool) {
     let mut named: Vec<String> = Vec::new();
     for value in headers.get_all(header::CONNECTION) {
-        if let Ok(value) = value.to_str() {
-            named.extend(
-                value
-                    .split(',')
-                    .map(|n| n.trim().to_ascii_lowercase().replace('_', "-"))
-                    .filter(|n| !n.is_empty()),
-            );
+        // Byte-wise: one non-ASCII byte must not hide the other names in the list.
+        for name in value.as_bytes().split(|b| *b == b',') {
+            let name = String::from_utf8_lossy(name)
+                .trim()
+                .to_ascii_lowercase()
+                .replace('_', "-");
+            if !name.is_empty() {
+                named.push(name);
+            }
         }
     }
     let te_trailers = keep_te_trailers
@@ -320,6 +322,10 @@ mod tests {
             upstream: url::Url::parse(upstream).expect("url"),
             token: crate::config::TokenKind::None,
             scopes: vec![],
+            identity: "default".into(),
+            audience: vec![],
+            resource: vec![],
+            requested_token_type: None,
             policy: crate::config::Policy::default(),
             timeout: Duration::from_secs(1),
         }
@@ -372,6 +378,14 @@ mod tests {
                 HeaderValue::from_static(v),
             );
         }
+        h.append(
+            header::CONNECTION,
+            HeaderValue::from_bytes(b"x-other, \xff").expect("obs-text"),
+        );
+        h.insert(
+            HeaderName::from_static("x-other"),
+            HeaderValue::from_static("1"),
+        );
         strip(&mut h, CALLER_NEVER, true);
         let mut left: Vec<&str> = h.keys().map(HeaderName::as_str).collect();
         left.sort_unstable();

@@ -117,14 +117,7 @@ pub async fn start(config: Config, listeners: Listeners) -> Result<Sidecar, Star
     let authenticator = Arc::new(Authenticator::new(&config.inbound, &jwks_http)?);
     let background = authenticator.start();
 
-    let token_http = match &config.identity {
-        Some(identity) => {
-            let roots: Vec<&Path> = identity.ca_file.iter().map(PathBuf::as_path).collect();
-            tls::idp_client(&roots, identity.timeout)?
-        }
-        None => jwks_http.clone(),
-    };
-    let exchanger = Exchanger::new(config.identity.clone(), token_http, &config.cache);
+    let exchanger = Exchanger::new(&config.identities, &config.cache)?;
     let client = forward::upstream_client(tls::client_config(&[])?);
     let proxy = Arc::new(Proxy::new(
         &config,

@@ -4,7 +4,7 @@ use std::process::ExitCode;
 
 use anyhow::Context as _;
 use clap::Parser as _;
-use obo_sidecar::cli::{self, Cli, Command, ConfigArg, EXIT_CONFIG, LogFormat};
+use obo_sidecar::cli::{self, Cli, Command, EXIT_CONFIG, LogFormat};
 use obo_sidecar::config::Config;
 use tracing_subscriber::EnvFilter;
 
@@ -22,22 +22,18 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let command = cli.command.unwrap_or_else(|| {
-        Command::Run(ConfigArg {
-            path: std::env::var_os("OBO_SIDECAR_CONFIG")
-                .map_or_else(|| "sidecar.toml".into(), Into::into),
-        })
-    });
+    let command = cli.command.unwrap_or(Command::Run);
+    let config = cli.config;
     let result = runtime.block_on(async {
         match command {
-            Command::Check(arg) => match cli::check(&arg.path) {
+            Command::Check => match cli::check(&config) {
                 Ok(_) => Ok(ExitCode::SUCCESS),
                 Err(error) => {
-                    report_config_error(&arg.path, &error);
+                    report_config_error(&config, &error);
                     Ok(ExitCode::from(EXIT_CONFIG))
                 }
             },
-            Command::Run(arg) => serve(&arg.path).await,
+            Command::Run => serve(&config).await,
             Command::Demo => obo_sidecar::demo::run(shutdown_signal())
                 .await
                 .map(|()| ExitCode::SUCCESS)
@@ -98,7 +94,8 @@ fn init_tracing(format: LogFormat) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     match format {
         LogFormat::Json => builder.json().init(),
         LogFormat::Text => builder.init(),

@@ -123,12 +123,12 @@ impl Proxy {
         let acquired = tokio::time::timeout_at(deadline, self.exchanger.acquire(route, &caller))
             .await
             .map_err(|_| ProxyError::TokenDeadline)??;
-        if acquired.key.is_some() {
-            outcome.cache = if acquired.from_cache { "hit" } else { "miss" };
+        if let Some(lookup) = acquired.lookup {
+            outcome.cache = lookup.as_str();
         }
 
         let uri = forward::upstream_uri(route, &path, request.uri().query())?;
-        let upstream = forward::upstream_request(request, uri, remote, acquired.header);
+        let upstream = forward::upstream_request(request, uri, remote, acquired.header.clone());
         let mut response =
             match tokio::time::timeout_at(deadline, self.client.request(upstream)).await {
                 Err(_) => return Err(ProxyError::UpstreamTimeout),
@@ -136,22 +136,27 @@ impl Proxy {
                 Ok(Ok(response)) => response,
             };
         if response.status() == StatusCode::UNAUTHORIZED
-            && let Some(key) = &acquired.key
+            && let Some(sent) = &acquired.sent
+            && self.exchanger.forget(sent).await
         {
-            tracing::info!(route = %route.name, "upstream refused its token; dropping the cached one");
-            self.exchanger.cache().forget(key).await;
+            tracing::info!(route = %route.name, "upstream refused its token; dropped the cached one");
         }
         forward::clean_response_headers(response.headers_mut());
         Ok(response.map(Either::Left))
     }
 }
 
+/// Logs a refused request once. IdP failures were already logged where they happened (with the
+/// `client-request-id`), so here they are only a debug line.
 fn log_error(error: &ProxyError, route: Option<&str>) {
     let route = route.unwrap_or("-");
     let detail = crate::auth::jwks::error_chain(error);
-    match error.fault() {
-        Fault::Caller => tracing::debug!(route, error = %detail, "request refused"),
-        Fault::Idp | Fault::Upstream => tracing::warn!(route, error = %detail, "request failed"),
-        Fault::Internal => tracing::error!(route, error = %detail, "request failed"),
+    match (error.fault(), error) {
+        (Fault::Caller | Fault::Idp, _)
+        | (Fault::Internal, ProxyError::IdpMisconfigured { .. }) => {
+            tracing::debug!(route, error = %detail, "request refused");
+        }
+        (Fault::Upstream, _) => tracing::warn!(route, error = %detail, "request failed"),
+        (Fault::Internal, _) => tracing::error!(route, error = %detail, "request failed"),
     }
 }

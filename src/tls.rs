@@ -32,6 +32,22 @@ pub fn install_crypto_provider() {
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
 }
 
+/// Every certificate of a PEM file; at least one.
+pub fn read_pem_certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let certs = CertificateDer::pem_file_iter(path)
+        .and_then(Iterator::collect::<Result<Vec<_>, _>>)
+        .map_err(|source| TlsError::Pem {
+            path: path.display().to_string(),
+            source,
+        })?;
+    if certs.is_empty() {
+        return Err(TlsError::Empty {
+            path: path.display().to_string(),
+        });
+    }
+    Ok(certs)
+}
+
 /// A rustls client config trusting the system roots plus every certificate in `extra` PEM files.
 pub fn client_config(extra: &[&Path]) -> Result<rustls::ClientConfig, TlsError> {
     install_crypto_provider();
@@ -42,18 +58,7 @@ pub fn client_config(extra: &[&Path]) -> Result<rustls::ClientConfig, TlsError> 
     }
     roots.add_parsable_certificates(native.certs);
     for path in extra {
-        let certs = CertificateDer::pem_file_iter(path)
-            .and_then(Iterator::collect::<Result<Vec<_>, _>>)
-            .map_err(|source| TlsError::Pem {
-                path: path.display().to_string(),
-                source,
-            })?;
-        if certs.is_empty() {
-            return Err(TlsError::Empty {
-                path: path.display().to_string(),
-            });
-        }
-        roots.add_parsable_certificates(certs);
+        roots.add_parsable_certificates(read_pem_certificates(path)?);
     }
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let config = rustls::ClientConfig::builder_with_provider(provider)

@@ -91,6 +91,16 @@ token = "sometimes"
     .expect("write");
     let (code, _, stderr) = check(&path, Some("x"));
     assert_eq!(code, 64);
+    let run = Command::new(env!("CARGO_BIN_EXE_obo-sidecar"))
+        .arg("-c")
+        .arg(&path)
+        .output()
+        .expect("run obo-sidecar");
+    assert_eq!(
+        run.status.code(),
+        Some(64),
+        "`run` is the default command and refuses a bad config"
+    );
     for expected in [
         "listen.proxy: not an IP:port address",
         "inbound.audiences: at least one audience is required",

@@ -216,7 +216,8 @@ async fn idp_down_is_503() {
     assert_eq!(h.upstream.requests(), 0);
 }
 
-/// IdP 5xx is retried once, then 503; 429 is 503 with its `Retry-After`.
+/// IdP 5xx is retried once, then 503; one transient failure is absorbed by the retry; 429 is 503 with its
+/// `Retry-After`, which is remembered: until it passes, requests needing the IdP get 503 without a call.
 #[tokio::test]
 async fn idp_5xx_and_429_are_503() {
     let h = Harness::start().await;
@@ -225,7 +226,13 @@ async fn idp_5xx_and_429_are_503() {
         .get("/obo/x", Some(&h.token("alice", "access_as_user")))
         .await;
     assert_eq!(response.status(), 503);
+    assert_problem(response, "idp-unavailable").await;
     assert_eq!(h.idp.token_requests(), 2, "one retry");
+    h.idp.fail_next(Failure::ServerError, 1);
+    let carol = h.token("carol", "access_as_user");
+    assert_eq!(h.get("/obo/x", Some(&carol)).await.status(), 200);
+    assert_eq!(h.idp.token_requests(), 4);
+
     h.idp.fail_next(
         Failure::TooManyRequests {
             retry_after_secs: 7,
@@ -237,15 +244,39 @@ async fn idp_5xx_and_429_are_503() {
         .await;
     assert_eq!(response.status(), 503);
     assert_eq!(response.headers()["retry-after"], "7");
-    // One transient failure is absorbed by the retry.
-    h.idp.fail_next(Failure::ServerError, 1);
+    assert_eq!(h.idp.token_requests(), 5, "no retry against a Retry-After");
+    let response = h
+        .get("/obo/x", Some(&h.token("dave", "access_as_user")))
+        .await;
     assert_eq!(
-        h.get("/obo/x", Some(&h.token("carol", "access_as_user")))
-            .await
-            .status(),
-        200
+        response.status(),
+        503,
+        "back-off remembered for the identity"
     );
-    assert_eq!(h.upstream.requests(), 1);
+    let wait: u64 = response.headers()["retry-after"]
+        .to_str()
+        .expect("ascii")
+        .parse()
+        .expect("seconds");
+    assert!((1..=7).contains(&wait), "{wait}");
+    assert_eq!(h.idp.token_requests(), 5, "no IdP call while backing off");
+    // A cached token still serves during the back-off.
+    assert_eq!(h.get("/obo/y", Some(&carol)).await.status(), 200);
+    assert_eq!(h.upstream.requests(), 2);
+}
+
+/// The body of a sidecar-made answer: an RFC 9457 problem of `kind` that quotes no token.
+async fn assert_problem(response: reqwest::Response, kind: &str) -> serde_json::Value {
+    assert_eq!(
+        response.headers()["content-type"],
+        "application/problem+json"
+    );
+    let status = response.status().as_u16();
+    let body: serde_json::Value = response.json().await.expect("problem JSON");
+    assert_eq!(body["type"], format!("urn:obo-sidecar:problem:{kind}"));
+    assert_eq!(body["status"], status);
+    assert!(body["title"].is_string() && body["detail"].is_string());
+    body
 }
 
 /// IdP `invalid_grant` is 401 `invalid_token`; the failure is not cached.

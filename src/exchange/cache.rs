@@ -1,42 +1,91 @@
-//! The upstream-token cache: bounded (least recently used goes first), each entry living until its token's
-//! `exp - expiry_margin` and never past its subject token's `exp`, with concurrent misses for one key
-//! coalesced into one IdP call (moka's `try_get_with`). Keys are SHA-256 digests of everything that could
-//! change the token (SPEC §8), so no caller's token is ever served to another.
+//! The upstream-token cache: bounded (least recently used goes first), concurrent misses for one key
+//! coalesced into one IdP call (moka's `try_get_with`), refresh-ahead, and a hard expiry that no IdP outage
+//! extends. Keys are SHA-256 digests of everything that could change the token (SPEC §8), so no caller's
+//! token is ever served to another.
+//!
+//! Time: each entry carries `stale_at` and `expires_at` as `tokio::time::Instant`s and every lookup checks
+//! them, so expiry is exact (moka's own timer only reclaims memory) and tests can run with paused time.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
+use dashmap::DashMap;
+use futures_util::future::BoxFuture;
 use moka::Expiry;
+use moka::ops::compute::Op;
 use moka::policy::EvictionPolicy;
+use tokio::time::Instant;
 
 use super::{ExchangeError, UpstreamToken};
-use crate::config::{Identity, Route};
 use crate::secret::Secret;
 
-/// SHA-256 over the subject token (for OBO), identity, token endpoint, flavor, grant and sorted scopes.
+/// After a failed background refresh, the next one waits this long (the still-valid token keeps serving).
+const REFRESH_RETRY_DELAY: Duration = Duration::from_secs(5);
+/// An upstream 401 drops the token that was sent at most this often per key, so an upstream that refuses
+/// every token cannot turn each request into an IdP call.
+pub const FORGET_INTERVAL: Duration = Duration::from_secs(30);
+
+/// SHA-256 over every input that could change the upstream token.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct CacheKey([u8; 32]);
 
+/// The inputs of a [`CacheKey`]: which caller (for OBO), which identity at which resolved endpoint, and
+/// every target parameter sent.
+pub struct KeyParts<'a> {
+    pub subject: Option<&'a Secret>,
+    pub identity: &'a str,
+    pub token_endpoint: &'a str,
+    pub flavor: &'a str,
+    pub auth_method: &'a str,
+    pub scopes: &'a [String],
+    pub audience: &'a [String],
+    pub resource: &'a [String],
+    pub requested_token_type: Option<&'a str>,
+    pub claims: Option<&'a str>,
+}
+
 impl CacheKey {
-    pub fn new(identity: &Identity, route: &Route, subject: Option<&Secret>) -> Self {
-        let mut scopes: Vec<&str> = route.scopes.iter().map(String::as_str).collect();
-        scopes.sort_unstable();
-        scopes.dedup();
+    pub fn new(parts: &KeyParts<'_>) -> Self {
         let mut digest = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
         let mut field = |bytes: &[u8]| {
             // Length-prefixed, so no two field lists hash the same bytes.
             digest.update(&(bytes.len() as u64).to_be_bytes());
             digest.update(bytes);
         };
-        field(b"obo-sidecar token cache v1");
-        field(subject.map_or(b"app".as_slice(), |_| b"obo".as_slice()));
-        field(subject.map_or(b"".as_slice(), |s| s.expose().as_bytes()));
-        field(identity.name.as_bytes());
-        field(identity.token_endpoint.as_str().as_bytes());
-        field(identity.flavor.as_str().as_bytes());
-        field(&(scopes.len() as u64).to_be_bytes());
-        for scope in scopes {
-            field(scope.as_bytes());
+        field(b"obo-sidecar token cache v2");
+        match parts.subject {
+            Some(subject) => {
+                field(b"obo");
+                field(subject.expose().as_bytes());
+            }
+            None => field(b"app"),
+        }
+        for text in [
+            parts.identity,
+            parts.token_endpoint,
+            parts.flavor,
+            parts.auth_method,
+        ] {
+            field(text.as_bytes());
+        }
+        for list in [parts.scopes, parts.audience, parts.resource] {
+            let mut sorted: Vec<&str> = list.iter().map(String::as_str).collect();
+            sorted.sort_unstable();
+            sorted.dedup();
+            field(&(sorted.len() as u64).to_be_bytes());
+            for item in sorted {
+                field(item.as_bytes());
+            }
+        }
+        for optional in [parts.requested_token_type, parts.claims] {
+            match optional {
+                Some(text) => {
+                    field(b"1");
+                    field(text.as_bytes());
+                }
+                None => field(b"0"),
+            }
         }
         let mut key = [0u8; 32];
         key.copy_from_slice(digest.finish().as_ref());
@@ -44,22 +93,76 @@ impl CacheKey {
     }
 }
 
-struct TokenExpiry;
+/// How a lookup was answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lookup {
+    Hit,
+    /// Served while one background refresh runs.
+    Stale,
+    Miss,
+}
 
-impl Expiry<CacheKey, Arc<UpstreamToken>> for TokenExpiry {
-    fn expire_after_create(
-        &self,
-        _key: &CacheKey,
-        value: &Arc<UpstreamToken>,
-        _created_at: Instant,
-    ) -> Option<Duration> {
-        Some(value.cache_for)
+impl Lookup {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Lookup::Hit => "hit",
+            Lookup::Stale => "stale",
+            Lookup::Miss => "miss",
+        }
     }
 }
 
-/// Bounded, expiring, single-flight cache of upstream tokens.
+/// A cache entry: the token and its refresh state.
+pub struct Entry {
+    pub token: UpstreamToken,
+    refreshing: AtomicBool,
+}
+
+impl Entry {
+    pub fn new(token: UpstreamToken) -> Arc<Entry> {
+        Arc::new(Entry {
+            token,
+            refreshing: AtomicBool::new(false),
+        })
+    }
+}
+
+struct EntryExpiry;
+
+impl Expiry<CacheKey, Arc<Entry>> for EntryExpiry {
+    fn expire_after_create(
+        &self,
+        _key: &CacheKey,
+        value: &Arc<Entry>,
+        _created_at: std::time::Instant,
+    ) -> Option<Duration> {
+        Some(
+            value
+                .token
+                .expires_at
+                .saturating_duration_since(Instant::now()),
+        )
+    }
+
+    fn expire_after_update(
+        &self,
+        key: &CacheKey,
+        value: &Arc<Entry>,
+        updated_at: std::time::Instant,
+        _duration_until_expiry: Option<Duration>,
+    ) -> Option<Duration> {
+        self.expire_after_create(key, value, updated_at)
+    }
+}
+
+/// A token request that can be started again (for the background refresh).
+pub type Fetch =
+    Arc<dyn Fn() -> BoxFuture<'static, Result<UpstreamToken, ExchangeError>> + Send + Sync>;
+
+/// Bounded, expiring, single-flight, refresh-ahead cache of upstream tokens.
 pub struct TokenCache {
-    inner: moka::future::Cache<CacheKey, Arc<UpstreamToken>>,
+    inner: moka::future::Cache<CacheKey, Arc<Entry>>,
+    forgotten: DashMap<CacheKey, Instant>,
 }
 
 impl TokenCache {
@@ -67,32 +170,359 @@ impl TokenCache {
         let inner = moka::future::Cache::builder()
             .max_capacity(max_entries)
             .eviction_policy(EvictionPolicy::lru())
-            .expire_after(TokenExpiry)
+            .expire_after(EntryExpiry)
             .build();
-        TokenCache { inner }
+        TokenCache {
+            inner,
+            forgotten: DashMap::new(),
+        }
     }
 
-    /// The cached token for `key`, or the result of `fetch`, which runs once however many callers miss
-    /// together; all of them share its result. Failures are not cached.
+    /// The token for `key`: a fresh cached one; a stale one (starting one background refresh); or the result
+    /// of `fetch`, which runs once however many callers miss together. Failures are not cached, and a token
+    /// past its expiry is never returned.
     pub async fn get_or_fetch(
         &self,
         key: CacheKey,
-        fetch: impl Future<Output = Result<Arc<UpstreamToken>, ExchangeError>>,
-    ) -> Result<Arc<UpstreamToken>, ExchangeError> {
-        self.inner
-            .try_get_with(key, fetch)
-            .await
-            .map_err(|shared: Arc<ExchangeError>| (*shared).clone())
+        fetch: &Fetch,
+    ) -> Result<(Arc<Entry>, Lookup), ExchangeError> {
+        let now = Instant::now();
+        if let Some(entry) = self.inner.get(&key).await {
+            if now < entry.token.stale_at {
+                return Ok((entry, Lookup::Hit));
+            }
+            if now < entry.token.expires_at {
+                self.refresh_in_background(key, &entry, fetch);
+                return Ok((entry, Lookup::Stale));
+            }
+            self.remove_if_same(key, &entry).await;
+        }
+        for _ in 0..2 {
+            let mut fetched = false;
+            let entry = self
+                .inner
+                .try_get_with(key, async {
+                    fetched = true;
+                    fetch().await.map(Entry::new)
+                })
+                .await
+                .map_err(|shared: Arc<ExchangeError>| (*shared).clone())?;
+            // A token fetched for this request is returned even if it may not be cached (unknown expiry);
+            // one found in the cache must still be valid.
+            if fetched || Instant::now() < entry.token.expires_at {
+                return Ok((entry, Lookup::Miss));
+            }
+            self.remove_if_same(key, &entry).await;
+        }
+        Err(ExchangeError::Unavailable {
+            reason: "the IdP keeps issuing tokens that are already expired".to_owned(),
+            retry_after: None,
+        })
     }
 
-    /// Drops the entry for `key` (the upstream refused its token).
-    pub async fn forget(&self, key: &CacheKey) {
-        self.inner.invalidate(key).await;
+    fn refresh_in_background(&self, key: CacheKey, entry: &Arc<Entry>, fetch: &Fetch) {
+        if entry.refreshing.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let inner = self.inner.clone();
+        let entry = Arc::clone(entry);
+        let request = fetch();
+        tokio::spawn(async move {
+            match request.await {
+                Ok(token) => inner.insert(key, Entry::new(token)).await,
+                Err(error) => {
+                    tracing::warn!(%error, "background token refresh failed; serving the current token until it expires");
+                    tokio::time::sleep(REFRESH_RETRY_DELAY).await;
+                    entry.refreshing.store(false, Ordering::Release);
+                }
+            }
+        });
+    }
+
+    async fn remove_if_same(&self, key: CacheKey, stale: &Arc<Entry>) {
+        self.inner
+            .entry(key)
+            .and_compute_with(|current| async move {
+                match current {
+                    Some(current) if Arc::ptr_eq(current.value(), stale) => Op::Remove,
+                    _ => Op::Nop,
+                }
+            })
+            .await;
+    }
+
+    /// The upstream refused `sent`: drop it (only it — a newer entry under the same key stays), at most once
+    /// per key per [`FORGET_INTERVAL`]. True when it was dropped.
+    pub async fn forget(&self, key: CacheKey, sent: &Arc<Entry>) -> bool {
+        let now = Instant::now();
+        let mut allowed = false;
+        self.forgotten
+            .entry(key)
+            .and_modify(|last| {
+                if now.duration_since(*last) >= FORGET_INTERVAL {
+                    *last = now;
+                    allowed = true;
+                }
+            })
+            .or_insert_with(|| {
+                allowed = true;
+                now
+            });
+        if self.forgotten.len() > 10_000 {
+            self.forgotten
+                .retain(|_, last| now.duration_since(*last) < FORGET_INTERVAL);
+        }
+        if allowed {
+            self.remove_if_same(key, sent).await;
+        }
+        allowed
     }
 
     /// Live entries, after pending maintenance has run.
     pub async fn entry_count(&self) -> u64 {
         self.inner.run_pending_tasks().await;
         self.inner.entry_count()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicU32;
+
+    use http::HeaderValue;
+
+    fn token(n: u32, lifetime: Duration, margin: Duration) -> UpstreamToken {
+        let now = Instant::now();
+        UpstreamToken {
+            header: HeaderValue::from_str(&format!("Bearer token-{n}")).expect("header"),
+            expires_on: 0,
+            stale_at: now + lifetime - margin,
+            expires_at: now + lifetime - Duration::from_secs(30),
+        }
+    }
+
+    /// A fetch that counts its calls and fails while `down` is set.
+    fn counting_fetch(calls: Arc<AtomicU32>, down: Arc<AtomicBool>) -> Fetch {
+        Arc::new(move || {
+            let calls = Arc::clone(&calls);
+            let down = Arc::clone(&down);
+            Box::pin(async move {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                let n = calls.fetch_add(1, Ordering::SeqCst) + 1;
+                if down.load(Ordering::SeqCst) {
+                    return Err(ExchangeError::Unavailable {
+                        reason: "IdP down".into(),
+                        retry_after: None,
+                    });
+                }
+                Ok(token(
+                    n,
+                    Duration::from_secs(3600),
+                    Duration::from_secs(300),
+                ))
+            })
+        })
+    }
+
+    fn key(n: u8) -> CacheKey {
+        CacheKey([n; 32])
+    }
+
+    fn header(entry: &Entry) -> &str {
+        entry.token.header.to_str().expect("ascii")
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn token_is_refreshed_ahead_and_never_served_past_expiry() {
+        let calls = Arc::new(AtomicU32::new(0));
+        let down = Arc::new(AtomicBool::new(false));
+        let fetch = counting_fetch(Arc::clone(&calls), Arc::clone(&down));
+        let cache = TokenCache::new(100);
+
+        let (first, lookup) = cache.get_or_fetch(key(1), &fetch).await.expect("miss");
+        assert_eq!((header(&first), lookup), ("Bearer token-1", Lookup::Miss));
+        let (again, lookup) = cache.get_or_fetch(key(1), &fetch).await.expect("hit");
+        assert_eq!((header(&again), lookup), ("Bearer token-1", Lookup::Hit));
+
+        // Past exp - margin: the current token is served and one background refresh starts.
+        tokio::time::advance(Duration::from_secs(3600 - 299)).await;
+        let (stale, lookup) = cache.get_or_fetch(key(1), &fetch).await.expect("stale");
+        assert_eq!((header(&stale), lookup), ("Bearer token-1", Lookup::Stale));
+        let (stale, _) = cache.get_or_fetch(key(1), &fetch).await.expect("stale");
+        assert_eq!(header(&stale), "Bearer token-1");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(
+            calls.load(Ordering::SeqCst),
+            2,
+            "exactly one background refresh"
+        );
+        let (fresh, lookup) = cache.get_or_fetch(key(1), &fetch).await.expect("refreshed");
+        assert_eq!((header(&fresh), lookup), ("Bearer token-2", Lookup::Hit));
+
+        // The IdP goes down: the valid token keeps serving until it expires, then 503, never the old token.
+        down.store(true, Ordering::SeqCst);
+        tokio::time::advance(Duration::from_secs(3600 - 299)).await;
+        let (stale, lookup) = cache
+            .get_or_fetch(key(1), &fetch)
+            .await
+            .expect("stale while down");
+        assert_eq!((header(&stale), lookup), ("Bearer token-2", Lookup::Stale));
+        tokio::time::advance(Duration::from_secs(300)).await;
+        let result = cache.get_or_fetch(key(1), &fetch).await;
+        assert!(
+            matches!(result, Err(ExchangeError::Unavailable { .. })),
+            "an expired token is never sent"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn concurrent_misses_share_one_fetch() {
+        let calls = Arc::new(AtomicU32::new(0));
+        let fetch = counting_fetch(Arc::clone(&calls), Arc::new(AtomicBool::new(false)));
+        let cache = Arc::new(TokenCache::new(100));
+        let tasks: Vec<_> = (0..256)
+            .map(|_| {
+                let cache = Arc::clone(&cache);
+                let fetch = Arc::clone(&fetch);
+                tokio::spawn(async move {
+                    cache
+                        .get_or_fetch(key(7), &fetch)
+                        .await
+                        .map(|(e, _)| header(&e).to_owned())
+                })
+            })
+            .collect();
+        for task in tasks {
+            assert_eq!(task.await.expect("join").expect("token"), "Bearer token-1");
+        }
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn forget_drops_only_the_token_sent_at_most_once_per_interval() {
+        let calls = Arc::new(AtomicU32::new(0));
+        let fetch = counting_fetch(Arc::clone(&calls), Arc::new(AtomicBool::new(false)));
+        let cache = TokenCache::new(100);
+        let (first, _) = cache.get_or_fetch(key(2), &fetch).await.expect("token");
+        assert!(cache.forget(key(2), &first).await);
+        let (second, lookup) = cache.get_or_fetch(key(2), &fetch).await.expect("token");
+        assert_eq!((header(&second), lookup), ("Bearer token-2", Lookup::Miss));
+        // A late 401 for the old token does not drop the new one.
+        tokio::time::advance(FORGET_INTERVAL).await;
+        assert!(cache.forget(key(2), &first).await);
+        let (still, _) = cache.get_or_fetch(key(2), &fetch).await.expect("token");
+        assert_eq!(header(&still), "Bearer token-2");
+        // Within the interval a second 401 drops nothing.
+        assert!(!cache.forget(key(2), &still).await);
+        assert_eq!(
+            header(&cache.get_or_fetch(key(2), &fetch).await.expect("token").0),
+            "Bearer token-2"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn failures_are_not_cached() {
+        let calls = Arc::new(AtomicU32::new(0));
+        let down = Arc::new(AtomicBool::new(true));
+        let fetch = counting_fetch(Arc::clone(&calls), Arc::clone(&down));
+        let cache = TokenCache::new(100);
+        assert!(cache.get_or_fetch(key(3), &fetch).await.is_err());
+        down.store(false, Ordering::SeqCst);
+        assert!(cache.get_or_fetch(key(3), &fetch).await.is_ok());
+        assert_eq!(calls.load(Ordering::SeqCst), 2);
+    }
+
+    mod isolation {
+        use super::*;
+        use proptest::prelude::*;
+
+        #[derive(Debug, Clone)]
+        enum Op {
+            Get { caller: u8, route: u8 },
+            Advance { secs: u16 },
+            Forget { caller: u8, route: u8 },
+        }
+
+        fn op() -> impl Strategy<Value = Op> {
+            prop_oneof![
+                6 => (0..6u8, 0..3u8).prop_map(|(caller, route)| Op::Get { caller, route }),
+                2 => (0..700u16).prop_map(|secs| Op::Advance { secs }),
+                1 => (0..6u8, 0..3u8).prop_map(|(caller, route)| Op::Forget { caller, route }),
+            ]
+        }
+
+        fn key_for(caller: u8, route: u8) -> CacheKey {
+            let subject = Secret::new(format!("subject-token-of-caller-{caller}"));
+            let scopes = vec![format!("api://route-{route}/.default")];
+            CacheKey::new(&KeyParts {
+                subject: Some(&subject),
+                identity: "default",
+                token_endpoint: "https://idp.example/token",
+                flavor: "entra",
+                auth_method: "client_secret_post",
+                scopes: &scopes,
+                audience: &[],
+                resource: &[],
+                requested_token_type: None,
+                claims: None,
+            })
+        }
+
+        /// A fetch that mints `c{caller}-r{route}-{n}` tokens living 600 s (stale after 300 s).
+        fn minting(caller: u8, route: u8, counter: Arc<AtomicU32>) -> Fetch {
+            Arc::new(move || {
+                let counter = Arc::clone(&counter);
+                Box::pin(async move {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    let n = counter.fetch_add(1, Ordering::SeqCst);
+                    let now = Instant::now();
+                    Ok(UpstreamToken {
+                        header: HeaderValue::from_str(&format!("Bearer c{caller}-r{route}-{n}"))
+                            .expect("header"),
+                        expires_on: 0,
+                        stale_at: now + Duration::from_secs(300),
+                        expires_at: now + Duration::from_secs(570),
+                    })
+                })
+            })
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(64))]
+
+            /// Whatever the interleaving of lookups, refreshes, expiries, evictions (4 entries for 18 keys)
+            /// and upstream-401 drops, a caller only ever receives a token minted for its own key.
+            #[test]
+            fn no_caller_ever_receives_another_callers_token(ops in proptest::collection::vec(op(), 1..80)) {
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_time()
+                    .start_paused(true)
+                    .build()
+                    .expect("runtime");
+                runtime.block_on(async {
+                    let cache = TokenCache::new(4);
+                    let counter = Arc::new(AtomicU32::new(0));
+                    for op in ops {
+                        match op {
+                            Op::Get { caller, route } => {
+                                let fetch = minting(caller, route, Arc::clone(&counter));
+                                let (entry, _) = cache.get_or_fetch(key_for(caller, route), &fetch).await.expect("token");
+                                let prefix = format!("Bearer c{caller}-r{route}-");
+                                assert!(header(&entry).starts_with(&prefix), "{} served to {prefix}", header(&entry));
+                                assert!(Instant::now() < entry.token.expires_at || entry.token.expires_at == entry.token.stale_at);
+                            }
+                            Op::Advance { secs } => tokio::time::sleep(Duration::from_secs(u64::from(secs))).await,
+                            Op::Forget { caller, route } => {
+                                let fetch = minting(caller, route, Arc::clone(&counter));
+                                let (entry, _) = cache.get_or_fetch(key_for(caller, route), &fetch).await.expect("token");
+                                cache.forget(key_for(caller, route), &entry).await;
+                            }
+                        }
+                    }
+                    assert!(cache.entry_count().await <= 4, "bounded by max_entries");
+                });
+            }
+        }
     }
 }

@@ -31,6 +31,23 @@ pub async fn dead_addr() -> SocketAddr {
     listener.local_addr().expect("addr")
 }
 
+/// `[listen]` and `[inbound]` for the dev IdP, to which tests add identities and routes.
+pub fn inbound_config(idp: &DevIdp) -> String {
+    format!(
+        r#"
+[listen]
+proxy = "127.0.0.1:0"
+admin = "127.0.0.1:0"
+
+[inbound]
+issuers = ["{issuer}"]
+audiences = ["api://{DEFAULT_CLIENT_ID}"]
+clock_skew = "5s"
+"#,
+        issuer = idp.issuer()
+    )
+}
+
 /// The base configuration: every token kind, plus a dead and a slow upstream.
 pub fn base_config(idp: &DevIdp, upstream: &str, token_endpoint: &str, dead: SocketAddr) -> String {
     format!(
@@ -134,6 +151,28 @@ impl Harness {
         let endpoint = token_endpoint(&idp, dead);
         let config = parse(&base_config(&idp, &upstream.url(), &endpoint, dead));
         let sidecar = start_sidecar(config).await;
+        let http = reqwest::Client::builder()
+            .no_proxy()
+            .build()
+            .expect("client");
+        let harness = Harness {
+            idp,
+            upstream,
+            sidecar,
+            http,
+        };
+        harness.wait_ready().await;
+        harness
+    }
+
+    /// IdP, upstream and a sidecar whose whole configuration `config` writes (from the IdP and upstream URL).
+    pub async fn start_custom(config: impl FnOnce(&DevIdp, &str) -> String) -> Harness {
+        let idp = DevIdp::start(bind().await, DevIdpConfig::default())
+            .await
+            .expect("idp");
+        let upstream = EchoUpstream::start(bind().await).await.expect("upstream");
+        let text = config(&idp, &upstream.url());
+        let sidecar = start_sidecar(parse(&text)).await;
         let http = reqwest::Client::builder()
             .no_proxy()
             .build()
