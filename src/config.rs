@@ -1211,16 +1211,15 @@ fn read_route(
         }
     }
     match token {
-        Some(TokenKind::Obo)
-            if flavor == Some(Flavor::Rfc8693)
-                && scopes.is_empty()
-                && audience.is_empty()
-                && resource.is_empty() =>
-        {
-            p.add(
-                &f.at("scopes"),
-                "an RFC 8693 exchange needs scopes, audience or resource",
-            );
+        // RFC 8693 §2.1: scope, audience and resource are each optional; one of them names the target.
+        Some(TokenKind::Obo) if flavor == Some(Flavor::Rfc8693) => {
+            let untargeted = scopes.is_empty() && audience.is_empty() && resource.is_empty();
+            if untargeted {
+                p.add(
+                    &f.at("scopes"),
+                    "an RFC 8693 exchange needs scopes, audience or resource",
+                );
+            }
         }
         Some(TokenKind::Obo | TokenKind::App) if scopes.is_empty() => {
             p.add(

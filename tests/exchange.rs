@@ -186,3 +186,194 @@ async fn identities_and_scopes_key_the_cache() {
     );
     assert_eq!(h.idp.token_requests(), 3);
 }
+
+/// `private_key_jwt`: the sidecar signs a fresh assertion per request with the certificate's key — PS256 for
+/// Entra, RS256 for RFC 8693 — and the IdP verifies it against the registered certificate; a certificate the
+/// IdP does not know is refused (500: our misconfiguration).
+#[tokio::test]
+async fn private_key_jwt_is_verified_against_the_registered_certificate() {
+    use obo_sidecar::dev_idp::{ClientAuth, DevClient};
+    let dir = support::temp_dir("pkjwt");
+    let (cert, key, der) = support::rsa_client_certificate(&dir, "client-a");
+    let (other_cert, other_key, _) = support::rsa_client_certificate(&dir, "client-b");
+    let h = Harness::start_custom(|idp, upstream| {
+        idp.add_client(DevClient::with_certificate("cert-client", der.clone()));
+        let identity = |name: &str, flavor: &str, cert: &str, key: &str| {
+            format!(
+                "\n[identities.{name}]\nflavor = \"{flavor}\"\ntoken_endpoint = \"{}\"\nclient_id = \"cert-client\"\nclient_certificate = {{ cert_file = \"{cert}\", key_file = \"{key}\" }}\n",
+                idp.token_endpoint()
+            )
+        };
+        support::inbound_config_for(idp, &["api://cert-client"])
+            + &identity("entra", "entra", &cert, &key)
+            + &identity("exchange", "rfc8693", &cert, &key)
+            + &identity("stranger", "entra", &other_cert, &other_key)
+            + &route("entra", upstream, "token = \"obo\"\nidentity = \"entra\"\nscopes = [\"api://downstream/.default\"]")
+            + &route("exchange", upstream, "token = \"obo\"\nidentity = \"exchange\"\naudience = [\"api://downstream\"]")
+            + &route("stranger", upstream, "token = \"obo\"\nidentity = \"stranger\"\nscopes = [\"api://downstream/.default\"]")
+    })
+    .await;
+    let caller = h.idp.mint(&obo_sidecar::dev_idp::CallerClaims {
+        aud: Some("api://cert-client".into()),
+        scp: Some("access_as_user".into()),
+        ..obo_sidecar::dev_idp::CallerClaims::user("alice")
+    });
+    assert_eq!(
+        claims_of(&echoed(h.get("/entra/x", Some(&caller)).await).await)["sub"],
+        "alice"
+    );
+    assert_eq!(
+        claims_of(&echoed(h.get("/exchange/x", Some(&caller)).await).await)["sub"],
+        "alice"
+    );
+    let recorded = h.idp.recorded_requests();
+    assert_eq!(recorded[0].client_auth, Some(ClientAuth::PrivateKeyJwt));
+    assert_eq!(
+        recorded[0].assertion_alg.as_deref(),
+        Some("PS256"),
+        "Entra gets PS256"
+    );
+    assert_eq!(
+        recorded[1].assertion_alg.as_deref(),
+        Some("RS256"),
+        "RFC 8693 IdPs get RS256"
+    );
+    assert_eq!(
+        recorded[0].field("client_assertion_type"),
+        Some("urn:ietf:params:oauth:client-assertion-type:jwt-bearer")
+    );
+    assert_eq!(recorded[0].field("client_secret"), None);
+    let refused = h.get("/stranger/x", Some(&caller)).await;
+    assert_eq!(
+        refused.status(),
+        500,
+        "a key the IdP does not know is our misconfiguration"
+    );
+    assert_eq!(h.upstream.requests(), 2);
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// A client assertion file (Kubernetes workload identity) is read on every token request, so a rotated file
+/// is used at once; an unreadable or rejected one is 500, never a forwarded caller token.
+#[tokio::test]
+async fn client_assertion_file_is_reread_on_every_token_request() {
+    use obo_sidecar::dev_idp::{ClientAuth, DevClient, FEDERATED_AUDIENCE};
+    let dir = support::temp_dir("assertion");
+    let file = dir.join("azure-identity-token");
+    std::fs::write(&file, "projected later").unwrap();
+    let h = Harness::start_custom(|idp, upstream| {
+        idp.add_client(DevClient::with_federated_subject("wi-client", "system:serviceaccount:apps:api"));
+        support::inbound_config_for(idp, &["api://wi-client"])
+            + &format!(
+                "\n[identity]\ntoken_endpoint = \"{}\"\nclient_id = \"wi-client\"\nclient_assertion_file = \"{}\"\n",
+                idp.token_endpoint(),
+                file.display()
+            )
+            + &route("wi", upstream, "token = \"obo\"\nscopes = [\"api://downstream/.default\"]")
+    })
+    .await;
+    let kubelet_token = |sub: &str| {
+        let now = i64::try_from(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_secs(),
+        )
+        .unwrap();
+        let kid = h.token("x", "y").split('.').next().map(|header| {
+            use base64::Engine as _;
+            let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+                .decode(header)
+                .unwrap();
+            serde_json::from_slice::<serde_json::Value>(&bytes).unwrap()["kid"].clone()
+        });
+        h.idp.sign(
+            &serde_json::json!({"alg": "RS256", "typ": "JWT", "kid": kid}),
+            &serde_json::json!({"iss": h.idp.issuer(), "sub": sub, "aud": [FEDERATED_AUDIENCE], "iat": now, "exp": now + 3600}),
+        )
+    };
+    let caller = |sub: &str| {
+        h.idp.mint(&obo_sidecar::dev_idp::CallerClaims {
+            aud: Some("api://wi-client".into()),
+            scp: Some("access_as_user".into()),
+            ..obo_sidecar::dev_idp::CallerClaims::user(sub)
+        })
+    };
+    std::fs::write(&file, kubelet_token("system:serviceaccount:apps:api")).unwrap();
+    assert_eq!(
+        claims_of(&echoed(h.get("/wi/x", Some(&caller("alice"))).await).await)["sub"],
+        "alice"
+    );
+    assert_eq!(
+        h.idp.recorded_requests()[0].client_auth,
+        Some(ClientAuth::FederatedAssertion)
+    );
+    // The kubelet rotates the file to a token the IdP does not accept: the next exchange is refused.
+    std::fs::write(
+        &file,
+        kubelet_token("system:serviceaccount:apps:someone-else"),
+    )
+    .unwrap();
+    assert_eq!(h.get("/wi/x", Some(&caller("bob"))).await.status(), 500);
+    // Rotated back to a good one: used at once, no restart.
+    std::fs::write(&file, kubelet_token("system:serviceaccount:apps:api")).unwrap();
+    assert_eq!(
+        claims_of(&echoed(h.get("/wi/x", Some(&caller("carol"))).await).await)["sub"],
+        "carol"
+    );
+    std::fs::remove_file(&file).unwrap();
+    assert_eq!(
+        h.get("/wi/x", Some(&caller("dave"))).await.status(),
+        500,
+        "an unreadable file is our misconfiguration"
+    );
+    assert_eq!(h.upstream.requests(), 2);
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// Entra client capabilities (`cp1`) go into the `claims` parameter as MSAL sends them; the key of the cache
+/// includes them.
+#[tokio::test]
+async fn client_capabilities_are_sent_in_claims() {
+    let h = Harness::start_custom(|idp, upstream| {
+        support::inbound_config(idp)
+            + &identity(
+                "cae",
+                &idp.token_endpoint(),
+                "client_capabilities = [\"cp1\"]",
+            )
+            + &route(
+                "x",
+                upstream,
+                "token = \"obo\"\nidentity = \"cae\"\nscopes = [\"api://downstream/.default\"]",
+            )
+    })
+    .await;
+    let echo = echoed(
+        h.get("/x/y", Some(&h.token("alice", "access_as_user")))
+            .await,
+    )
+    .await;
+    let claims: serde_json::Value = serde_json::from_str(
+        h.idp.recorded_requests()[0]
+            .field("claims")
+            .expect("claims"),
+    )
+    .expect("JSON");
+    assert_eq!(
+        claims,
+        serde_json::json!({"access_token": {"xms_cc": {"values": ["cp1"]}}})
+    );
+    assert_eq!(claims_of(&echo)["xms_cc"], serde_json::json!(["cp1"]));
+}
+
+/// A token answer without `expires_in` is cached until the JWT's own `exp` (minus the margin).
+#[tokio::test]
+async fn expires_in_absent_uses_the_jwt_exp() {
+    let h = Harness::start().await;
+    h.idp.fail_next(Failure::ExpiresInAbsent, 1);
+    let caller = h.token("alice", "access_as_user");
+    echoed(h.get("/obo/x", Some(&caller)).await).await;
+    echoed(h.get("/obo/x", Some(&caller)).await).await;
+    assert_eq!(h.idp.token_requests(), 1, "cached by the JWT's exp");
+}

@@ -33,6 +33,11 @@ pub async fn dead_addr() -> SocketAddr {
 
 /// `[listen]` and `[inbound]` for the dev IdP, to which tests add identities and routes.
 pub fn inbound_config(idp: &DevIdp) -> String {
+    inbound_config_for(idp, &[&format!("api://{DEFAULT_CLIENT_ID}")])
+}
+
+/// `[listen]` and `[inbound]` accepting these audiences.
+pub fn inbound_config_for(idp: &DevIdp, audiences: &[&str]) -> String {
     format!(
         r#"
 [listen]
@@ -41,10 +46,37 @@ admin = "127.0.0.1:0"
 
 [inbound]
 issuers = ["{issuer}"]
-audiences = ["api://{DEFAULT_CLIENT_ID}"]
+audiences = {audiences:?}
 clock_skew = "5s"
 "#,
         issuer = idp.issuer()
+    )
+}
+
+/// A fresh temporary directory for one test's files.
+pub fn temp_dir(name: &str) -> std::path::PathBuf {
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!("obo-sidecar-{name}-{}-{n}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    dir
+}
+
+/// An RSA client certificate and key written as PEM into `dir`: (cert path, key path, certificate DER).
+pub fn rsa_client_certificate(dir: &std::path::Path, name: &str) -> (String, String, Vec<u8>) {
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_RSA_SHA256).expect("RSA key");
+    let cert = rcgen::CertificateParams::new(vec![name.to_owned()])
+        .expect("params")
+        .self_signed(&key)
+        .expect("certificate");
+    let cert_path = dir.join(format!("{name}.crt"));
+    let key_path = dir.join(format!("{name}.key"));
+    std::fs::write(&cert_path, cert.pem()).expect("write certificate");
+    std::fs::write(&key_path, key.serialize_pem()).expect("write key");
+    (
+        cert_path.display().to_string(),
+        key_path.display().to_string(),
+        cert.der().to_vec(),
     )
 }
 
