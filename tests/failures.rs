@@ -419,3 +419,80 @@ async fn oversized_headers_are_431_and_oversized_bearer_401() {
     assert_eq!(response.status(), 401);
     assert_eq!(h.upstream.requests(), 0);
 }
+
+/// Every IdP row of SPEC §4, one table: the injected IdP answer, the status, the challenge and the problem
+/// type the caller gets, and how many token requests it took (one retry for transient failures).
+#[tokio::test]
+async fn every_idp_answer_maps_to_its_status_challenge_and_problem() {
+    let claims = r#"{"access_token":{"acrs":{"essential":true,"value":"c1"}}}"#;
+    // (IdP answer, times, status, challenge part, problem type, token requests)
+    type Row = (Failure, u32, u16, Option<&'static str>, &'static str, u64);
+    let rows: Vec<Row> = vec![
+        (
+            Failure::InteractionRequired {
+                claims: claims.into(),
+            },
+            1,
+            401,
+            Some("error=\"insufficient_claims\""),
+            "idp-claims-challenge",
+            1,
+        ),
+        (
+            Failure::ConsentRequired,
+            1,
+            403,
+            Some("error=\"insufficient_scope\", scope=\"api://downstream/.default\""),
+            "idp-consent-required",
+            1,
+        ),
+        (
+            Failure::InvalidGrant,
+            1,
+            401,
+            Some("error=\"invalid_token\""),
+            "idp-invalid-grant",
+            1,
+        ),
+        (Failure::InvalidClient, 1, 500, None, "idp-misconfigured", 1),
+        (Failure::NotBearer, 1, 500, None, "idp-misconfigured", 1),
+        (Failure::ServerError, 2, 503, None, "idp-unavailable", 2),
+        (Failure::NonJson200, 2, 503, None, "idp-unavailable", 2),
+        (Failure::EmptyBody200, 2, 503, None, "idp-unavailable", 2),
+        (Failure::ResetConnection, 2, 503, None, "idp-unavailable", 2),
+        (
+            Failure::Delay(Duration::from_secs(3)),
+            2,
+            503,
+            None,
+            "idp-unavailable",
+            2,
+        ),
+    ];
+    for (failure, count, status, challenge, kind, calls) in rows {
+        let h = Harness::start().await;
+        let why = format!("{failure:?}");
+        h.idp.fail_next(failure, count);
+        let caller = h.token("alice", "access_as_user");
+        let response = h.get("/obo/x", Some(&caller)).await;
+        assert_eq!(response.status(), status, "{why}");
+        let seen = response
+            .headers()
+            .get("www-authenticate")
+            .map(|v| v.to_str().expect("ascii").to_owned());
+        match challenge {
+            Some(expected) => assert!(
+                seen.as_deref().is_some_and(|c| c.contains(expected)),
+                "{why}: {seen:?}"
+            ),
+            None => assert_eq!(seen, None, "{why}"),
+        }
+        let body = assert_problem(response, kind).await;
+        assert!(
+            !body.to_string().contains(&caller[caller.len() - 20..]),
+            "{why}: token in body"
+        );
+        assert_eq!(h.idp.token_requests(), calls, "{why}");
+        assert_eq!(h.upstream.requests(), 0, "{why}: reached the upstream");
+    }
+}
