@@ -420,13 +420,14 @@ async fn oversized_headers_are_431_and_oversized_bearer_401() {
     assert_eq!(h.upstream.requests(), 0);
 }
 
+/// (IdP answer, times, status, challenge part, problem type, token requests)
+type Row = (Failure, u32, u16, Option<&'static str>, &'static str, u64);
+
 /// Every IdP row of SPEC §4, one table: the injected IdP answer, the status, the challenge and the problem
 /// type the caller gets, and how many token requests it took (one retry for transient failures).
 #[tokio::test]
 async fn every_idp_answer_maps_to_its_status_challenge_and_problem() {
     let claims = r#"{"access_token":{"acrs":{"essential":true,"value":"c1"}}}"#;
-    // (IdP answer, times, status, challenge part, problem type, token requests)
-    type Row = (Failure, u32, u16, Option<&'static str>, &'static str, u64);
     let rows: Vec<Row> = vec![
         (
             Failure::InteractionRequired {
