@@ -16,7 +16,9 @@ use jsonwebtoken::{Algorithm, Validation};
 use serde::de::{Deserializer, MapAccess, Visitor};
 use serde_json::{Map, Value};
 
-use crate::config::{Inbound, Policy, Route, TokenKind};
+use url::Url;
+
+use crate::config::{Inbound, Policy, Route, TENANT_PLACEHOLDER, TokenKind};
 use crate::error::ProxyError;
 use crate::secret::Secret;
 use jwks::{IssuerKeys, KEYS_RETRY_AFTER};
@@ -25,11 +27,17 @@ use jwks::{IssuerKeys, KEYS_RETRY_AFTER};
 /// decompression-bomb-sized input before any decoding.
 pub const MAX_BEARER_BYTES: usize = 16 * 1024;
 
+/// Resolved `{tenantid}` issuers held at once; beyond it the least recently used tenant's keys are dropped.
+pub const MAX_TENANT_ISSUERS: u64 = 1024;
+/// Validated tokens remembered (by SHA-256) so a repeat caller costs a hash and a lookup, not a signature
+/// verification. 100 000 entries of a few hundred bytes each.
+pub const MAX_VALIDATED_TOKENS: u64 = 100_000;
+
 /// A validated caller.
 pub struct Caller {
     /// The caller's own token: the subject token of an OBO exchange, or what `passthrough` forwards.
     pub token: Secret,
-    pub claims: CallerClaims,
+    pub claims: Arc<CallerClaims>,
 }
 
 /// The claims of a validated caller token that the sidecar uses.
@@ -42,66 +50,129 @@ pub struct CallerClaims {
     pub all: Map<String, Value>,
 }
 
+/// A `{tenantid}` issuer and how its URLs are made.
+struct IssuerTemplate {
+    issuer: String,
+    discovery_url: Option<String>,
+    jwks_uri: Option<String>,
+}
+
 /// Validates callers' tokens against the configured issuers.
 pub struct Authenticator {
-    issuers: HashMap<String, Arc<IssuerKeys>>,
+    /// Fixed issuers, and the allowed tenants of `{tenantid}` issuers, by exact `iss`: fetched at start.
+    fixed: HashMap<String, Arc<IssuerKeys>>,
+    templates: Vec<IssuerTemplate>,
+    allowed_tenants: Vec<String>,
+    /// `{tenantid}` issuers resolved on demand (any GUID tenant), bounded.
+    tenants: moka::sync::Cache<String, Arc<IssuerKeys>>,
+    policy: jwks::FetchPolicy,
+    validated: moka::sync::Cache<[u8; 32], Arc<CallerClaims>>,
     audiences: Vec<String>,
     algorithms: Vec<Algorithm>,
     clock_skew: Duration,
+    scope_claims: Vec<String>,
+    roles_claim: String,
 }
 
 impl fmt::Debug for Authenticator {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Authenticator")
-            .field("issuers", &self.issuers.keys())
+            .field("issuers", &self.fixed.keys())
             .finish_non_exhaustive()
     }
+}
+
+/// Validated tokens are forgotten at their own `exp` (plus the clock skew they were accepted with).
+struct ValidatedExpiry {
+    clock_skew: u64,
+}
+
+impl moka::Expiry<[u8; 32], Arc<CallerClaims>> for ValidatedExpiry {
+    fn expire_after_create(
+        &self,
+        _key: &[u8; 32],
+        claims: &Arc<CallerClaims>,
+        _created_at: std::time::Instant,
+    ) -> Option<Duration> {
+        Some(Duration::from_secs(
+            (claims.exp + self.clock_skew).saturating_sub(now_unix()),
+        ))
+    }
+}
+
+fn fill(template: &str, tenant: &str) -> String {
+    template.replace(TENANT_PLACEHOLDER, tenant)
 }
 
 impl Authenticator {
     /// Builds the validator; [`Authenticator::start`] begins fetching keys.
     pub fn new(inbound: &Inbound, http: &reqwest::Client) -> Result<Self, url::ParseError> {
-        let mut issuers = HashMap::new();
+        let policy = jwks::FetchPolicy {
+            http: http.clone(),
+            refresh: inbound.jwks_refresh,
+            min_refetch: inbound.jwks_min_refetch,
+        };
+        let mut fixed = HashMap::new();
+        let mut templates = Vec::new();
         for issuer in &inbound.issuers {
-            let discovery_url = match &inbound.discovery_url {
-                Some(url) => url.clone(),
-                None => jwks::default_discovery_url(issuer)?,
+            let template = IssuerTemplate {
+                issuer: issuer.clone(),
+                discovery_url: inbound.discovery_url.clone(),
+                jwks_uri: inbound.jwks_uri.clone(),
             };
-            let keys = IssuerKeys::new(
-                issuer.clone(),
-                discovery_url,
-                inbound.jwks_uri.clone(),
-                http.clone(),
-            );
-            issuers.insert(issuer.clone(), Arc::new(keys));
+            if issuer.contains(TENANT_PLACEHOLDER) {
+                for tenant in &inbound.allowed_tenants {
+                    let keys = issuer_keys(&template, tenant, &policy)?;
+                    fixed.insert(keys.issuer.clone(), Arc::new(keys));
+                }
+                templates.push(template);
+            } else {
+                let keys = issuer_keys(&template, "", &policy)?;
+                fixed.insert(issuer.clone(), Arc::new(keys));
+            }
         }
         Ok(Authenticator {
-            issuers,
+            fixed,
+            templates,
+            allowed_tenants: inbound.allowed_tenants.clone(),
+            tenants: moka::sync::Cache::builder()
+                .max_capacity(MAX_TENANT_ISSUERS)
+                .eviction_policy(moka::policy::EvictionPolicy::lru())
+                .build(),
+            policy,
+            validated: moka::sync::Cache::builder()
+                .max_capacity(MAX_VALIDATED_TOKENS)
+                .expire_after(ValidatedExpiry {
+                    clock_skew: inbound.clock_skew.as_secs(),
+                })
+                .build(),
             audiences: inbound.audiences.clone(),
             algorithms: inbound.algorithms.clone(),
             clock_skew: inbound.clock_skew,
+            scope_claims: inbound.scope_claims.clone(),
+            roles_claim: inbound.roles_claim.clone(),
         })
     }
 
-    /// Spawns the background fetch and refresh of every issuer's keys.
+    /// Spawns the background fetch and refresh of every fixed issuer's keys.
     pub fn start(&self) -> Vec<tokio::task::JoinHandle<()>> {
-        self.issuers
+        self.fixed
             .values()
-            .map(|keys| tokio::spawn(Arc::clone(keys).maintain(jwks::DEFAULT_JWKS_REFRESH)))
+            .map(|keys| tokio::spawn(IssuerKeys::maintain(Arc::downgrade(keys))))
             .collect()
     }
 
-    /// Resolves once every issuer's keys have been fetched (what `/readyz` reports).
+    /// Resolves once every fixed issuer's keys have been fetched (what `/readyz` reports).
     pub async fn ready(&self) {
-        for keys in self.issuers.values() {
+        for keys in self.fixed.values() {
             keys.fetched().await;
         }
     }
 
-    /// Issuers whose keys have not been fetched yet (empty when ready).
+    /// Fixed issuers whose keys have not been fetched yet (empty when ready).
     pub fn issuers_without_keys(&self) -> Vec<String> {
         let mut missing: Vec<String> = self
-            .issuers
+            .fixed
             .values()
             .filter(|k| k.state().keys.is_none())
             .map(|k| k.issuer.clone())
@@ -110,17 +181,36 @@ impl Authenticator {
         missing
     }
 
-    /// Validates the caller's bearer token from the request headers.
+    /// Validates the caller's bearer token from the request headers. A token seen before (same bytes) is
+    /// answered from the validated-token cache, with its expiry checked again.
     pub async fn authenticate(&self, headers: &HeaderMap) -> Result<Caller, ProxyError> {
         let token = bearer_token(headers)?;
+        let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, token.as_bytes());
+        let mut key = [0u8; 32];
+        key.copy_from_slice(digest.as_ref());
+        if let Some(claims) = self.validated.get(&key) {
+            if now_unix() > claims.exp + self.clock_skew.as_secs() {
+                self.validated.invalidate(&key);
+                return Err(ProxyError::InvalidToken("token expired"));
+            }
+            return Ok(Caller {
+                token: Secret::new(token),
+                claims,
+            });
+        }
+        let claims = Arc::new(self.verify(token).await?);
+        self.validated.insert(key, Arc::clone(&claims));
+        Ok(Caller {
+            token: Secret::new(token),
+            claims,
+        })
+    }
+
+    /// Full validation: structure and header checks, issuer and key selection, signature and claims.
+    async fn verify(&self, token: &str) -> Result<CallerClaims, ProxyError> {
         let parsed = parse_unverified(token, &self.algorithms)?;
-        let issuer = parsed
-            .claims
-            .get("iss")
-            .and_then(Value::as_str)
-            .and_then(|iss| self.issuers.get(iss))
-            .ok_or(ProxyError::InvalidToken("issuer not accepted"))?;
-        let key = self.key_for(issuer, &parsed).await?;
+        let issuer = self.issuer_for(&parsed)?;
+        let key = self.key_for(&issuer, &parsed).await?;
         if key.family != parsed.alg.family() || key.alg.is_some_and(|a| a != parsed.alg) {
             return Err(ProxyError::InvalidToken(
                 "algorithm does not match the signing key",
@@ -157,10 +247,53 @@ impl Authenticator {
                 return Err(ProxyError::InvalidToken("token issued in the future"));
             }
         }
-        Ok(Caller {
-            token: Secret::new(token),
-            claims: caller_claims(parsed.claims, parsed.exp),
-        })
+        Ok(caller_claims(
+            parsed.claims,
+            parsed.exp,
+            &self.scope_claims,
+            &self.roles_claim,
+        ))
+    }
+
+    /// The keys for the token's (unverified) `iss`: a fixed issuer, or a `{tenantid}` issuer filled from an
+    /// allowed `tid` — checked before any network fetch, so a token cannot make us fetch from anywhere.
+    fn issuer_for(&self, parsed: &Unverified) -> Result<Arc<IssuerKeys>, ProxyError> {
+        let iss = parsed
+            .claims
+            .get("iss")
+            .and_then(Value::as_str)
+            .ok_or(ProxyError::InvalidToken("issuer not accepted"))?;
+        if let Some(keys) = self.fixed.get(iss) {
+            return Ok(Arc::clone(keys));
+        }
+        if self.templates.is_empty() {
+            return Err(ProxyError::InvalidToken("issuer not accepted"));
+        }
+        let tenant = parsed
+            .claims
+            .get("tid")
+            .and_then(Value::as_str)
+            .filter(|tid| {
+                if self.allowed_tenants.is_empty() {
+                    crate::exchange::is_guid(tid)
+                } else {
+                    self.allowed_tenants.iter().any(|t| t == tid)
+                }
+            })
+            .ok_or(ProxyError::InvalidToken("tenant not accepted"))?;
+        let template = self
+            .templates
+            .iter()
+            .find(|t| fill(&t.issuer, tenant) == iss)
+            .ok_or(ProxyError::InvalidToken("issuer not accepted"))?;
+        let resolved = fill(&template.issuer, tenant);
+        self.tenants
+            .try_get_with(resolved, || {
+                let keys = Arc::new(issuer_keys(template, tenant, &self.policy)?);
+                tokio::spawn(IssuerKeys::maintain(Arc::downgrade(&keys)));
+                Ok::<_, url::ParseError>(keys)
+            })
+            .map_err(|_| ProxyError::InvalidToken("issuer not accepted"))
     }
 
     async fn key_for(
@@ -184,9 +317,7 @@ impl Authenticator {
             };
         };
         if !keys.by_kid.contains_key(kid) {
-            issuer
-                .refetch_for_unknown_kid(jwks::DEFAULT_MIN_REFETCH)
-                .await;
+            issuer.refetch_for_unknown_kid().await;
             if let Some(fresh) = issuer.state().keys {
                 keys = fresh;
             }
@@ -196,6 +327,30 @@ impl Authenticator {
             .cloned()
             .ok_or(ProxyError::InvalidToken("signing key unknown"))
     }
+}
+
+/// The key source of `template` for `tenant` (ignored for fixed issuers).
+fn issuer_keys(
+    template: &IssuerTemplate,
+    tenant: &str,
+    policy: &jwks::FetchPolicy,
+) -> Result<IssuerKeys, url::ParseError> {
+    let issuer = fill(&template.issuer, tenant);
+    let discovery_url = match &template.discovery_url {
+        Some(url) => Url::parse(&fill(url, tenant))?,
+        None => jwks::default_discovery_url(&issuer)?,
+    };
+    let jwks_uri = template
+        .jwks_uri
+        .as_deref()
+        .map(|u| Url::parse(&fill(u, tenant)))
+        .transpose()?;
+    Ok(IssuerKeys::new(
+        issuer,
+        discovery_url,
+        jwks_uri,
+        policy.clone(),
+    ))
 }
 
 /// Applies a route's policy to a validated caller: one of the required scopes, or one of the required roles.
@@ -388,7 +543,12 @@ impl<'de> Visitor<'de> for UniqueObject {
     }
 }
 
-fn caller_claims(all: Map<String, Value>, exp: u64) -> CallerClaims {
+fn caller_claims(
+    all: Map<String, Value>,
+    exp: u64,
+    scope_claims: &[String],
+    roles_claim: &str,
+) -> CallerClaims {
     let strings = |v: Option<&Value>| -> Vec<String> {
         match v {
             Some(Value::String(s)) => s
@@ -404,11 +564,17 @@ fn caller_claims(all: Map<String, Value>, exp: u64) -> CallerClaims {
             _ => Vec::new(),
         }
     };
+    let mut scopes: Vec<String> = scope_claims
+        .iter()
+        .flat_map(|c| strings(all.get(c)))
+        .collect();
+    scopes.sort_unstable();
+    scopes.dedup();
     CallerClaims {
         sub: all.get("sub").and_then(Value::as_str).map(str::to_owned),
         exp,
-        scopes: strings(all.get("scp")),
-        roles: strings(all.get("roles")),
+        scopes,
+        roles: strings(all.get(roles_claim)),
         all,
     }
 }
@@ -530,18 +696,8 @@ mod tests {
 
     fn route(token: TokenKind, policy: Policy) -> Route {
         Route {
-            name: "r".into(),
-            path_prefix: "/r".into(),
-            match_prefix: "/r".into(),
-            upstream: url::Url::parse("http://127.0.0.1/").expect("url"),
-            token,
-            scopes: vec![],
-            identity: "default".into(),
-            audience: vec![],
-            resource: vec![],
-            requested_token_type: None,
             policy,
-            timeout: Duration::from_secs(1),
+            ..Route::for_tests("/r", "http://127.0.0.1/", token)
         }
     }
 
@@ -549,7 +705,7 @@ mod tests {
         let mut all = Map::new();
         all.insert("scp".into(), Value::from(scp));
         all.insert("roles".into(), Value::from(roles.to_vec()));
-        caller_claims(all, 0)
+        caller_claims(all, 0, &["scp".to_owned()], "roles")
     }
 
     #[test]

@@ -59,15 +59,32 @@ pub struct Listen {
 /// Validation of callers' tokens.
 #[derive(Debug, Clone)]
 pub struct Inbound {
+    /// Exact `iss` values; a `{tenantid}` template is filled from the token's `tid`.
     pub issuers: Vec<String>,
-    pub discovery_url: Option<Url>,
-    pub jwks_uri: Option<Url>,
+    /// Overrides of `<issuer>/.well-known/openid-configuration` and of discovery's `jwks_uri` (one issuer
+    /// only); may contain `{tenantid}`.
+    pub discovery_url: Option<String>,
+    pub jwks_uri: Option<String>,
     pub audiences: Vec<String>,
     pub algorithms: Vec<Algorithm>,
     pub clock_skew: Duration,
     pub ca_file: Option<PathBuf>,
     pub policy: Policy,
+    /// Tenants a `{tenantid}` issuer accepts; empty: any GUID.
+    pub allowed_tenants: Vec<String>,
+    pub jwks_refresh: Duration,
+    pub jwks_min_refetch: Duration,
+    /// Claims read for scopes: a space-separated string or an array.
+    pub scope_claims: Vec<String>,
+    pub roles_claim: String,
 }
+
+/// Keys rotate on the scale of weeks and are announced ahead; hourly picks a new key up even before any
+/// token uses it. A `Cache-Control: max-age` from the IdP is honoured between 5 minutes and 24 hours.
+pub const DEFAULT_JWKS_REFRESH: Duration = Duration::from_secs(3600);
+/// An unknown `kid` may be a freshly rotated key; refetch at most this often per issuer, so a flood of
+/// random `kid`s costs the IdP at most one request per interval.
+pub const DEFAULT_JWKS_MIN_REFETCH: Duration = Duration::from_secs(5);
 
 /// Who may use a route: one of `scopes` (from `scp`) or one of `roles` (from `roles`).
 /// A list not set grants nothing; neither set lets any valid token through.
@@ -174,6 +191,46 @@ pub struct Route {
     /// The route's own policy when it sets one, else `[inbound]`'s.
     pub policy: Policy,
     pub timeout: Duration,
+    /// Only requests for this host (the `Host` header without its port, lowercase).
+    pub host: Option<String>,
+    /// Only these methods.
+    pub methods: Option<Vec<http::Method>>,
+    pub caller_auth: CallerAuth,
+    /// Headers set from validated claims, replacing anything the caller sent under any spelling.
+    pub forward_claims: Vec<(http::HeaderName, String)>,
+}
+
+#[cfg(test)]
+impl Route {
+    /// A route for unit tests: `prefix` to `upstream`, sending `token`, every other key at its default.
+    pub(crate) fn for_tests(prefix: &str, upstream: &str, token: TokenKind) -> Route {
+        Route {
+            name: "r".into(),
+            path_prefix: prefix.into(),
+            match_prefix: prefix.trim_end_matches('/').into(),
+            upstream: Url::parse(upstream).unwrap_or_else(|e| panic!("{upstream}: {e}")),
+            token,
+            identity: DEFAULT_IDENTITY.into(),
+            scopes: vec![],
+            audience: vec![],
+            resource: vec![],
+            requested_token_type: None,
+            policy: Policy::default(),
+            timeout: DEFAULT_ROUTE_TIMEOUT,
+            host: None,
+            methods: None,
+            caller_auth: CallerAuth::Required,
+            forward_claims: vec![],
+        }
+    }
+}
+
+/// Whether a route validates its callers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CallerAuth {
+    Required,
+    /// No caller token needed (only for `app`/`none` routes on a loopback listener).
+    None,
 }
 
 /// One configuration problem and where it is.
@@ -461,6 +518,16 @@ fn parse_url(text: &str, at: &str, p: &mut Problems) -> Option<Url> {
     }
 }
 
+/// A URL that may contain `{tenantid}`: checked with a GUID in its place. No other placeholder.
+fn template_url(template: &str, at: &str, p: &mut Problems) -> Option<Url> {
+    let probe = template.replace(TENANT_PLACEHOLDER, "00000000-0000-0000-0000-000000000000");
+    if probe.contains(['{', '}']) {
+        p.add(at, "the only placeholder allowed is {tenantid}");
+        return None;
+    }
+    parse_url(&probe, at, p)
+}
+
 /// True for `localhost` and loopback IP literals.
 pub fn is_loopback(url: &Url) -> bool {
     match url.host() {
@@ -517,6 +584,9 @@ fn read_config(root: &Table, env: EnvLookup<'_>, p: &mut Problems) -> Option<Con
         .map(|i| i.policy.clone())
         .unwrap_or_default();
     let context = RouteContext {
+        proxy_listen: listen
+            .as_ref()
+            .map_or_else(|| SocketAddr::from(([127, 0, 0, 1], 0)), |l| l.proxy),
         default_policy: &default_policy,
         declared: &declared,
         identities: &identities,
@@ -564,6 +634,11 @@ fn read_inbound(table: &Table, p: &mut Problems) -> Inbound {
             "ca_file",
             "required_scopes",
             "required_roles",
+            "allowed_tenants",
+            "jwks_refresh",
+            "jwks_min_refetch",
+            "scope_claims",
+            "roles_claim",
         ],
         p,
     );
@@ -573,27 +648,58 @@ fn read_inbound(table: &Table, p: &mut Problems) -> Inbound {
     }
     for (i, issuer) in issuers.iter().enumerate() {
         let at = format!("{}[{i}]", f.at("issuers"));
-        if issuer.contains('{') {
-            p.add(
-                &at,
-                "placeholders such as {tenantid} in issuers are not supported by this version",
-            );
-            continue;
-        }
-        if let Some(url) = parse_url(issuer, &at, p) {
+        if let Some(url) = template_url(issuer, &at, p) {
             require_https(&url, &at, p);
         }
     }
-    let discovery_url = f.url("discovery_url", p);
-    let jwks_uri = f.url("jwks_uri", p);
-    for (key, url) in [("discovery_url", &discovery_url), ("jwks_uri", &jwks_uri)] {
-        if let Some(url) = url {
-            require_https(url, &f.at(key), p);
+    let discovery_url = f.string("discovery_url", p).map(str::to_owned);
+    let jwks_uri = f.string("jwks_uri", p).map(str::to_owned);
+    for (key, template) in [("discovery_url", &discovery_url), ("jwks_uri", &jwks_uri)] {
+        if let Some(template) = template {
+            if let Some(url) = template_url(template, &f.at(key), p) {
+                require_https(&url, &f.at(key), p);
+            }
             if issuers.len() > 1 {
                 p.add(&f.at(key), "can only be set with exactly one issuer");
             }
         }
     }
+    let allowed_tenants = f.strings("allowed_tenants", p).unwrap_or_default();
+    for (i, tenant) in allowed_tenants.iter().enumerate() {
+        if !tenant
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.')
+        {
+            p.add(
+                &format!("{}[{i}]", f.at("allowed_tenants")),
+                "a tenant id is letters, digits, '-' and '.'",
+            );
+        }
+    }
+    if !allowed_tenants.is_empty() && !issuers.iter().any(|i| i.contains(TENANT_PLACEHOLDER)) {
+        p.add(
+            &f.at("allowed_tenants"),
+            "only meaningful with a {tenantid} issuer",
+        );
+    }
+    let jwks_refresh = f.bounded_duration(
+        "jwks_refresh",
+        DEFAULT_JWKS_REFRESH,
+        Duration::from_secs(60),
+        Duration::from_secs(7 * 86_400),
+        p,
+    );
+    let jwks_min_refetch = f.bounded_duration(
+        "jwks_min_refetch",
+        DEFAULT_JWKS_MIN_REFETCH,
+        Duration::from_secs(1),
+        Duration::from_secs(3600),
+        p,
+    );
+    let scope_claims = f
+        .strings("scope_claims", p)
+        .unwrap_or_else(|| vec!["scp".to_owned(), "scope".to_owned()]);
+    let roles_claim = f.string("roles_claim", p).unwrap_or("roles").to_owned();
     let audiences = f.strings("audiences", p).unwrap_or_default();
     if audiences.is_empty() {
         p.add(&f.at("audiences"), "at least one audience is required");
@@ -632,6 +738,11 @@ fn read_inbound(table: &Table, p: &mut Problems) -> Inbound {
         clock_skew,
         ca_file,
         policy,
+        allowed_tenants,
+        jwks_refresh,
+        jwks_min_refetch,
+        scope_claims,
+        roles_claim,
     }
 }
 
@@ -792,12 +903,7 @@ fn read_identity(
     };
     let token_endpoint = token_endpoint.and_then(|template| {
         let at = f.at("token_endpoint");
-        let probe = template.replace(TENANT_PLACEHOLDER, "00000000-0000-0000-0000-000000000000");
-        if probe.contains(['{', '}']) {
-            p.add(&at, "the only placeholder allowed is {tenantid}");
-            return None;
-        }
-        let url = parse_url(&probe, &at, p)?;
+        let url = template_url(&template, &at, p)?;
         require_https(&url, &at, p);
         Some(template)
     });
@@ -1032,6 +1138,7 @@ fn read_cache(table: Option<&Table>, p: &mut Problems) -> CacheSettings {
 
 /// What a route is checked against.
 struct RouteContext<'a> {
+    proxy_listen: SocketAddr,
     default_policy: &'a Policy,
     /// Identity names present in the file (even if they failed to parse).
     declared: &'a HashSet<String>,
@@ -1083,12 +1190,30 @@ fn read_routes(top: &Fields<'_>, context: &RouteContext<'_>, p: &mut Problems) -
         }
         if let Some(prefix) = table.get("path_prefix").and_then(Value::as_str)
             && let Ok(normalized) = normalize_prefix(prefix)
-            && let Some(other) = prefixes.insert(normalized, name.unwrap_or("?").to_owned())
         {
-            p.add(
-                &format!("{at}.path_prefix"),
-                format!("{prefix:?} is also the prefix of route {other:?}"),
-            );
+            // Two routes may share a prefix when host or methods tell them apart.
+            let host = table
+                .get("host")
+                .and_then(Value::as_str)
+                .map(str::to_ascii_lowercase);
+            let mut methods: Vec<String> = table
+                .get("methods")
+                .and_then(Value::as_array)
+                .map(|m| {
+                    m.iter()
+                        .filter_map(Value::as_str)
+                        .map(str::to_ascii_uppercase)
+                        .collect()
+                })
+                .unwrap_or_default();
+            methods.sort();
+            let selector = format!("{normalized} {host:?} {methods:?}");
+            if let Some(other) = prefixes.insert(selector, name.unwrap_or("?").to_owned()) {
+                p.add(
+                    &format!("{at}.path_prefix"),
+                    format!("{prefix:?} is also the prefix of route {other:?} (with the same host and methods)"),
+                );
+            }
         }
         let Some(route) = read_route(table, &at, context, p) else {
             continue;
@@ -1120,6 +1245,10 @@ fn read_route(
             "required_scopes",
             "required_roles",
             "timeout",
+            "host",
+            "methods",
+            "caller_auth",
+            "forward_claims",
         ],
         p,
     );
@@ -1255,6 +1384,34 @@ fn read_route(
         MAX_ROUTE_TIMEOUT,
         p,
     );
+    let host = read_host(&f, p);
+    let methods = read_methods(&f, p);
+    let caller_auth = match f.string("caller_auth", p) {
+        None | Some("required") => CallerAuth::Required,
+        Some("none") => {
+            if matches!(token, Some(TokenKind::Obo | TokenKind::Passthrough)) {
+                p.add(&f.at("caller_auth"), "\"none\" only with token = \"app\" or \"none\": obo and passthrough need the caller's token");
+            }
+            if !is_loopback_addr(&context.proxy_listen) {
+                p.add(&f.at("caller_auth"), "\"none\" only when the proxy listener is loopback: anyone who can reach it could use this route");
+            }
+            CallerAuth::None
+        }
+        Some(other) => {
+            p.add(
+                &f.at("caller_auth"),
+                format!("unknown caller_auth {other:?}: \"required\" or \"none\""),
+            );
+            CallerAuth::Required
+        }
+    };
+    let forward_claims = read_forward_claims(&f, p);
+    if caller_auth == CallerAuth::None && !forward_claims.is_empty() {
+        p.add(
+            &f.at("forward_claims"),
+            "a route without caller authentication has no claims to forward",
+        );
+    }
     Some(Route {
         name: name?.to_owned(),
         path_prefix: path_prefix?.to_owned(),
@@ -1268,7 +1425,93 @@ fn read_route(
         requested_token_type,
         policy,
         timeout,
+        host,
+        methods,
+        caller_auth,
+        forward_claims,
     })
+}
+
+fn read_host(f: &Fields<'_>, p: &mut Problems) -> Option<String> {
+    let host = f.string("host", p)?;
+    let valid = !host.is_empty()
+        && host
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.');
+    if !valid {
+        p.add(
+            &f.at("host"),
+            format!("{host:?} is not a host name (no scheme, port or path)"),
+        );
+    }
+    Some(host.to_ascii_lowercase())
+}
+
+fn read_methods(f: &Fields<'_>, p: &mut Problems) -> Option<Vec<http::Method>> {
+    let names = f.strings("methods", p)?;
+    if names.is_empty() {
+        p.add(
+            &f.at("methods"),
+            "an empty list matches nothing; leave it out to match every method",
+        );
+    }
+    let mut methods = Vec::new();
+    for (i, name) in names.iter().enumerate() {
+        match http::Method::from_bytes(name.to_ascii_uppercase().as_bytes()) {
+            Ok(method) => methods.push(method),
+            Err(_) => p.add(
+                &format!("{}[{i}]", f.at("methods")),
+                format!("{name:?} is not an HTTP method"),
+            ),
+        }
+    }
+    methods.sort_by(|a, b| a.as_str().cmp(b.as_str()));
+    methods.dedup();
+    Some(methods)
+}
+
+/// Headers the sidecar owns: never set from a claim.
+const RESERVED_HEADERS: &[&str] = &[
+    "authorization",
+    "host",
+    "connection",
+    "content-length",
+    "transfer-encoding",
+    "te",
+    "upgrade",
+    "forwarded",
+    "x-forwarded-for",
+    "x-forwarded-proto",
+    "x-forwarded-host",
+    "x-real-ip",
+];
+
+fn read_forward_claims(f: &Fields<'_>, p: &mut Problems) -> Vec<(http::HeaderName, String)> {
+    let Some(table) = f.table("forward_claims", p) else {
+        return Vec::new();
+    };
+    let mut headers = Vec::new();
+    for (header, claim) in table {
+        let at = format!("{}.{header}", f.at("forward_claims"));
+        let Value::String(claim) = claim else {
+            p.add(&at, "expected the name of a claim (a string)");
+            continue;
+        };
+        let Ok(name) = http::HeaderName::from_bytes(header.to_ascii_lowercase().as_bytes()) else {
+            p.add(&at, "not a valid header name");
+            continue;
+        };
+        if RESERVED_HEADERS.contains(&name.as_str().replace('_', "-").as_str()) {
+            p.add(&at, "this header is set by the sidecar itself");
+            continue;
+        }
+        if claim.is_empty() {
+            p.add(&at, "the claim name must not be empty");
+            continue;
+        }
+        headers.push((name, claim.clone()));
+    }
+    headers
 }
 
 /// `/graph/` and `/graph` both become `/graph`; `/` becomes `""` (matches every path).

@@ -8,6 +8,14 @@
 //! `aud` and `exp`), and the development hooks tests use: minting caller tokens, signing arbitrary (hostile)
 //! tokens, recording every token request, counting them, and failing the token endpoint on demand.
 //!
+//! **Multi-tenant mode** imitates Entra ID's per-tenant endpoints, so `{tenantid}` issuer and token-endpoint
+//! templates can be tested: for any tenant id that is a GUID, `/{tenant}/v2.0/.well-known/openid-configuration`
+//! serves a discovery document whose `issuer` is [`DevIdp::tenant_issuer`] and whose `token_endpoint`,
+//! `/{tenant}/oauth2/v2.0/token`, issues tokens with that `iss` and `tid` = the tenant. All tenants share the
+//! one JWKS, as Entra's tenants share signing keys. Tests can also take the JWKS and discovery offline
+//! ([`DevIdp::jwks_unavailable`]), change the JWKS `Cache-Control` ([`DevIdp::set_jwks_max_age`]) and count
+//! discovery and JWKS fetches.
+//!
 //! Clients authenticate with a secret (`client_secret_post`, `client_secret_basic`), with a `client_assertion`
 //! signed by the key of their registered certificate (`private_key_jwt`, RFC 7523 §2.2), or with a federated
 //! `client_assertion` that the IdP itself signed (standing in for a Kubernetes service-account token issuer,
@@ -18,7 +26,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::fmt::{self, Write as _};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -54,6 +62,10 @@ pub const DEFAULT_TOKEN_LIFETIME: Duration = Duration::from_secs(3600);
 /// The `tid` claim unless configured: a fixed, obviously fake GUID so tokens are stable across runs.
 pub const DEFAULT_TENANT_ID: &str = "72f988bf-0000-4000-8000-000000000001";
 
+/// The `Cache-Control: max-age` sent with `/jwks` unless [`DevIdp::set_jwks_max_age`] changes it: five
+/// minutes, the lower bound the sidecar honours, so a sidecar under test refreshes no sooner than it must.
+pub const DEFAULT_JWKS_MAX_AGE: u64 = 300;
+
 /// Request bodies larger than this are refused with 413: every legitimate request is a few kilobytes.
 const MAX_BODY_BYTES: usize = 1024 * 1024;
 
@@ -87,7 +99,8 @@ pub struct DevIdpConfig {
     pub clients: Vec<DevClient>,
     /// Lifetime of tokens issued by `POST /token` (`expires_in`).
     pub token_lifetime: Duration,
-    /// The `tid` claim of every token, unless a caller token names its own.
+    /// The `tid` claim of every token, unless a caller token names its own or a tenant endpoint
+    /// (`/{tenant}/oauth2/v2.0/token`) issues it.
     pub tenant_id: String,
     /// Serve HTTPS with this configuration (the issuer is then `https://…`); plain HTTP when `None`.
     pub tls: Option<Arc<rustls::ServerConfig>>,
@@ -195,6 +208,9 @@ impl fmt::Debug for DevClient {
 }
 
 /// The claims of a caller token minted by [`DevIdp::mint`] or `POST /dev/token`.
+///
+/// A caller token of tenant `t` (for a `{tenantid}` issuer) has `tid: Some(t)` and `extra` =
+/// `{"iss": idp.tenant_issuer(t)}`; [`DevIdp::mint_for_tenant`] mints exactly that.
 #[derive(Clone, Debug, PartialEq)]
 pub struct CallerClaims {
     /// The `sub` claim: who the caller is.
@@ -293,7 +309,7 @@ pub enum ClientAuth {
     FederatedAssertion,
 }
 
-/// One `POST /token` request as the IdP received it.
+/// One `POST /token` (or `POST /{tenant}/oauth2/v2.0/token`) request as the IdP received it.
 #[derive(Clone, PartialEq, Eq)]
 pub struct RecordedTokenRequest {
     /// The `grant_type` form field, if any.
@@ -309,6 +325,8 @@ pub struct RecordedTokenRequest {
     pub assertion_alg: Option<String>,
     /// The `client-request-id` header, if any.
     pub client_request_id: Option<String>,
+    /// The tenant segment of the path for `POST /{tenant}/oauth2/v2.0/token`; `None` for `POST /token`.
+    pub tenant: Option<String>,
 }
 
 impl RecordedTokenRequest {
@@ -347,6 +365,7 @@ impl fmt::Debug for RecordedTokenRequest {
             .field("client_auth", &self.client_auth)
             .field("assertion_alg", &self.assertion_alg)
             .field("client_request_id", &self.client_request_id)
+            .field("tenant", &self.tenant)
             .finish()
     }
 }
@@ -412,6 +431,10 @@ impl DevIdp {
             failures: Mutex::new(VecDeque::new()),
             jti_counter: AtomicU64::new(0),
             seen_client_assertions: Mutex::new(HashMap::new()),
+            discovery_requests: AtomicU64::new(0),
+            jwks_requests: AtomicU64::new(0),
+            jwks_unavailable: AtomicBool::new(false),
+            jwks_max_age: Mutex::new(Some(DEFAULT_JWKS_MAX_AGE)),
         });
         let task = tokio::spawn(serve(listener, Arc::clone(&state)));
         Ok(DevIdp { state, addr, task })
@@ -437,9 +460,32 @@ impl DevIdp {
         format!("{}/jwks", self.state.issuer)
     }
 
+    /// The issuer of tenant `tenant_id`, as Entra ID names it: `{issuer}/{tenant_id}/v2.0`. Its discovery
+    /// document is served when `tenant_id` is a GUID.
+    pub fn tenant_issuer(&self, tenant_id: &str) -> String {
+        self.state.tenant_issuer(tenant_id)
+    }
+
+    /// The token endpoint of tenant `tenant_id`: `{issuer}/{tenant_id}/oauth2/v2.0/token`, served when
+    /// `tenant_id` is a GUID.
+    pub fn tenant_token_endpoint(&self, tenant_id: &str) -> String {
+        self.state.tenant_token_endpoint(tenant_id)
+    }
+
     /// A caller token with these claims, signed with the current key.
     pub fn mint(&self, claims: &CallerClaims) -> String {
         self.state.mint(claims)
+    }
+
+    /// A caller token of tenant `tenant_id`: `claims` with `tid` = `tenant_id` and `iss` =
+    /// [`tenant_issuer`](Self::tenant_issuer)`(tenant_id)` (set in `extra`; its other claims are kept).
+    pub fn mint_for_tenant(&self, tenant_id: &str, claims: &CallerClaims) -> String {
+        let mut claims = claims.clone();
+        claims.tid = Some(tenant_id.to_owned());
+        claims
+            .extra
+            .insert("iss".into(), json!(self.tenant_issuer(tenant_id)));
+        self.state.mint(&claims)
     }
 
     /// Signs `header` and `claims` exactly as given (an RS256 signature with the current key, whatever the
@@ -448,12 +494,37 @@ impl DevIdp {
         self.state.current_key().sign_jwt(header, claims)
     }
 
-    /// How many `POST /token` requests the IdP has served, whatever their outcome (injected failures too).
+    /// How many token requests (`POST /token` and `POST /{tenant}/oauth2/v2.0/token`) the IdP has served,
+    /// whatever their outcome (injected failures too).
     pub fn token_requests(&self) -> u64 {
         self.state.token_requests.load(Ordering::SeqCst)
     }
 
-    /// Every `POST /token` request so far, oldest first.
+    /// How many discovery documents were requested, root and tenants together, whatever the answer: a
+    /// 503 while [`jwks_unavailable`](Self::jwks_unavailable), and a 404 for a tenant that is not a GUID,
+    /// count too (a sidecar should not have asked). Tests use it to prove fetches stay bounded.
+    pub fn discovery_requests(&self) -> u64 {
+        self.state.discovery_requests.load(Ordering::SeqCst)
+    }
+
+    /// How many `GET /jwks` requests the IdP has answered, whatever the answer (a 503 counts too).
+    pub fn jwks_requests(&self) -> u64 {
+        self.state.jwks_requests.load(Ordering::SeqCst)
+    }
+
+    /// While `on`, `GET /jwks` and every discovery document (root and tenants) answer 503: a key-set
+    /// outage, at start or later. The token endpoints are not affected.
+    pub fn jwks_unavailable(&self, on: bool) {
+        self.state.jwks_unavailable.store(on, Ordering::SeqCst);
+    }
+
+    /// The `Cache-Control: max-age=N` sent with `/jwks` from now on; `None` sends no `Cache-Control`.
+    /// The default is [`DEFAULT_JWKS_MAX_AGE`].
+    pub fn set_jwks_max_age(&self, seconds: Option<u64>) {
+        *lock(&self.state.jwks_max_age) = seconds;
+    }
+
+    /// Every token request so far (root and tenant endpoints), oldest first.
     pub fn recorded_requests(&self) -> Vec<RecordedTokenRequest> {
         lock(&self.state.recorded).clone()
     }
@@ -618,6 +689,14 @@ struct State {
     /// The `jti` of every accepted `private_key_jwt` assertion, keyed by `(client_id, jti)`, with its `exp`:
     /// an entry is dropped once its assertion has expired, since an expired assertion is refused anyway.
     seen_client_assertions: Mutex<HashMap<(String, String), f64>>,
+    /// `GET` requests on any discovery path, root or tenant, whatever the answer.
+    discovery_requests: AtomicU64,
+    /// `GET /jwks` requests, whatever the answer.
+    jwks_requests: AtomicU64,
+    /// While set, `/jwks` and every discovery document answer 503.
+    jwks_unavailable: AtomicBool,
+    /// The `max-age` of `/jwks`; `None`: no `Cache-Control`.
+    jwks_max_age: Mutex<Option<u64>>,
 }
 
 impl State {
@@ -676,21 +755,58 @@ impl State {
         format!("{}/token", self.issuer)
     }
 
+    fn tenant_issuer(&self, tenant_id: &str) -> String {
+        format!("{}/{tenant_id}/v2.0", self.issuer)
+    }
+
+    fn tenant_token_endpoint(&self, tenant_id: &str) -> String {
+        format!("{}/{tenant_id}/oauth2/v2.0/token", self.issuer)
+    }
+
+    /// The root authority, `POST /token`.
+    fn root(&self) -> Authority {
+        Authority {
+            issuer: self.issuer.clone(),
+            token_endpoint: self.token_endpoint(),
+            tenant: None,
+        }
+    }
+
+    /// The authority of one tenant, `POST /{tenant_id}/oauth2/v2.0/token`.
+    fn tenant(&self, tenant_id: &str) -> Authority {
+        Authority {
+            issuer: self.tenant_issuer(tenant_id),
+            token_endpoint: self.tenant_token_endpoint(tenant_id),
+            tenant: Some(tenant_id.to_owned()),
+        }
+    }
+
+    /// Whether `iss` is the root issuer or the issuer of a tenant whose id is a GUID.
+    fn is_own_issuer(&self, iss: &str) -> bool {
+        iss == self.issuer
+            || iss
+                .strip_prefix(self.issuer.as_str())
+                .and_then(|rest| rest.strip_prefix('/'))
+                .and_then(|rest| rest.strip_suffix("/v2.0"))
+                .is_some_and(is_guid)
+    }
+
     fn jti(&self) -> String {
         let serial = self.jti_counter.fetch_add(1, Ordering::Relaxed);
         derive_oid(&format!("{}#{serial}#{}", self.issuer, now_secs()))
     }
 
-    /// Signs `claims` with the current key after adding `iss`, `iat`, `nbf`, `exp`, `ver` and `jti`, then
-    /// `extra` (which may override any of them).
+    /// Signs `claims` with the current key after adding `iss` = `issuer`, `iat`, `nbf`, `exp`, `ver` and
+    /// `jti`, then `extra` (which may override any of them).
     fn issue(
         &self,
+        issuer: &str,
         mut claims: Map<String, Value>,
         lifetime: Duration,
         extra: &Map<String, Value>,
     ) -> String {
         let now = now_secs();
-        claims.insert("iss".into(), json!(self.issuer));
+        claims.insert("iss".into(), json!(issuer));
         claims.insert("iat".into(), json!(now));
         claims.insert("nbf".into(), json!(now));
         claims.insert("exp".into(), json!(now.saturating_add(lifetime.as_secs())));
@@ -735,14 +851,15 @@ impl State {
         if !caller.roles.is_empty() {
             claims.insert("roles".into(), json!(caller.roles));
         }
-        self.issue(claims, caller.lifetime, &caller.extra)
+        self.issue(&self.issuer, claims, caller.lifetime, &caller.extra)
     }
 
-    fn discovery(&self) -> Value {
+    /// The discovery document of `authority`: its own `issuer` and `token_endpoint`, the shared `jwks_uri`.
+    fn discovery(&self, authority: &Authority) -> Value {
         json!({
-            "issuer": self.issuer,
+            "issuer": authority.issuer,
             "jwks_uri": format!("{}/jwks", self.issuer),
-            "token_endpoint": self.token_endpoint(),
+            "token_endpoint": authority.token_endpoint,
             "authorization_endpoint": format!("{}/authorize", self.issuer),
             "response_types_supported": ["code"],
             "subject_types_supported": ["public"],
@@ -757,6 +874,24 @@ impl State {
         let keys: Vec<Value> = self.published_keys().iter().map(|key| key.jwk()).collect();
         json!({ "keys": keys })
     }
+}
+
+/// Which issuer a token request or discovery document speaks for: the root one, or one tenant's (Entra's
+/// `/{tenant}/v2.0`), whose tokens carry its `iss` and `tid`.
+struct Authority {
+    issuer: String,
+    token_endpoint: String,
+    tenant: Option<String>,
+}
+
+/// Whether `segment` is a GUID in its 8-4-4-4-12 hexadecimal form (either case), as Entra tenant ids are.
+fn is_guid(segment: &str) -> bool {
+    let groups: Vec<&str> = segment.split('-').collect();
+    groups.len() == 5
+        && groups
+            .iter()
+            .zip([8, 4, 4, 4, 12])
+            .all(|(group, len)| group.len() == len && group.bytes().all(|b| b.is_ascii_hexdigit()))
 }
 
 type Body = Full<Bytes>;
@@ -822,24 +957,34 @@ async fn route(
 ) -> Result<Response<Body>, ConnectionReset> {
     let path = request.uri().path().to_owned();
     let method = request.method().clone();
+    if let Some((tenant, endpoint)) = tenant_path(&path) {
+        let authority = is_guid(tenant).then(|| state.tenant(tenant));
+        return match (endpoint, method, authority) {
+            (TenantPath::Discovery, Method::GET, authority) => {
+                Ok(discovery_response(state, authority.as_ref()))
+            }
+            (TenantPath::Token, Method::POST, Some(authority)) => {
+                token(state, request, &authority).await
+            }
+            (_, _, None) => Ok(unknown_tenant()),
+            (_, _, Some(_)) => Ok(method_not_allowed()),
+        };
+    }
     let response = match (path.as_str(), method) {
         ("/.well-known/openid-configuration", Method::GET) => {
-            json_response(StatusCode::OK, &state.discovery())
+            discovery_response(state, Some(&state.root()))
         }
-        ("/jwks", Method::GET) => {
-            let mut response = json_response(StatusCode::OK, &state.jwks());
-            response.headers_mut().insert(
-                header::CACHE_CONTROL,
-                HeaderValue::from_static("max-age=300"),
-            );
-            response
-        }
-        ("/token", Method::POST) => return token(state, request).await,
+        ("/jwks", Method::GET) => jwks_response(state),
+        ("/token", Method::POST) => return token(state, request, &state.root()).await,
         ("/dev/token", Method::POST) => dev_token(state, request).await,
         ("/dev/fail", Method::POST) => dev_fail(state, request).await,
         ("/dev/stats", Method::GET) => json_response(
             StatusCode::OK,
-            &json!({"token_requests": state.token_requests.load(Ordering::SeqCst)}),
+            &json!({
+                "token_requests": state.token_requests.load(Ordering::SeqCst),
+                "discovery_requests": state.discovery_requests.load(Ordering::SeqCst),
+                "jwks_requests": state.jwks_requests.load(Ordering::SeqCst),
+            }),
         ),
         (
             "/.well-known/openid-configuration"
@@ -849,14 +994,82 @@ async fn route(
             | "/dev/fail"
             | "/dev/stats",
             _,
-        ) => error_response(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "method_not_allowed",
-            "this method is not allowed on this path",
-        ),
+        ) => method_not_allowed(),
         _ => error_response(StatusCode::NOT_FOUND, "not_found", "no such endpoint"),
     };
     Ok(response)
+}
+
+/// An endpoint Entra ID serves per tenant, under `/{tenant}/`.
+#[derive(Clone, Copy, Debug)]
+enum TenantPath {
+    /// `/{tenant}/v2.0/.well-known/openid-configuration`
+    Discovery,
+    /// `/{tenant}/oauth2/v2.0/token`
+    Token,
+}
+
+/// The tenant segment and endpoint of a per-tenant path; the tenant may still be no GUID.
+fn tenant_path(path: &str) -> Option<(&str, TenantPath)> {
+    let (tenant, rest) = path.strip_prefix('/')?.split_once('/')?;
+    match rest {
+        "v2.0/.well-known/openid-configuration" => Some((tenant, TenantPath::Discovery)),
+        "oauth2/v2.0/token" => Some((tenant, TenantPath::Token)),
+        _ => None,
+    }
+}
+
+/// The discovery document of `authority` (OpenID Connect Discovery §4); `None`: a tenant that is not a
+/// GUID, 404. Counted either way.
+fn discovery_response(state: &State, authority: Option<&Authority>) -> Response<Body> {
+    state.discovery_requests.fetch_add(1, Ordering::SeqCst);
+    let Some(authority) = authority else {
+        return unknown_tenant();
+    };
+    if state.jwks_unavailable.load(Ordering::SeqCst) {
+        return key_set_outage();
+    }
+    json_response(StatusCode::OK, &state.discovery(authority))
+}
+
+/// The JWKS (RFC 7517 §5) with the configured `Cache-Control: max-age`.
+fn jwks_response(state: &State) -> Response<Body> {
+    state.jwks_requests.fetch_add(1, Ordering::SeqCst);
+    if state.jwks_unavailable.load(Ordering::SeqCst) {
+        return key_set_outage();
+    }
+    let mut response = json_response(StatusCode::OK, &state.jwks());
+    let max_age = *lock(&state.jwks_max_age);
+    if let Some(value) =
+        max_age.and_then(|max_age| HeaderValue::try_from(format!("max-age={max_age}")).ok())
+    {
+        response.headers_mut().insert(header::CACHE_CONTROL, value);
+    }
+    response
+}
+
+fn key_set_outage() -> Response<Body> {
+    error_response(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "temporarily_unavailable",
+        "injected outage: the key set and discovery documents are unavailable",
+    )
+}
+
+fn unknown_tenant() -> Response<Body> {
+    error_response(
+        StatusCode::NOT_FOUND,
+        "not_found",
+        "no such tenant: a tenant id is a GUID",
+    )
+}
+
+fn method_not_allowed() -> Response<Body> {
+    error_response(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        "this method is not allowed on this path",
+    )
 }
 
 fn json_response(status: StatusCode, body: &Value) -> Response<Body> {
@@ -1137,9 +1350,11 @@ impl Form {
     }
 }
 
+/// `POST /token` and `POST /{tenant}/oauth2/v2.0/token`: the same checks, the tokens issued for `authority`.
 async fn token(
     state: &State,
     request: Request<Incoming>,
+    authority: &Authority,
 ) -> Result<Response<Body>, ConnectionReset> {
     state.token_requests.fetch_add(1, Ordering::SeqCst);
     let (parts, body) = request.into_parts();
@@ -1159,6 +1374,7 @@ async fn token(
                 client_auth: has_basic.then_some(ClientAuth::SecretBasic),
                 assertion_alg: None,
                 client_request_id,
+                tenant: authority.tenant.clone(),
             });
             return Ok(response);
         }
@@ -1182,6 +1398,7 @@ async fn token(
         client_auth,
         assertion_alg,
         client_request_id,
+        tenant: authority.tenant.clone(),
     });
 
     let mut reshape = None;
@@ -1206,7 +1423,7 @@ async fn token(
             })
         });
     let outcome = if is_form {
-        grant(state, &form, basic)
+        grant(state, authority, &form, basic)
     } else {
         Err(OAuthError::invalid_request(
             "the token request must be application/x-www-form-urlencoded",
@@ -1231,13 +1448,18 @@ async fn token(
     Ok(response)
 }
 
-fn grant(state: &State, form: &Form, basic: BasicCredential) -> Result<Value, OAuthError> {
+fn grant(
+    state: &State,
+    authority: &Authority,
+    form: &Form,
+    basic: BasicCredential,
+) -> Result<Value, OAuthError> {
     let grant_type = form.required("grant_type")?;
-    let client = authenticate_client(state, form, basic)?;
+    let client = authenticate_client(state, authority, form, basic)?;
     match grant_type {
-        GRANT_CLIENT_CREDENTIALS => client_credentials(state, form, &client),
-        GRANT_JWT_BEARER => on_behalf_of(state, form, &client),
-        GRANT_TOKEN_EXCHANGE => token_exchange(state, form, &client),
+        GRANT_CLIENT_CREDENTIALS => client_credentials(state, authority, form, &client),
+        GRANT_JWT_BEARER => on_behalf_of(state, authority, form, &client),
+        GRANT_TOKEN_EXCHANGE => token_exchange(state, authority, form, &client),
         _ => Err(OAuthError::new(
             StatusCode::BAD_REQUEST,
             "unsupported_grant_type",
@@ -1289,6 +1511,7 @@ fn assertion_kind(jws: &Jws<'_>, form_client_id: Option<&str>) -> ClientAuth {
 /// `client_secret_basic`, or a `client_assertion` (RFC 7521 §4.2).
 fn authenticate_client(
     state: &State,
+    authority: &Authority,
     form: &Form,
     basic: BasicCredential,
 ) -> Result<Arc<DevClient>, OAuthError> {
@@ -1306,7 +1529,7 @@ fn authenticate_client(
             )));
         }
         return state
-            .authenticate_assertion(assertion, form_id)
+            .authenticate_assertion(authority, assertion, form_id)
             .map_err(AssertionRejection::into_error);
     }
     let (client_id, secret, used_basic) = match basic {
@@ -1532,6 +1755,7 @@ fn now_f64() -> f64 {
 impl State {
     fn authenticate_assertion(
         &self,
+        authority: &Authority,
         assertion: &str,
         form_client_id: Option<&str>,
     ) -> Result<Arc<DevClient>, AssertionRejection> {
@@ -1540,7 +1764,9 @@ impl State {
             return Err(AssertionRejection::CriticalHeader);
         }
         match assertion_kind(&jws, form_client_id) {
-            ClientAuth::PrivateKeyJwt => self.verify_private_key_jwt(&jws, form_client_id),
+            ClientAuth::PrivateKeyJwt => {
+                self.verify_private_key_jwt(authority, &jws, form_client_id)
+            }
             ClientAuth::FederatedAssertion | ClientAuth::SecretPost | ClientAuth::SecretBasic => {
                 self.verify_federated_assertion(&jws, form_client_id)
             }
@@ -1548,10 +1774,12 @@ impl State {
     }
 
     /// RFC 7523 §3 with OpenID Connect Core §9: signed (PS256 or RS256) by the key of the client's registered
-    /// certificate, `iss` = `sub` = `client_id`, `aud` the token endpoint or the issuer, an `exp` at most
-    /// [`MAX_CLIENT_ASSERTION_LIFETIME`] ahead, and a `jti` never seen before for this client.
+    /// certificate, `iss` = `sub` = `client_id`, `aud` the token endpoint or the issuer of `authority` (a
+    /// tenant's own, on a tenant's endpoint), an `exp` at most [`MAX_CLIENT_ASSERTION_LIFETIME`] ahead, and a
+    /// `jti` never seen before for this client.
     fn verify_private_key_jwt(
         &self,
+        authority: &Authority,
         jws: &Jws<'_>,
         form_client_id: Option<&str>,
     ) -> Result<Arc<DevClient>, AssertionRejection> {
@@ -1587,7 +1815,7 @@ impl State {
         if jws.claim("sub") != Some(iss) {
             return Err(AssertionRejection::NotTheClient);
         }
-        if !jws.audience_is_one_of(&[&self.token_endpoint(), &self.issuer]) {
+        if !jws.audience_is_one_of(&[&authority.token_endpoint, &authority.issuer]) {
             return Err(AssertionRejection::Audience);
         }
         let now = now_f64();
@@ -1728,7 +1956,12 @@ fn token_response(state: &State, access_token: &str, scope: Option<String>) -> V
     body
 }
 
-fn client_credentials(state: &State, form: &Form, client: &DevClient) -> Result<Value, OAuthError> {
+fn client_credentials(
+    state: &State,
+    authority: &Authority,
+    form: &Form,
+    client: &DevClient,
+) -> Result<Value, OAuthError> {
     let scope = form.required("scope")?;
     let scopes: Vec<&str> = scope.split_whitespace().collect();
     let resource = match scopes.as_slice() {
@@ -1749,10 +1982,23 @@ fn client_credentials(state: &State, form: &Form, client: &DevClient) -> Result<
     claims.insert("aud".into(), json!(resource));
     claims.insert("sub".into(), json!(client.client_id));
     claims.insert("oid".into(), json!(client.client_id));
-    claims.insert("tid".into(), json!(state.config.tenant_id));
+    claims.insert(
+        "tid".into(),
+        json!(
+            authority
+                .tenant
+                .as_deref()
+                .unwrap_or(&state.config.tenant_id)
+        ),
+    );
     claims.insert("azp".into(), json!(client.client_id));
     claims.insert("idtyp".into(), json!("app"));
-    let access_token = state.issue(claims, state.config.token_lifetime, &extra);
+    let access_token = state.issue(
+        &authority.issuer,
+        claims,
+        state.config.token_lifetime,
+        &extra,
+    );
     tracing::debug!(client_id = %client.client_id, %resource, "dev IdP issued a client_credentials token");
     Ok(token_response(state, &access_token, None))
 }
@@ -1875,8 +2121,9 @@ fn numeric_claim(claims: &Map<String, Value>, name: &str) -> Result<Option<f64>,
 }
 
 impl State {
-    /// Verifies a subject token this IdP signed: RS256 with a published key, `iss`, `exp`, `nbf`, and an
-    /// `aud` naming `client`. Returns its claims.
+    /// Verifies a subject token this IdP signed: RS256 with a published key, `iss` the root issuer or any
+    /// tenant's (whichever endpoint it is presented at), `exp`, `nbf`, and an `aud` naming `client`. Returns
+    /// its claims.
     fn verify_subject_token(
         &self,
         token: &str,
@@ -1890,7 +2137,11 @@ impl State {
             return Err(Rejection::Signature);
         }
         let claims = jws.claims;
-        if claims.get("iss").and_then(Value::as_str) != Some(self.issuer.as_str()) {
+        if !claims
+            .get("iss")
+            .and_then(Value::as_str)
+            .is_some_and(|iss| self.is_own_issuer(iss))
+        {
             return Err(Rejection::Issuer);
         }
         let now = now_f64();
@@ -1918,10 +2169,12 @@ impl State {
         Ok(claims)
     }
 
-    /// A delegated token for `audience` (a string, or an array of several) carrying the subject's
-    /// `sub`/`oid`/`tid` (and display claims), then `extra`.
+    /// A delegated token from `authority` for `audience` (a string, or an array of several) carrying the
+    /// subject's `sub`/`oid`/`tid` (and display claims; a tenant's endpoint stamps its own `tid`), then
+    /// `extra`.
     fn issue_delegated(
         &self,
+        authority: &Authority,
         subject: &Map<String, Value>,
         audience: Value,
         scp: Option<&str>,
@@ -1942,13 +2195,14 @@ impl State {
                 .cloned()
                 .unwrap_or_else(|| json!(derive_oid(sub))),
         );
-        claims.insert(
-            "tid".into(),
-            subject
+        let tid = match &authority.tenant {
+            Some(tenant) => json!(tenant),
+            None => subject
                 .get("tid")
                 .cloned()
                 .unwrap_or_else(|| json!(self.config.tenant_id)),
-        );
+        };
+        claims.insert("tid".into(), tid);
         for name in ["name", "preferred_username"] {
             if let Some(value) = subject.get(name) {
                 claims.insert(name.into(), value.clone());
@@ -1958,13 +2212,18 @@ impl State {
             claims.insert("scp".into(), json!(scp));
         }
         claims.insert("azp".into(), json!(client.client_id));
-        self.issue(claims, self.config.token_lifetime, extra)
+        self.issue(&authority.issuer, claims, self.config.token_lifetime, extra)
     }
 }
 
 /// Entra's On-Behalf-Of flow: `grant_type=urn:ietf:params:oauth:grant-type:jwt-bearer`,
 /// `requested_token_use=on_behalf_of`, the caller's token as `assertion`, and the upstream `scope`.
-fn on_behalf_of(state: &State, form: &Form, client: &DevClient) -> Result<Value, OAuthError> {
+fn on_behalf_of(
+    state: &State,
+    authority: &Authority,
+    form: &Form,
+    client: &DevClient,
+) -> Result<Value, OAuthError> {
     let requested_token_use = form.required("requested_token_use")?;
     if requested_token_use != "on_behalf_of" {
         return Err(OAuthError::invalid_request(
@@ -1978,6 +2237,7 @@ fn on_behalf_of(state: &State, form: &Form, client: &DevClient) -> Result<Value,
         .verify_subject_token(assertion, client)
         .map_err(|rejection| rejection.into_error("invalid_grant"))?;
     let access_token = state.issue_delegated(
+        authority,
         &subject,
         json!(scopes.resource),
         Some(&scopes.scp),
@@ -1990,7 +2250,12 @@ fn on_behalf_of(state: &State, form: &Form, client: &DevClient) -> Result<Value,
 
 /// RFC 8693 token exchange. An invalid `subject_token` is `invalid_request` (RFC 8693 §2.2.2). The token's
 /// `aud` is every `audience` (or, without one, every `resource`): a string for one, an array for several.
-fn token_exchange(state: &State, form: &Form, client: &DevClient) -> Result<Value, OAuthError> {
+fn token_exchange(
+    state: &State,
+    authority: &Authority,
+    form: &Form,
+    client: &DevClient,
+) -> Result<Value, OAuthError> {
     let subject_token = form.required("subject_token")?;
     let subject_token_type = form.required("subject_token_type")?;
     if subject_token_type != TOKEN_TYPE_ACCESS_TOKEN {
@@ -2054,7 +2319,14 @@ fn token_exchange(state: &State, form: &Form, client: &DevClient) -> Result<Valu
         .verify_subject_token(subject_token, client)
         .map_err(|rejection| rejection.into_error("invalid_request"))?;
     tracing::debug!(client_id = %client.client_id, %audience, "dev IdP issuing a token-exchange token");
-    let access_token = state.issue_delegated(&subject, audience, scp.as_deref(), client, &extra);
+    let access_token = state.issue_delegated(
+        authority,
+        &subject,
+        audience,
+        scp.as_deref(),
+        client,
+        &extra,
+    );
     let mut body = token_response(state, &access_token, scope.map(str::to_owned));
     if let Some(object) = body.as_object_mut() {
         object.insert("issued_token_type".into(), json!(issued_token_type));
@@ -2235,6 +2507,11 @@ mod tests {
 
     /// Verifies `token` against the published JWKS with jsonwebtoken, as the sidecar would.
     async fn verify(idp: &DevIdp, token: &str, audience: &str) -> Value {
+        verify_as(idp, token, audience, &idp.issuer()).await
+    }
+
+    /// [`verify`], expecting `iss` = `issuer`.
+    async fn verify_as(idp: &DevIdp, token: &str, audience: &str, issuer: &str) -> Value {
         let jwks: Value = client()
             .get(idp.jwks_uri())
             .send()
@@ -2255,7 +2532,7 @@ mod tests {
         let e = URL_SAFE_NO_PAD.decode(jwk["e"].as_str().unwrap()).unwrap();
         let mut validation = Validation::new(Algorithm::RS256);
         validation.set_audience(&[audience]);
-        validation.set_issuer(&[idp.issuer()]);
+        validation.set_issuer(&[issuer]);
         jsonwebtoken::decode::<Value>(
             token,
             &DecodingKey::from_rsa_raw_components(&n, &e),
@@ -3455,7 +3732,10 @@ mod tests {
             .json()
             .await
             .unwrap();
-        assert_eq!(stats, json!({"token_requests": 2}));
+        assert_eq!(
+            stats,
+            json!({"token_requests": 2, "discovery_requests": 0, "jwks_requests": 2})
+        );
     }
 
     #[tokio::test]
@@ -3482,6 +3762,424 @@ mod tests {
         let body: Value = response.json().await.unwrap();
         assert_eq!(body["error"], "invalid_request");
         assert_eq!(idp.token_requests(), 1);
+    }
+
+    const TENANT_A: &str = "11111111-2222-4333-8444-555555555555";
+    const TENANT_B: &str = "AAAAAAAA-bbbb-4ccc-8ddd-eeeeeeeeeeee";
+
+    async fn get(url: &str) -> (StatusCode, HeaderMap, Value) {
+        let response = client().get(url).send().await.unwrap();
+        let status = response.status();
+        let headers = response.headers().clone();
+        (status, headers, response.json().await.unwrap())
+    }
+
+    fn tenant_discovery_url(idp: &DevIdp, tenant: &str) -> String {
+        format!(
+            "{}/.well-known/openid-configuration",
+            idp.tenant_issuer(tenant)
+        )
+    }
+
+    async fn post_form_to(url: &str, form: &[(&str, &str)]) -> (StatusCode, Value) {
+        let response = client().post(url).form(form).send().await.unwrap();
+        let status = response.status();
+        (status, response.json().await.unwrap())
+    }
+
+    fn app_form(scope: &str) -> [(&str, &str); 4] {
+        [
+            ("grant_type", GRANT_CLIENT_CREDENTIALS),
+            ("client_id", DEFAULT_CLIENT_ID),
+            ("client_secret", DEFAULT_CLIENT_SECRET),
+            ("scope", scope),
+        ]
+    }
+
+    #[tokio::test]
+    async fn tenant_discovery_names_the_tenant_issuer_and_shares_the_jwks() {
+        let idp = idp().await;
+        let issuer = idp.issuer();
+        assert_eq!(
+            idp.tenant_issuer(TENANT_A),
+            format!("{issuer}/{TENANT_A}/v2.0")
+        );
+        assert_eq!(
+            idp.tenant_token_endpoint(TENANT_A),
+            format!("{issuer}/{TENANT_A}/oauth2/v2.0/token")
+        );
+        let (status, _, root) = get(&format!("{issuer}/.well-known/openid-configuration")).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(root["issuer"], issuer);
+        assert_eq!(root["token_endpoint"], idp.token_endpoint());
+        for tenant in [TENANT_A, TENANT_B] {
+            let (status, _, document) = get(&tenant_discovery_url(&idp, tenant)).await;
+            assert_eq!(status, StatusCode::OK, "{tenant}");
+            assert_eq!(document["issuer"], idp.tenant_issuer(tenant));
+            assert_eq!(
+                document["token_endpoint"],
+                idp.tenant_token_endpoint(tenant)
+            );
+            assert_eq!(document["jwks_uri"], idp.jwks_uri());
+            assert_eq!(
+                document["grant_types_supported"],
+                root["grant_types_supported"]
+            );
+        }
+        assert_eq!(idp.discovery_requests(), 3);
+
+        // A tenant that is not a GUID has no documents and no token endpoint; the fetch still counts.
+        let not_guids = [
+            "common",
+            "organizations",
+            "11111111-2222-4333-8444-55555555555",
+            "11111111-2222-4333-8444-55555555555g",
+            "111111112222433384445555555555550000",
+            "11111111-2222-4333-8444-555555555555-1",
+        ];
+        for tenant in not_guids {
+            let (status, _, body) = get(&tenant_discovery_url(&idp, tenant)).await;
+            assert_eq!(status, StatusCode::NOT_FOUND, "{tenant}");
+            assert_eq!(body["error"], "not_found", "{tenant}");
+            let (status, body) = post_form_to(
+                &idp.tenant_token_endpoint(tenant),
+                &app_form("api://down/.default"),
+            )
+            .await;
+            assert_eq!(status, StatusCode::NOT_FOUND, "{tenant}");
+            assert_eq!(body["error"], "not_found", "{tenant}");
+        }
+        assert_eq!(idp.discovery_requests(), 3 + not_guids.len() as u64);
+        assert_eq!(idp.token_requests(), 0);
+        assert!(idp.recorded_requests().is_empty());
+
+        // Wrong methods on a tenant's endpoints are 405 (and not counted).
+        let response = client()
+            .post(tenant_discovery_url(&idp, TENANT_A))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::METHOD_NOT_ALLOWED);
+        let response = client()
+            .get(idp.tenant_token_endpoint(TENANT_A))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::METHOD_NOT_ALLOWED);
+        assert_eq!(idp.discovery_requests(), 3 + not_guids.len() as u64);
+        assert_eq!(idp.token_requests(), 0);
+
+        assert_eq!(idp.jwks_requests(), 0);
+        get(&idp.jwks_uri()).await;
+        assert_eq!(idp.jwks_requests(), 1);
+        let (_, _, dev_stats) = get(&format!("{issuer}/dev/stats")).await;
+        assert_eq!(dev_stats["discovery_requests"], 3 + not_guids.len() as u64);
+        assert_eq!(dev_stats["jwks_requests"], 1);
+    }
+
+    #[tokio::test]
+    async fn tenant_token_endpoint_issues_tokens_with_the_tenant_iss_and_tid() {
+        let idp = idp().await;
+        let endpoint = idp.tenant_token_endpoint(TENANT_A);
+        let tenant_issuer = idp.tenant_issuer(TENANT_A);
+
+        let (status, body) = post_form_to(&endpoint, &app_form("api://down/.default")).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        let claims = verify_as(
+            &idp,
+            body["access_token"].as_str().unwrap(),
+            "api://down",
+            &tenant_issuer,
+        )
+        .await;
+        assert_eq!(claims["tid"], TENANT_A);
+        assert_eq!(claims["sub"], DEFAULT_CLIENT_ID);
+
+        // On-Behalf-Of with a caller token of this tenant, of the root issuer, of another tenant.
+        let callers = [
+            idp.mint_for_tenant(TENANT_A, &CallerClaims::user("alice")),
+            idp.mint(&CallerClaims::user("alice")),
+            idp.mint_for_tenant(TENANT_B, &CallerClaims::user("alice")),
+        ];
+        for caller in &callers {
+            let (status, body) = post_form_to(&endpoint, &obo_form(caller, OBO_SCOPE)).await;
+            assert_eq!(status, StatusCode::OK, "{body}");
+            let claims = verify_as(
+                &idp,
+                body["access_token"].as_str().unwrap(),
+                "api://downstream",
+                &tenant_issuer,
+            )
+            .await;
+            assert_eq!(claims["tid"], TENANT_A);
+            assert_eq!(claims["sub"], "alice");
+        }
+        // RFC 8693 too.
+        let (status, body) = post_form_to(
+            &endpoint,
+            &[
+                ("grant_type", GRANT_TOKEN_EXCHANGE),
+                ("client_id", DEFAULT_CLIENT_ID),
+                ("client_secret", DEFAULT_CLIENT_SECRET),
+                ("subject_token", &callers[0]),
+                ("subject_token_type", TOKEN_TYPE_ACCESS_TOKEN),
+                ("audience", "https://one.example"),
+            ],
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        let claims = verify_as(
+            &idp,
+            body["access_token"].as_str().unwrap(),
+            "https://one.example",
+            &tenant_issuer,
+        )
+        .await;
+        assert_eq!(claims["tid"], TENANT_A);
+
+        // The root endpoint accepts a tenant's caller token and keeps its tid.
+        let (status, body) = post_form(&idp, &obo_form(&callers[2], OBO_SCOPE)).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        let claims = verify(
+            &idp,
+            body["access_token"].as_str().unwrap(),
+            "api://downstream",
+        )
+        .await;
+        assert_eq!(claims["tid"], TENANT_B);
+
+        let recorded = idp.recorded_requests();
+        let tenants: Vec<Option<&str>> = recorded
+            .iter()
+            .map(|request| request.tenant.as_deref())
+            .collect();
+        assert_eq!(
+            tenants,
+            [Some(TENANT_A); 5]
+                .into_iter()
+                .chain([None])
+                .collect::<Vec<_>>()
+        );
+        assert!(format!("{:?}", recorded[0]).contains(TENANT_A));
+        assert_eq!(idp.token_requests(), 6);
+    }
+
+    #[tokio::test]
+    async fn tenant_token_endpoint_refuses_what_the_root_one_refuses() {
+        let idp = idp().await;
+        let endpoint = idp.tenant_token_endpoint(TENANT_A);
+        let now = now_secs();
+        let rs256 = json!({"alg": "RS256", "typ": "JWT"});
+        let subject = |iss: String| {
+            idp.sign(
+                &rs256,
+                &json!({"iss": iss, "aud": "api://obo-sidecar", "sub": "alice", "exp": now + 600}),
+            )
+        };
+        let issuer = idp.issuer();
+        for iss in [
+            format!("{issuer}/common/v2.0"),
+            format!("{issuer}/{TENANT_A}/v2.0/extra"),
+            format!("{issuer}/{TENANT_A}"),
+            format!("{issuer}/{TENANT_A}/v2.0/"),
+            format!("https://evil.example/{TENANT_A}/v2.0"),
+            format!("{issuer}x/{TENANT_A}/v2.0"),
+        ] {
+            for url in [endpoint.as_str(), &idp.token_endpoint()] {
+                let (status, body) =
+                    post_form_to(url, &obo_form(&subject(iss.clone()), OBO_SCOPE)).await;
+                assert_eq!(status, StatusCode::BAD_REQUEST, "{iss} at {url}");
+                assert_eq!(body["error"], "invalid_grant", "{iss} at {url}");
+            }
+        }
+        // The same checks pass the control case.
+        let (status, body) = post_form_to(
+            &endpoint,
+            &obo_form(&subject(idp.tenant_issuer(TENANT_B)), OBO_SCOPE),
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+
+        // Client authentication and injected failures apply as on /token.
+        let (status, body) = post_form_to(
+            &endpoint,
+            &[
+                ("grant_type", GRANT_CLIENT_CREDENTIALS),
+                ("client_id", DEFAULT_CLIENT_ID),
+                ("client_secret", "wrong"),
+                ("scope", "api://down/.default"),
+            ],
+        )
+        .await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED, "{body}");
+        assert_eq!(body["error"], "invalid_client");
+        idp.fail_next(Failure::InvalidGrant, 1);
+        let (status, body) = post_form_to(&endpoint, &app_form("api://down/.default")).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        assert_eq!(body["error_codes"], json!([50013]));
+        assert_eq!(idp.token_requests(), 15);
+        assert_eq!(idp.recorded_requests().len(), 15);
+    }
+
+    #[tokio::test]
+    async fn private_key_jwt_at_a_tenant_endpoint_names_that_endpoint_as_aud() {
+        let idp = idp_with_assertion_clients().await;
+        let key = &*CLIENT_KEY;
+        let endpoint = idp.tenant_token_endpoint(TENANT_A);
+        let assertion_for = |aud: String| {
+            let mut claims = assertion_claims(&idp, CERT_CLIENT);
+            claims["aud"] = json!(aud);
+            key.sign(&pkj_header("PS256", key), &claims)
+        };
+        let form = |assertion: &str| {
+            vec![
+                ("grant_type".to_owned(), GRANT_CLIENT_CREDENTIALS.to_owned()),
+                ("client_id".to_owned(), CERT_CLIENT.to_owned()),
+                (
+                    "client_assertion_type".to_owned(),
+                    CLIENT_ASSERTION_TYPE_JWT_BEARER.to_owned(),
+                ),
+                ("client_assertion".to_owned(), assertion.to_owned()),
+                ("scope".to_owned(), "api://down/.default".to_owned()),
+            ]
+        };
+        let post = |assertion: String| {
+            let form = form(&assertion);
+            let endpoint = endpoint.clone();
+            async move {
+                let response = client().post(endpoint).form(&form).send().await.unwrap();
+                let status = response.status();
+                let body: Value = response.json().await.unwrap();
+                (status, body, assertion)
+            }
+        };
+        for aud in [
+            idp.tenant_token_endpoint(TENANT_A),
+            idp.tenant_issuer(TENANT_A),
+        ] {
+            let (status, body, _) = post(assertion_for(aud.clone())).await;
+            assert_eq!(status, StatusCode::OK, "{aud}: {body}");
+            let claims = verify_as(
+                &idp,
+                body["access_token"].as_str().unwrap(),
+                "api://down",
+                &idp.tenant_issuer(TENANT_A),
+            )
+            .await;
+            assert_eq!(claims["tid"], TENANT_A);
+        }
+        let recorded = idp.recorded_requests().pop().unwrap();
+        assert_eq!(recorded.client_auth, Some(ClientAuth::PrivateKeyJwt));
+        assert_eq!(recorded.tenant.as_deref(), Some(TENANT_A));
+        for aud in [
+            idp.token_endpoint(),
+            idp.issuer(),
+            idp.tenant_token_endpoint(TENANT_B),
+        ] {
+            let (status, body, assertion) = post(assertion_for(aud.clone())).await;
+            assert_invalid_client(
+                &aud,
+                "aud must be the token endpoint",
+                status,
+                &body,
+                &assertion,
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn mint_for_tenant_sets_iss_and_tid_and_keeps_the_rest() {
+        let idp = idp().await;
+        let mut extra = Map::new();
+        extra.insert("name".into(), json!("Alice"));
+        extra.insert("iss".into(), json!("https://overridden.example"));
+        let token = idp.mint_for_tenant(
+            TENANT_B,
+            &CallerClaims {
+                scp: Some("access_as_user".into()),
+                tid: Some("ignored".into()),
+                extra,
+                ..CallerClaims::user("alice")
+            },
+        );
+        let claims = verify_as(
+            &idp,
+            &token,
+            "api://obo-sidecar",
+            &idp.tenant_issuer(TENANT_B),
+        )
+        .await;
+        assert_eq!(claims["tid"], TENANT_B);
+        assert_eq!(claims["scp"], "access_as_user");
+        assert_eq!(claims["name"], "Alice");
+        assert_eq!(claims["sub"], "alice");
+    }
+
+    #[tokio::test]
+    async fn jwks_outage_makes_jwks_and_discovery_503_until_lifted() {
+        let idp = idp().await;
+        let discovery = [
+            format!("{}/.well-known/openid-configuration", idp.issuer()),
+            tenant_discovery_url(&idp, TENANT_A),
+        ];
+        idp.jwks_unavailable(true);
+        for url in discovery.iter().chain([&idp.jwks_uri()]) {
+            let (status, _, body) = get(url).await;
+            assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{url}");
+            assert_eq!(body["error"], "temporarily_unavailable", "{url}");
+        }
+        // A tenant that is no GUID is still unknown; the token endpoints still answer.
+        let (status, _, _) = get(&tenant_discovery_url(&idp, "common")).await;
+        assert_eq!(status, StatusCode::NOT_FOUND);
+        let (status, body) = post_form(&idp, &app_form("api://down/.default")).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        let (status, body) = post_form_to(
+            &idp.tenant_token_endpoint(TENANT_A),
+            &app_form("api://down/.default"),
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+
+        idp.jwks_unavailable(false);
+        for url in discovery.iter().chain([&idp.jwks_uri()]) {
+            let (status, _, _) = get(url).await;
+            assert_eq!(status, StatusCode::OK, "{url}");
+        }
+        verify_as(
+            &idp,
+            body["access_token"].as_str().unwrap(),
+            "api://down",
+            &idp.tenant_issuer(TENANT_A),
+        )
+        .await;
+        assert_eq!(idp.discovery_requests(), 5);
+        // Two here, one inside `verify_as`.
+        assert_eq!(idp.jwks_requests(), 3);
+    }
+
+    #[tokio::test]
+    async fn jwks_cache_control_follows_set_jwks_max_age() {
+        let idp = idp().await;
+        let cache_control = |headers: &HeaderMap| {
+            headers
+                .get(header::CACHE_CONTROL)
+                .map(|value| value.to_str().unwrap().to_owned())
+        };
+        let (_, headers, _) = get(&idp.jwks_uri()).await;
+        assert_eq!(cache_control(&headers).as_deref(), Some("max-age=300"));
+        for (max_age, expected) in [
+            (Some(7), Some("max-age=7")),
+            (Some(0), Some("max-age=0")),
+            (None, None),
+            (Some(DEFAULT_JWKS_MAX_AGE), Some("max-age=300")),
+        ] {
+            idp.set_jwks_max_age(max_age);
+            let (status, headers, body) = get(&idp.jwks_uri()).await;
+            assert_eq!(status, StatusCode::OK);
+            assert_eq!(cache_control(&headers).as_deref(), expected, "{max_age:?}");
+            assert!(body["keys"].is_array());
+        }
+        assert_eq!(idp.jwks_requests(), 5);
     }
 
     #[tokio::test]

@@ -247,7 +247,12 @@ impl Exchanger {
     }
 
     /// The `Authorization` value `route` sends upstream for `caller`.
-    pub async fn acquire(&self, route: &Route, caller: &Caller) -> Result<Acquired, ProxyError> {
+    /// `caller` is `None` only on a route with `caller_auth = "none"` (an `app` or `none` route).
+    pub async fn acquire(
+        &self,
+        route: &Route,
+        caller: Option<&Caller>,
+    ) -> Result<Acquired, ProxyError> {
         let client = match route.token {
             TokenKind::None => {
                 return Ok(Acquired {
@@ -257,6 +262,8 @@ impl Exchanger {
                 });
             }
             TokenKind::Passthrough => {
+                let caller =
+                    caller.ok_or(ProxyError::Internal("passthrough route without a caller"))?;
                 return Ok(Acquired {
                     header: Some(bearer_header(&caller.token)?),
                     sent: None,
@@ -274,9 +281,15 @@ impl Exchanger {
         let identity = &client.identity;
         let token_endpoint = resolve_tenant(&identity.token_endpoint, caller)?;
         let claims = capabilities_claims(identity);
-        let subject = (route.token == TokenKind::Obo).then(|| caller.token.clone());
+        let subject = match (route.token, caller) {
+            (TokenKind::Obo, Some(caller)) => Some((caller.token.clone(), caller.claims.exp)),
+            (TokenKind::Obo, None) => {
+                return Err(ProxyError::Internal("obo route without a caller"));
+            }
+            _ => None,
+        };
         let key = CacheKey::new(&KeyParts {
-            subject: subject.as_ref(),
+            subject: subject.as_ref().map(|(token, _)| token),
             identity: &identity.name,
             token_endpoint: &token_endpoint,
             flavor: identity.flavor.as_str(),
@@ -292,9 +305,9 @@ impl Exchanger {
             route: route.name.clone(),
             token_endpoint,
             grant: match subject {
-                Some(subject) => Grant::OnBehalfOf {
+                Some((subject, subject_exp)) => Grant::OnBehalfOf {
                     subject,
-                    subject_exp: caller.claims.exp,
+                    subject_exp,
                 },
                 None => Grant::App,
             },
@@ -328,11 +341,14 @@ impl Exchanger {
 }
 
 /// Fills `{tenantid}` from the caller's validated `tid`, which must be a GUID (nothing else may reach a URL).
-fn resolve_tenant(template: &str, caller: &Caller) -> Result<String, ProxyError> {
+fn resolve_tenant(template: &str, caller: Option<&Caller>) -> Result<String, ProxyError> {
     if !template.contains(TENANT_PLACEHOLDER) {
         return Ok(template.to_owned());
     }
     let tid = caller
+        .ok_or(ProxyError::Internal(
+            "a {tenantid} token endpoint needs a validated caller",
+        ))?
         .claims
         .all
         .get("tid")

@@ -235,12 +235,14 @@ fn strip(headers: &mut HeaderMap, extra: &[&str], keep_te_trailers: bool) {
 }
 
 /// Turns the caller's request into the upstream request: new URI, clean headers, forwarding headers set,
-/// `Authorization` replaced (or removed for `token = "none"`).
+/// `Authorization` replaced (or removed for `token = "none"`), and `claim_headers` set in place of anything
+/// the caller sent under any spelling of their names.
 pub fn upstream_request(
     mut request: Request<Incoming>,
     uri: Uri,
     remote: SocketAddr,
     authorization: Option<HeaderValue>,
+    claim_headers: Vec<(HeaderName, HeaderValue)>,
 ) -> Request<Incoming> {
     let original_host = request.headers().get(header::HOST).cloned().or_else(|| {
         request
@@ -251,7 +253,20 @@ pub fn upstream_request(
     *request.uri_mut() = uri;
     *request.version_mut() = http::Version::HTTP_11;
     let headers = request.headers_mut();
-    strip(headers, CALLER_NEVER, true);
+    if claim_headers.is_empty() {
+        strip(headers, CALLER_NEVER, true);
+    } else {
+        let mut never: Vec<&str> = CALLER_NEVER.to_vec();
+        let canonical_names: Vec<String> = claim_headers
+            .iter()
+            .map(|(name, _)| name.as_str().replace('_', "-"))
+            .collect();
+        never.extend(canonical_names.iter().map(String::as_str));
+        strip(headers, &never, true);
+    }
+    for (name, value) in claim_headers {
+        headers.insert(name, value);
+    }
     headers.insert(
         HeaderName::from_static("x-forwarded-for"),
         HeaderValue::from_str(&remote.ip().to_string())
@@ -315,20 +330,7 @@ mod tests {
     }
 
     fn route(prefix: &str, upstream: &str) -> Route {
-        Route {
-            name: "r".into(),
-            path_prefix: prefix.into(),
-            match_prefix: prefix.trim_end_matches('/').into(),
-            upstream: url::Url::parse(upstream).expect("url"),
-            token: crate::config::TokenKind::None,
-            scopes: vec![],
-            identity: "default".into(),
-            audience: vec![],
-            resource: vec![],
-            requested_token_type: None,
-            policy: crate::config::Policy::default(),
-            timeout: Duration::from_secs(1),
-        }
+        Route::for_tests(prefix, upstream, crate::config::TokenKind::None)
     }
 
     #[test]

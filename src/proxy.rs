@@ -10,8 +10,9 @@ use http::{Request, Response, StatusCode};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 
+use crate::auth::CallerClaims;
 use crate::auth::{Authenticator, authorize};
-use crate::config::{Config, Route};
+use crate::config::{CallerAuth, Config, Route};
 use crate::error::{Fault, ProxyError};
 use crate::exchange::Exchanger;
 use crate::forward::{self, UpstreamClient};
@@ -43,7 +44,10 @@ impl Proxy {
         client: UpstreamClient,
     ) -> Self {
         let mut routes = config.routes.clone();
-        routes.sort_by_key(|r| std::cmp::Reverse(r.match_prefix.len()));
+        // Longest prefix first; for one prefix, routes that also name a host or methods first.
+        routes.sort_by_key(|r| {
+            std::cmp::Reverse((r.match_prefix.len(), r.host.is_some(), r.methods.is_some()))
+        });
         Proxy {
             routes,
             authenticator,
@@ -104,31 +108,52 @@ impl Proxy {
             return Err(ProxyError::HeadersTooLarge);
         }
         let path = forward::normalize_path(request.uri().path())?;
+        let host = request_host(&request);
         let route = self
             .routes
             .iter()
-            .find(|r| forward::prefix_matches(&r.match_prefix, &path))
+            .find(|r| {
+                forward::prefix_matches(&r.match_prefix, &path)
+                    && r.host.as_deref().is_none_or(|h| Some(h) == host.as_deref())
+                    && r.methods
+                        .as_ref()
+                        .is_none_or(|m| m.contains(request.method()))
+            })
             .ok_or(ProxyError::NoRoute)?;
         outcome.route = Some(&route.name);
         let deadline = tokio::time::Instant::now() + route.timeout;
 
-        let caller =
-            tokio::time::timeout_at(deadline, self.authenticator.authenticate(request.headers()))
+        let caller = match route.caller_auth {
+            CallerAuth::None => None,
+            CallerAuth::Required => {
+                let caller = tokio::time::timeout_at(
+                    deadline,
+                    self.authenticator.authenticate(request.headers()),
+                )
                 .await
                 .map_err(|_| ProxyError::KeysUnavailable {
                     retry_after: crate::auth::jwks::KEYS_RETRY_AFTER,
                 })??;
-        authorize(&caller.claims, route)?;
+                authorize(&caller.claims, route)?;
+                Some(caller)
+            }
+        };
 
-        let acquired = tokio::time::timeout_at(deadline, self.exchanger.acquire(route, &caller))
-            .await
-            .map_err(|_| ProxyError::TokenDeadline)??;
+        let acquired =
+            tokio::time::timeout_at(deadline, self.exchanger.acquire(route, caller.as_ref()))
+                .await
+                .map_err(|_| ProxyError::TokenDeadline)??;
         if let Some(lookup) = acquired.lookup {
             outcome.cache = lookup.as_str();
         }
+        let claim_headers = caller
+            .as_ref()
+            .map(|c| claim_headers(route, &c.claims))
+            .unwrap_or_default();
 
         let uri = forward::upstream_uri(route, &path, request.uri().query())?;
-        let upstream = forward::upstream_request(request, uri, remote, acquired.header.clone());
+        let upstream =
+            forward::upstream_request(request, uri, remote, acquired.header.clone(), claim_headers);
         let mut response =
             match tokio::time::timeout_at(deadline, self.client.request(upstream)).await {
                 Err(_) => return Err(ProxyError::UpstreamTimeout),
@@ -144,6 +169,53 @@ impl Proxy {
         forward::clean_response_headers(response.headers_mut());
         Ok(response.map(Either::Left))
     }
+}
+
+/// The request's host for route matching: `Host` (or the URI's authority) without its port, lowercase.
+fn request_host(request: &Request<Incoming>) -> Option<String> {
+    let authority = request
+        .headers()
+        .get(http::header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .or_else(|| request.uri().authority().map(http::uri::Authority::as_str))?;
+    let host = match authority.strip_prefix('[') {
+        // [v6]:port
+        Some(rest) => rest.split(']').next().unwrap_or_default(),
+        None => authority.split(':').next().unwrap_or_default(),
+    };
+    Some(host.to_ascii_lowercase())
+}
+
+/// The `forward_claims` headers of `route` from the caller's validated claims. Strings as they are, numbers
+/// and booleans as JSON, arrays of those joined with `,`; a claim that is absent, an object, or not a valid
+/// header value is not sent.
+fn claim_headers(
+    route: &Route,
+    claims: &CallerClaims,
+) -> Vec<(http::HeaderName, http::HeaderValue)> {
+    fn text(value: &serde_json::Value) -> Option<String> {
+        match value {
+            serde_json::Value::String(s) => Some(s.clone()),
+            serde_json::Value::Number(n) => Some(n.to_string()),
+            serde_json::Value::Bool(b) => Some(b.to_string()),
+            _ => None,
+        }
+    }
+    route
+        .forward_claims
+        .iter()
+        .filter_map(|(header, claim)| {
+            let value = match claims.all.get(claim)? {
+                serde_json::Value::Array(items) => items
+                    .iter()
+                    .map(text)
+                    .collect::<Option<Vec<_>>>()?
+                    .join(","),
+                other => text(other)?,
+            };
+            Some((header.clone(), http::HeaderValue::from_str(&value).ok()?))
+        })
+        .collect()
 }
 
 /// Logs a refused request once. IdP failures were already logged where they happened (with the

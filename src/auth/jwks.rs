@@ -9,6 +9,7 @@ use std::time::Duration;
 use jsonwebtoken::jwk::{Jwk, KeyAlgorithm, PublicKeyUse};
 use jsonwebtoken::{Algorithm, AlgorithmFamily, DecodingKey};
 use serde::Deserialize;
+use std::sync::atomic::{AtomicU64, Ordering};
 use tokio::sync::{Mutex, watch};
 use tokio::time::Instant;
 use url::Url;
@@ -16,12 +17,6 @@ use url::Url;
 /// A failed first fetch is retried with doubling delays up to this cap, so a late IdP is picked up within
 /// seconds without hammering it.
 pub const MAX_FETCH_BACKOFF: Duration = Duration::from_secs(10);
-/// Keys rotate on the scale of weeks and are announced ahead; hourly keeps a new key's adoption quick
-/// even when no token has used it yet.
-pub const DEFAULT_JWKS_REFRESH: Duration = Duration::from_secs(3600);
-/// An unknown `kid` may be a freshly rotated key; refetch at most this often per issuer so a flood of
-/// random `kid`s costs the IdP at most one request per interval.
-pub const DEFAULT_MIN_REFETCH: Duration = Duration::from_secs(5);
 /// What a caller refused for missing keys is told to wait.
 pub const KEYS_RETRY_AFTER: Duration = Duration::from_secs(5);
 /// Discovery documents and key sets are small; anything larger is refused.
@@ -91,15 +86,33 @@ struct RawJwkSet {
     keys: Vec<serde_json::Value>,
 }
 
-/// The keys of one configured issuer.
+/// Where an issuer's keys come from, and how often to look again.
+#[derive(Clone)]
+pub struct FetchPolicy {
+    pub http: reqwest::Client,
+    /// Background refresh when the key set carries no `Cache-Control: max-age`.
+    pub refresh: Duration,
+    /// Unknown-`kid` refetches at most this often.
+    pub min_refetch: Duration,
+}
+
+/// `Cache-Control: max-age` of a key set is honoured within these bounds.
+const MIN_HONOURED_MAX_AGE: Duration = Duration::from_secs(300);
+const MAX_HONOURED_MAX_AGE: Duration = Duration::from_secs(86_400);
+
+/// The keys of one (resolved) issuer.
 pub struct IssuerKeys {
     pub issuer: String,
     discovery_url: Url,
     jwks_uri: Option<Url>,
-    http: reqwest::Client,
+    policy: FetchPolicy,
     state: watch::Sender<KeyState>,
-    /// When the last fetch started; held while a fetch runs, so fetches never overlap.
+    /// Held while a fetch runs, so fetches never overlap; holds when the last one started.
     last_fetch: Mutex<Option<Instant>>,
+    /// Completed fetches, so a caller that waited for another's fetch does not fetch again.
+    generation: AtomicU64,
+    /// The refresh interval the last key set asked for.
+    next_refresh: std::sync::Mutex<Duration>,
 }
 
 impl IssuerKeys {
@@ -107,16 +120,19 @@ impl IssuerKeys {
         issuer: String,
         discovery_url: Url,
         jwks_uri: Option<Url>,
-        http: reqwest::Client,
+        policy: FetchPolicy,
     ) -> Self {
         let (state, _) = watch::channel(KeyState::default());
+        let refresh = policy.refresh;
         IssuerKeys {
             issuer,
             discovery_url,
             jwks_uri,
-            http,
+            policy,
             state,
             last_fetch: Mutex::new(None),
+            generation: AtomicU64::new(0),
+            next_refresh: std::sync::Mutex::new(refresh),
         }
     }
 
@@ -139,20 +155,32 @@ impl IssuerKeys {
         let _ = rx.wait_for(|s| s.keys.is_some()).await;
     }
 
-    /// Fetches at start until it succeeds, then refreshes every `refresh`. Runs until dropped.
-    pub async fn maintain(self: Arc<Self>, refresh: Duration) {
+    /// Fetches at start until it succeeds (backoff capped at [`MAX_FETCH_BACKOFF`]), then refreshes as the key
+    /// set's `Cache-Control` or the configured interval says. Ends when the issuer is dropped (a tenant
+    /// evicted from the bounded set).
+    pub async fn maintain(keys: std::sync::Weak<Self>) {
         let mut backoff = Duration::from_millis(250);
         loop {
-            if self.refetch().await {
+            let Some(this) = keys.upgrade() else { return };
+            if this.refetch().await {
                 break;
             }
+            drop(this);
             tokio::time::sleep(backoff).await;
             backoff = (backoff * 2).min(MAX_FETCH_BACKOFF);
         }
         loop {
-            tokio::time::sleep(refresh).await;
-            self.refetch().await;
+            let Some(wait) = keys.upgrade().map(|this| this.refresh_interval()) else {
+                return;
+            };
+            tokio::time::sleep(wait).await;
+            let Some(this) = keys.upgrade() else { return };
+            this.refetch().await;
         }
+    }
+
+    fn refresh_interval(&self) -> Duration {
+        self.next_refresh.lock().map_or(self.policy.refresh, |d| *d)
     }
 
     /// Fetches now; true when the key set was replaced. A failure keeps the last good set.
@@ -160,10 +188,17 @@ impl IssuerKeys {
         let mut last = self.last_fetch.lock().await;
         *last = Some(Instant::now());
         let outcome = self.fetch().await;
+        self.generation.fetch_add(1, Ordering::AcqRel);
         let ok = outcome.is_ok();
         match outcome {
-            Ok(set) => {
+            Ok((set, max_age)) => {
                 tracing::info!(issuer = %self.issuer, keys = set.by_kid.len() + set.anonymous.len(), "signing keys fetched");
+                let refresh = max_age.map_or(self.policy.refresh, |age| {
+                    age.clamp(MIN_HONOURED_MAX_AGE, MAX_HONOURED_MAX_AGE)
+                });
+                if let Ok(mut next) = self.next_refresh.lock() {
+                    *next = refresh;
+                }
                 self.state.send_modify(|s| {
                     s.keys = Some(Arc::new(set));
                     s.attempted = true;
@@ -177,23 +212,25 @@ impl IssuerKeys {
         ok
     }
 
-    /// For an unknown `kid`: refetch unless another fetch ran within `min_interval` (then just wait for it).
-    pub async fn refetch_for_unknown_kid(&self, min_interval: Duration) {
+    /// For an unknown `kid`: one refetch at a time, at most once per `min_refetch`; callers that arrive while
+    /// a fetch runs wait for it and use its result instead of fetching again.
+    pub async fn refetch_for_unknown_kid(&self) {
+        let seen = self.generation.load(Ordering::Acquire);
+        let last = self.last_fetch.lock().await;
+        if self.generation.load(Ordering::Acquire) != seen
+            || last.is_some_and(|t| t.elapsed() < self.policy.min_refetch)
         {
-            let last = self.last_fetch.lock().await;
-            if last.is_some_and(|t| t.elapsed() < min_interval) {
-                return;
-            }
+            return;
         }
-        // Two callers may both pass the check; the second one's fetch is rare and harmless.
+        drop(last);
         self.refetch().await;
     }
 
-    async fn fetch(&self) -> Result<KeySet, FetchError> {
+    async fn fetch(&self) -> Result<(KeySet, Option<Duration>), FetchError> {
         let jwks_uri = if let Some(uri) = &self.jwks_uri {
             uri.clone()
         } else {
-            let discovery: Discovery = self.get_json(&self.discovery_url).await?;
+            let (discovery, _): (Discovery, _) = self.get_json(&self.discovery_url).await?;
             if discovery.issuer != self.issuer {
                 return Err(FetchError::IssuerMismatch {
                     expected: self.issuer.clone(),
@@ -210,28 +247,51 @@ impl IssuerKeys {
                 _ => return Err(FetchError::BadJwksUri(discovery.jwks_uri)),
             }
         };
-        let raw: RawJwkSet = self.get_json(&jwks_uri).await?;
+        let (raw, max_age): (RawJwkSet, _) = self.get_json(&jwks_uri).await?;
         let set = key_set(&raw.keys);
         if set.by_kid.is_empty() && set.anonymous.is_empty() {
             return Err(FetchError::NoKeys {
                 url: jwks_uri.to_string(),
             });
         }
-        Ok(set)
+        Ok((set, max_age))
     }
 
-    async fn get_json<T: serde::de::DeserializeOwned>(&self, url: &Url) -> Result<T, FetchError> {
+    /// GETs a small JSON document; also returns its `Cache-Control: max-age`.
+    async fn get_json<T: serde::de::DeserializeOwned>(
+        &self,
+        url: &Url,
+    ) -> Result<(T, Option<Duration>), FetchError> {
         let http = |source| FetchError::Http {
             url: url.to_string(),
             source,
         };
-        let mut response = self.http.get(url.clone()).send().await.map_err(http)?;
+        let mut response = self
+            .policy
+            .http
+            .get(url.clone())
+            .send()
+            .await
+            .map_err(http)?;
         if !response.status().is_success() {
             return Err(FetchError::Status {
                 url: url.to_string(),
                 status: response.status().as_u16(),
             });
         }
+        let max_age = response
+            .headers()
+            .get_all(http::header::CACHE_CONTROL)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .find_map(|directive| {
+                let (name, value) = directive.trim().split_once('=')?;
+                name.trim()
+                    .eq_ignore_ascii_case("max-age")
+                    .then(|| value.trim().trim_matches('"').parse::<u64>().ok())?
+            })
+            .map(Duration::from_secs);
         let mut body = Vec::new();
         while let Some(chunk) = response.chunk().await.map_err(http)? {
             if body.len() + chunk.len() > MAX_DOCUMENT_BYTES {
@@ -241,10 +301,11 @@ impl IssuerKeys {
             }
             body.extend_from_slice(&chunk);
         }
-        serde_json::from_slice(&body).map_err(|source| FetchError::Json {
+        let document = serde_json::from_slice(&body).map_err(|source| FetchError::Json {
             url: url.to_string(),
             source,
-        })
+        })?;
+        Ok((document, max_age))
     }
 }
 
