@@ -733,4 +733,41 @@ mod tests {
             Err(ProxyError::InsufficientScope { .. })
         ));
     }
+
+    mod no_panic {
+        use super::*;
+        use proptest::prelude::*;
+
+        fn segment() -> impl Strategy<Value = String> {
+            prop_oneof![
+                "[A-Za-z0-9_=+/ -]{0,40}",
+                proptest::collection::vec(any::<u8>(), 0..64).prop_map(|b| B64.encode(b)),
+                (any::<u8>(), "[a-z]{1,8}", any::<i64>()).prop_map(|(n, k, v)| B64.encode(
+                    format!(
+                        "{{\"alg\":\"RS256\",\"kid\":\"{k}\",\"exp\":{v},\"n\":{n},\"{k}\":[{v}]}}"
+                    )
+                )),
+            ]
+        }
+
+        proptest! {
+            /// Any header value: the Authorization parser answers, never panics.
+            #[test]
+            fn authorization_parser_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..200)) {
+                let mut h = HeaderMap::new();
+                if let Ok(value) = http::HeaderValue::from_bytes(&bytes) {
+                    h.insert(http::header::AUTHORIZATION, value);
+                }
+                let _ = bearer_token(&h);
+            }
+
+            /// Any dotted token shape: the pre-verification parser answers, never panics.
+            #[test]
+            fn token_parser_never_panics(parts in proptest::collection::vec(segment(), 0..6), raw in ".{0,200}") {
+                let allowed = [Algorithm::RS256, Algorithm::ES256, Algorithm::PS256];
+                let _ = parse_unverified(&parts.join("."), &allowed);
+                let _ = parse_unverified(&raw, &allowed);
+            }
+        }
+    }
 }

@@ -1698,4 +1698,40 @@ scopes = ["https://graph.example.com/.default"]
         assert!(normalize_prefix("graph").is_err());
         assert!(normalize_prefix("/a/../b").is_err());
     }
+
+    mod no_panic {
+        use super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            /// Any text is parsed into a config or a list of problems, never a panic.
+            #[test]
+            fn config_parser_never_panics(text in ".{0,300}") {
+                let _ = Config::parse(&text, &env);
+            }
+
+            /// Mutations of a valid config (a line dropped, a value replaced) never panic either.
+            #[test]
+            fn mutated_config_never_panics(
+                drop in 0..20usize,
+                line in 0..20usize,
+                value in prop_oneof![
+                    Just("\"\"".to_owned()), Just("[]".to_owned()), Just("{}".to_owned()), Just("-1".to_owned()),
+                    Just("\"{tenantid}\"".to_owned()), Just("\"http://[::1\"".to_owned()), Just("\"9999999999999h\"".to_owned()),
+                    "\"[ -~]{0,20}\"",
+                ],
+            ) {
+                let mut lines: Vec<String> = GOOD.lines().map(str::to_owned).collect();
+                if drop < lines.len() {
+                    lines.remove(drop);
+                }
+                if let Some(l) = lines.get_mut(line)
+                    && let Some((key, _)) = l.split_once(" = ")
+                {
+                    *l = format!("{key} = {value}");
+                }
+                let _ = Config::parse(&lines.join("\n"), &env);
+            }
+        }
+    }
 }

@@ -235,13 +235,14 @@ fn strip(headers: &mut HeaderMap, extra: &[&str], keep_te_trailers: bool) {
 }
 
 /// Turns the caller's request into the upstream request: new URI, clean headers, forwarding headers set,
-/// `Authorization` replaced (or removed for `token = "none"`), and `claim_headers` set in place of anything
-/// the caller sent under any spelling of their names.
+/// `Authorization` replaced (or removed for `token = "none"`). Every header named in `claim_names` (the
+/// route's `forward_claims`) is removed under any spelling, and `claim_headers` are set.
 pub fn upstream_request(
     mut request: Request<Incoming>,
     uri: Uri,
     remote: SocketAddr,
     authorization: Option<HeaderValue>,
+    claim_names: &[(HeaderName, String)],
     claim_headers: Vec<(HeaderName, HeaderValue)>,
 ) -> Request<Incoming> {
     let original_host = request.headers().get(header::HOST).cloned().or_else(|| {
@@ -253,11 +254,11 @@ pub fn upstream_request(
     *request.uri_mut() = uri;
     *request.version_mut() = http::Version::HTTP_11;
     let headers = request.headers_mut();
-    if claim_headers.is_empty() {
+    if claim_names.is_empty() {
         strip(headers, CALLER_NEVER, true);
     } else {
         let mut never: Vec<&str> = CALLER_NEVER.to_vec();
-        let canonical_names: Vec<String> = claim_headers
+        let canonical_names: Vec<String> = claim_names
             .iter()
             .map(|(name, _)| name.as_str().replace('_', "-"))
             .collect();
@@ -396,5 +397,33 @@ mod tests {
         h.insert(header::TE, HeaderValue::from_static("gzip"));
         strip(&mut h, &[], true);
         assert!(h.is_empty());
+    }
+
+    mod no_panic {
+        use super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            /// Any request path: normalization answers, never panics; what it accepts is absolute, has no
+            /// empty, `.` or `..` segment, and maps to a valid upstream URI under every prefix.
+            #[test]
+            fn normalization_and_mapping_never_panic(
+                path in "(/|%2[eEfF]|%5[cC]|%00|%[0-9a-fA-F]{2}|\\.\\.?|[a-z;=]{1,3}|//){0,12}",
+                prefix in prop_oneof![Just("/"), Just("/a"), Just("/a/b/"), Just("/.x")],
+                query in proptest::option::of("[a-z=&%0-9]{0,12}"),
+            ) {
+                if let Ok(normalized) = normalize_path(&path) {
+                    prop_assert!(normalized.starts_with(b"/"));
+                    let text = String::from_utf8_lossy(&normalized).into_owned();
+                    prop_assert!(!text.contains("//"));
+                    prop_assert!(text.split('/').all(|s| s != "." && s != ".."));
+                    let r = route(prefix, "http://127.0.0.1:1/base/");
+                    if prefix_matches(&r.match_prefix, &normalized) {
+                        let uri = upstream_uri(&r, &normalized, query.as_deref());
+                        prop_assert!(uri.is_ok() || query.is_some());
+                    }
+                }
+            }
+        }
     }
 }

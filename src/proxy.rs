@@ -152,8 +152,14 @@ impl Proxy {
             .unwrap_or_default();
 
         let uri = forward::upstream_uri(route, &path, request.uri().query())?;
-        let upstream =
-            forward::upstream_request(request, uri, remote, acquired.header.clone(), claim_headers);
+        let upstream = forward::upstream_request(
+            request,
+            uri,
+            remote,
+            acquired.header.clone(),
+            &route.forward_claims,
+            claim_headers,
+        );
         let mut response =
             match tokio::time::timeout_at(deadline, self.client.request(upstream)).await {
                 Err(_) => return Err(ProxyError::UpstreamTimeout),
