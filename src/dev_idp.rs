@@ -488,6 +488,24 @@ impl DevIdp {
         self.state.mint(&claims)
     }
 
+    /// The signature segments of the most recent tokens this IdP signed (caller tokens, issued tokens,
+    /// anything from [`DevIdp::sign`]): tests search captured logs for them.
+    pub fn signatures(&self) -> Vec<String> {
+        let keys = self
+            .state
+            .keys
+            .read()
+            .unwrap_or_else(PoisonError::into_inner);
+        keys.iter()
+            .flat_map(|key| {
+                key.signatures
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .clone()
+            })
+            .collect()
+    }
+
     /// Signs `header` and `claims` exactly as given (an RS256 signature with the current key, whatever the
     /// header says): tests use it for hostile tokens (wrong `aud`, `alg` lies, no `exp`, ...).
     pub fn sign(&self, header: &Value, claims: &Value) -> String {
@@ -605,7 +623,12 @@ struct SigningKey {
     key_pair: KeyPair,
     n: Vec<u8>,
     e: Vec<u8>,
+    /// The signatures this key made, newest last, bounded: tests search logs for them.
+    signatures: Mutex<VecDeque<String>>,
 }
+
+/// Signatures remembered per key for [`DevIdp::signatures`].
+const REMEMBERED_SIGNATURES: usize = 20_000;
 
 impl SigningKey {
     fn generate() -> std::io::Result<Self> {
@@ -629,6 +652,7 @@ impl SigningKey {
             key_pair,
             n,
             e,
+            signatures: Mutex::new(VecDeque::new()),
         })
     }
 
@@ -661,7 +685,17 @@ impl SigningKey {
                 &mut signature,
             )
             .expect("RSA signing with a generated key cannot fail");
-        format!("{signing_input}.{}", URL_SAFE_NO_PAD.encode(&signature))
+        let signature = URL_SAFE_NO_PAD.encode(&signature);
+        let mut remembered = self
+            .signatures
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if remembered.len() == REMEMBERED_SIGNATURES {
+            remembered.pop_front();
+        }
+        remembered.push_back(signature.clone());
+        drop(remembered);
+        format!("{signing_input}.{signature}")
     }
 
     fn verify(&self, message: &[u8], signature: &[u8]) -> bool {

@@ -18,6 +18,78 @@ use tokio::net::TcpListener;
 
 pub const SECRET_VARIABLE: &str = "TEST_OBO_CLIENT_SECRET";
 
+/// Every log event of this test process at TRACE, from every crate (ours, hyper, reqwest, rustls, moka).
+#[derive(Clone, Default)]
+pub struct CapturedLogs(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl CapturedLogs {
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(
+            &self
+                .0
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        )
+        .into_owned()
+    }
+}
+
+impl std::io::Write for CapturedLogs {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for CapturedLogs {
+    type Writer = CapturedLogs;
+    fn make_writer(&'a self) -> Self::Writer {
+        self.clone()
+    }
+}
+
+/// Installs (once per process) the subscriber that captures every log event; every harness does this, so
+/// every scenario of the suite is also a check that no token or secret reaches a log line.
+pub fn captured_logs() -> &'static CapturedLogs {
+    static LOGS: std::sync::OnceLock<CapturedLogs> = std::sync::OnceLock::new();
+    LOGS.get_or_init(|| {
+        let logs = CapturedLogs::default();
+        let _ = tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::TRACE)
+            .with_writer(logs.clone())
+            .with_ansi(false)
+            .try_init();
+        logs
+    })
+}
+
+/// Fails when any signature the IdP made (caller tokens, issued upstream tokens, assertions), or the client
+/// secret, appears in the captured logs.
+pub fn assert_no_secret_in_logs(idp: &DevIdp) {
+    let logs = captured_logs().text();
+    // Split into base64url runs once, instead of searching the whole text for each signature.
+    let runs: std::collections::HashSet<&str> = logs
+        .split(|c: char| !(c.is_ascii_alphanumeric() || c == '-' || c == '_'))
+        .filter(|run| run.len() >= 40)
+        .collect();
+    for signature in idp.signatures() {
+        assert!(
+            !runs.contains(signature.as_str()),
+            "a token signed by the IdP appears in the logs"
+        );
+    }
+    assert!(
+        !logs.contains(DEFAULT_CLIENT_SECRET),
+        "the client secret appears in the logs"
+    );
+}
+
 pub struct Harness {
     pub idp: DevIdp,
     pub upstream: EchoUpstream,
@@ -167,6 +239,14 @@ pub fn parse(text: &str) -> Config {
     .unwrap_or_else(|e| panic!("test config invalid: {e}"))
 }
 
+impl Drop for Harness {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            assert_no_secret_in_logs(&self.idp);
+        }
+    }
+}
+
 impl Harness {
     /// IdP, upstream and sidecar with the base configuration.
     pub async fn start() -> Harness {
@@ -175,6 +255,7 @@ impl Harness {
 
     /// As [`Harness::start`], with the token endpoint chosen by `token_endpoint`.
     pub async fn start_with(token_endpoint: impl FnOnce(&DevIdp, SocketAddr) -> String) -> Harness {
+        captured_logs();
         let idp = DevIdp::start(bind().await, DevIdpConfig::default())
             .await
             .expect("idp");
@@ -199,6 +280,7 @@ impl Harness {
 
     /// IdP, upstream and a sidecar whose whole configuration `config` writes (from the IdP and upstream URL).
     pub async fn start_custom(config: impl FnOnce(&DevIdp, &str) -> String) -> Harness {
+        captured_logs();
         let idp = DevIdp::start(bind().await, DevIdpConfig::default())
             .await
             .expect("idp");
