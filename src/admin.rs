@@ -8,13 +8,10 @@ use http::{HeaderValue, Method, Request, Response, StatusCode, header};
 use http_body_util::Full;
 use hyper::body::Incoming;
 
-use crate::auth::Authenticator;
+use crate::Shared;
 
 /// Answers one admin request.
-pub fn handle(
-    request: &Request<Incoming>,
-    authenticator: &Arc<Authenticator>,
-) -> Response<Full<Bytes>> {
+pub fn handle(request: &Request<Incoming>, shared: &Arc<Shared>) -> Response<Full<Bytes>> {
     if request.method() != Method::GET && request.method() != Method::HEAD {
         return json(
             StatusCode::METHOD_NOT_ALLOWED,
@@ -23,8 +20,22 @@ pub fn handle(
     }
     match request.uri().path() {
         "/healthz" => json(StatusCode::OK, &serde_json::json!({"status": "ok"})),
+        "/metrics" => {
+            let mut response = Response::new(Full::new(Bytes::from(shared.metrics_text())));
+            response.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static(crate::telemetry::CONTENT_TYPE),
+            );
+            response
+        }
         "/readyz" => {
-            let missing = authenticator.issuers_without_keys();
+            if shared.is_draining() {
+                return json(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    &serde_json::json!({"ready": false, "reason": "draining: shutting down"}),
+                );
+            }
+            let missing = shared.proxy().authenticator().issuers_without_keys();
             if missing.is_empty() {
                 json(StatusCode::OK, &serde_json::json!({"ready": true}))
             } else {

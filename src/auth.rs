@@ -106,9 +106,14 @@ fn fill(template: &str, tenant: &str) -> String {
 
 impl Authenticator {
     /// Builds the validator; [`Authenticator::start`] begins fetching keys.
-    pub fn new(inbound: &Inbound, http: &reqwest::Client) -> Result<Self, url::ParseError> {
+    pub fn new(
+        inbound: &Inbound,
+        http: &reqwest::Client,
+        metrics: Arc<crate::telemetry::Metrics>,
+    ) -> Result<Self, url::ParseError> {
         let policy = jwks::FetchPolicy {
             http: http.clone(),
+            metrics,
             refresh: inbound.jwks_refresh,
             min_refetch: inbound.jwks_min_refetch,
         };
@@ -347,6 +352,7 @@ fn issuer_keys(
         .transpose()?;
     Ok(IssuerKeys::new(
         issuer,
+        template.issuer.clone(),
         discovery_url,
         jwks_uri,
         policy.clone(),

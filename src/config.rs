@@ -48,16 +48,54 @@ pub struct Config {
     pub identities: BTreeMap<String, Arc<Identity>>,
     pub cache: CacheSettings,
     pub routes: Vec<Route>,
+    /// Accepted, but worth an operator's attention (`check` prints them).
+    pub warnings: Vec<Problem>,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Listen {
     pub proxy: SocketAddr,
     pub admin: SocketAddr,
+    /// Token API prefix (SPEC §5); `None` when disabled with `""`.
+    pub api_prefix: Option<String>,
+    pub tls: Option<ListenTls>,
+    pub drain_delay: Duration,
+    pub drain_timeout: Duration,
+    pub max_connections: usize,
+    pub header_read_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub max_header_bytes: usize,
 }
 
+/// Inbound TLS: the server certificate and key, and optionally the CAs whose client certificates are
+/// required (mTLS). Files are re-read when they change.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListenTls {
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+    pub client_ca_file: Option<PathBuf>,
+}
+
+/// The token API lives here unless configured otherwise (SPEC §5).
+pub const DEFAULT_API_PREFIX: &str = "/.obo";
+/// Kubernetes withdraws endpoints asynchronously; set to e.g. 5 s there. Zero elsewhere: stop at once.
+pub const DEFAULT_DRAIN_DELAY: Duration = Duration::ZERO;
+/// In-flight requests get this long after the listener closes; below the kubelet's default 30 s grace
+/// period plus the drain delay it is cut short, so raise `terminationGracePeriodSeconds` with it.
+pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+/// Connections beyond this wait in the accept queue; a sidecar rarely has more than a few hundred.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
+/// A request head not received within this time closes the connection (slowloris).
+pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// Keep-alive connections idle this long are closed; above common client pools' 60 s.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+/// RFC 9110 sets no limit; 64 KiB holds any real token-bearing request. Beyond it: 431.
+pub const DEFAULT_MAX_HEADER_BYTES: usize = 64 * 1024;
+/// Connecting to an upstream; a local or in-cluster upstream answers in milliseconds.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Validation of callers' tokens.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Inbound {
     /// Exact `iss` values; a `{tenantid}` template is filled from the token's `tid`.
     pub issuers: Vec<String>,
@@ -198,6 +236,17 @@ pub struct Route {
     pub caller_auth: CallerAuth,
     /// Headers set from validated claims, replacing anything the caller sent under any spelling.
     pub forward_claims: Vec<(http::HeaderName, String)>,
+    /// More headers not forwarded (lowercase, `_` read as `-`).
+    pub remove_request_headers: Vec<String>,
+    /// Forward the caller's `Host` instead of the upstream's authority.
+    pub preserve_host: bool,
+    /// Served on the token API (SPEC §5).
+    pub token_api: bool,
+    /// HTTP/2 to the upstream (prior knowledge for `http://`, ALPN for `https://`).
+    pub http2: bool,
+    pub connect_timeout: Duration,
+    /// Extra roots for this upstream's TLS.
+    pub ca_file: Option<PathBuf>,
 }
 
 #[cfg(test)]
@@ -221,6 +270,12 @@ impl Route {
             methods: None,
             caller_auth: CallerAuth::Required,
             forward_claims: vec![],
+            remove_request_headers: vec![],
+            preserve_host: false,
+            token_api: false,
+            http2: false,
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            ca_file: None,
         }
     }
 }
@@ -468,6 +523,46 @@ impl<'a> Fields<'a> {
         value
     }
 
+    fn boolean(&self, key: &str, default: bool, p: &mut Problems) -> bool {
+        match self.value(key) {
+            None => default,
+            Some(Value::Boolean(b)) => *b,
+            Some(other) => {
+                p.add(
+                    &self.at(key),
+                    format!("expected true or false, found {}", other.type_str()),
+                );
+                default
+            }
+        }
+    }
+
+    /// An integer from `min` to `max`.
+    fn integer(
+        &self,
+        key: &str,
+        default: usize,
+        min: usize,
+        max: usize,
+        p: &mut Problems,
+    ) -> usize {
+        match self.value(key) {
+            None => default,
+            Some(Value::Integer(n))
+                if usize::try_from(*n).is_ok_and(|n| (min..=max).contains(&n)) =>
+            {
+                usize::try_from(*n).unwrap_or(default)
+            }
+            Some(_) => {
+                p.add(
+                    &self.at(key),
+                    format!("expected an integer from {min} to {max}"),
+                );
+                default
+            }
+        }
+    }
+
     /// A PEM file of one or more CA certificates.
     fn pem_roots(&self, key: &str, p: &mut Problems) -> Option<PathBuf> {
         let text = self.string(key, p)?;
@@ -584,6 +679,7 @@ fn read_config(root: &Table, env: EnvLookup<'_>, p: &mut Problems) -> Option<Con
         .map(|i| i.policy.clone())
         .unwrap_or_default();
     let context = RouteContext {
+        warnings: std::cell::RefCell::new(Vec::new()),
         proxy_listen: listen
             .as_ref()
             .map_or_else(|| SocketAddr::from(([127, 0, 0, 1], 0)), |l| l.proxy),
@@ -592,6 +688,7 @@ fn read_config(root: &Table, env: EnvLookup<'_>, p: &mut Problems) -> Option<Con
         identities: &identities,
     };
     let routes = read_routes(&top, &context, p);
+    let warnings = context.warnings.into_inner();
 
     Some(Config {
         listen: listen?,
@@ -599,17 +696,113 @@ fn read_config(root: &Table, env: EnvLookup<'_>, p: &mut Problems) -> Option<Con
         identities,
         cache,
         routes,
+        warnings,
     })
 }
 
 fn read_listen(table: Option<&Table>, p: &mut Problems) -> Option<Listen> {
     let empty = Table::new();
-    let f = Fields::new(table.unwrap_or(&empty), "listen", &["proxy", "admin"], p);
+    let f = Fields::new(
+        table.unwrap_or(&empty),
+        "listen",
+        &[
+            "proxy",
+            "admin",
+            "api_prefix",
+            "tls",
+            "drain_delay",
+            "drain_timeout",
+            "max_connections",
+            "header_read_timeout",
+            "idle_timeout",
+            "max_header_bytes",
+        ],
+        p,
+    );
     let proxy = f.socket_addr("proxy", DEFAULT_PROXY_LISTEN, p);
     let admin = f.socket_addr("admin", DEFAULT_ADMIN_LISTEN, p);
+    let api_prefix = match f.string("api_prefix", p).unwrap_or(DEFAULT_API_PREFIX) {
+        "" => None,
+        prefix => match normalize_prefix(prefix) {
+            Ok(normalized) if !normalized.is_empty() => Some(normalized),
+            Ok(_) => {
+                p.add(&f.at("api_prefix"), "\"/\" would hide every route; use a path such as \"/.obo\", or \"\" to disable");
+                None
+            }
+            Err(message) => {
+                p.add(&f.at("api_prefix"), message);
+                None
+            }
+        },
+    };
+    let tls = f.table("tls", p).and_then(|t| {
+        let tf = Fields::new(
+            t,
+            f.at("tls"),
+            &["cert_file", "key_file", "client_ca_file"],
+            p,
+        );
+        let cert_file = tf.required_string("cert_file", p).map(PathBuf::from);
+        let key_file = tf.required_string("key_file", p).map(PathBuf::from);
+        let client_ca_file = tf.pem_roots("client_ca_file", p);
+        if let (Some(cert), Some(key)) = (&cert_file, &key_file)
+            && let Err(e) = crate::tls::server_config(cert, key, client_ca_file.as_deref())
+        {
+            p.add(&f.at("tls"), crate::auth::jwks::error_chain(&e));
+        }
+        Some(ListenTls {
+            cert_file: cert_file?,
+            key_file: key_file?,
+            client_ca_file,
+        })
+    });
+    let drain_delay = f.bounded_duration(
+        "drain_delay",
+        DEFAULT_DRAIN_DELAY,
+        Duration::ZERO,
+        Duration::from_secs(600),
+        p,
+    );
+    let drain_timeout = f.bounded_duration(
+        "drain_timeout",
+        DEFAULT_DRAIN_TIMEOUT,
+        Duration::ZERO,
+        Duration::from_secs(3600),
+        p,
+    );
+    let header_read_timeout = f.bounded_duration(
+        "header_read_timeout",
+        DEFAULT_HEADER_READ_TIMEOUT,
+        Duration::from_millis(100),
+        Duration::from_secs(600),
+        p,
+    );
+    let idle_timeout = f.bounded_duration(
+        "idle_timeout",
+        DEFAULT_IDLE_TIMEOUT,
+        Duration::from_secs(1),
+        Duration::from_secs(86_400),
+        p,
+    );
+    let max_connections = f.integer("max_connections", DEFAULT_MAX_CONNECTIONS, 1, 1_000_000, p);
+    let max_header_bytes = f.integer(
+        "max_header_bytes",
+        DEFAULT_MAX_HEADER_BYTES,
+        8192,
+        1024 * 1024,
+        p,
+    );
     Some(Listen {
         proxy: proxy?,
         admin: admin?,
+        api_prefix,
+        tls,
+        drain_delay,
+        drain_timeout,
+        max_connections,
+        header_read_timeout,
+        idle_timeout,
+        max_header_bytes,
     })
 }
 
@@ -975,19 +1168,7 @@ fn read_identity(
         MAX_IDP_TIMEOUT,
         p,
     );
-    let max_concurrent = match f.value("max_concurrent") {
-        None => DEFAULT_MAX_CONCURRENT,
-        Some(Value::Integer(n)) if (1..=10_000).contains(n) => {
-            usize::try_from(*n).unwrap_or(DEFAULT_MAX_CONCURRENT)
-        }
-        Some(_) => {
-            p.add(
-                &f.at("max_concurrent"),
-                "expected an integer from 1 to 10000",
-            );
-            DEFAULT_MAX_CONCURRENT
-        }
-    };
+    let max_concurrent = f.integer("max_concurrent", DEFAULT_MAX_CONCURRENT, 1, 10_000, p);
     Some(Identity {
         name: name.to_owned(),
         flavor: flavor?,
@@ -1138,11 +1319,21 @@ fn read_cache(table: Option<&Table>, p: &mut Problems) -> CacheSettings {
 
 /// What a route is checked against.
 struct RouteContext<'a> {
+    warnings: std::cell::RefCell<Vec<Problem>>,
     proxy_listen: SocketAddr,
     default_policy: &'a Policy,
     /// Identity names present in the file (even if they failed to parse).
     declared: &'a HashSet<String>,
     identities: &'a BTreeMap<String, Arc<Identity>>,
+}
+
+impl RouteContext<'_> {
+    fn warn(&self, path: &str, message: &str) {
+        self.warnings.borrow_mut().push(Problem {
+            path: path.to_owned(),
+            message: message.to_owned(),
+        });
+    }
 }
 
 fn read_routes(top: &Fields<'_>, context: &RouteContext<'_>, p: &mut Problems) -> Vec<Route> {
@@ -1249,6 +1440,13 @@ fn read_route(
             "methods",
             "caller_auth",
             "forward_claims",
+            "remove_request_headers",
+            "preserve_host",
+            "token_api",
+            "allow_plain_http",
+            "http2",
+            "connect_timeout",
+            "ca_file",
         ],
         p,
     );
@@ -1361,15 +1559,23 @@ fn read_route(
         }
         _ => {}
     }
+    let allow_plain_http = f.boolean("allow_plain_http", false, p);
     if let (Some(url), Some(kind)) = (&upstream, token)
         && kind != TokenKind::None
         && url.scheme() == "http"
         && !is_loopback(url)
     {
-        p.add(
-            &f.at("upstream"),
-            "a route that sends a token needs an https upstream (plain http only to loopback)",
-        );
+        if allow_plain_http {
+            context.warn(
+                &f.at("allow_plain_http"),
+                "tokens go to this upstream over plain http: make sure the network (a mesh) encrypts the hop",
+            );
+        } else {
+            p.add(
+                &f.at("upstream"),
+                "a route that sends a token needs an https upstream (plain http only to loopback, or set allow_plain_http = true behind a mesh that encrypts the hop)",
+            );
+        }
     }
     let own_policy = read_policy(&f, p);
     let policy = if own_policy.is_set() {
@@ -1412,6 +1618,31 @@ fn read_route(
             "a route without caller authentication has no claims to forward",
         );
     }
+    let remove_request_headers: Vec<String> = f
+        .strings("remove_request_headers", p)
+        .unwrap_or_default()
+        .iter()
+        .map(|h| h.to_ascii_lowercase().replace('_', "-"))
+        .collect();
+    let preserve_host = f.boolean("preserve_host", false, p);
+    let token_api = f.boolean(
+        "token_api",
+        matches!(token, Some(TokenKind::Obo | TokenKind::Passthrough))
+            && caller_auth == CallerAuth::Required,
+        p,
+    );
+    if token_api && caller_auth == CallerAuth::None {
+        p.add(&f.at("token_api"), "the token API needs a validated caller");
+    }
+    let http2 = f.boolean("http2", false, p);
+    let connect_timeout = f.bounded_duration(
+        "connect_timeout",
+        DEFAULT_CONNECT_TIMEOUT,
+        Duration::from_millis(1),
+        Duration::from_secs(600),
+        p,
+    );
+    let ca_file = f.pem_roots("ca_file", p);
     Some(Route {
         name: name?.to_owned(),
         path_prefix: path_prefix?.to_owned(),
@@ -1429,6 +1660,12 @@ fn read_route(
         methods,
         caller_auth,
         forward_claims,
+        remove_request_headers,
+        preserve_host,
+        token_api,
+        http2,
+        connect_timeout,
+        ca_file,
     })
 }
 

@@ -163,6 +163,7 @@ struct ErrorResponse {
 /// One identity's connection to its IdP: client, concurrency cap and the IdP's remembered back-off.
 struct IdentityClient {
     identity: Arc<Identity>,
+    metrics: Arc<crate::telemetry::Metrics>,
     http: reqwest::Client,
     permits: Semaphore,
     /// Unix-epoch-free monotonic deadline (ms since `epoch`) before which the IdP asked not to be called.
@@ -206,7 +207,7 @@ impl IdentityClient {
 /// Acquires upstream tokens for routes, through the cache.
 pub struct Exchanger {
     identities: BTreeMap<String, Arc<IdentityClient>>,
-    cache: TokenCache,
+    cache: Arc<TokenCache>,
     expiry_margin: Duration,
 }
 
@@ -214,6 +215,8 @@ impl Exchanger {
     pub fn new(
         identities: &BTreeMap<String, Arc<Identity>>,
         settings: &CacheSettings,
+        cache: Arc<TokenCache>,
+        metrics: &Arc<crate::telemetry::Metrics>,
     ) -> Result<Self, crate::tls::TlsError> {
         let mut clients = BTreeMap::new();
         for (name, identity) in identities {
@@ -227,6 +230,7 @@ impl Exchanger {
                 name.clone(),
                 Arc::new(IdentityClient {
                     identity: Arc::clone(identity),
+                    metrics: Arc::clone(metrics),
                     http,
                     permits: Semaphore::new(identity.max_concurrent),
                     backoff_until_ms: AtomicU64::new(0),
@@ -237,7 +241,7 @@ impl Exchanger {
         }
         Ok(Exchanger {
             identities: clients,
-            cache: TokenCache::new(settings.max_entries),
+            cache,
             expiry_margin: settings.expiry_margin,
         })
     }
@@ -404,7 +408,19 @@ impl TokenRequest {
     /// A `Retry-After` is remembered for the identity: until it passes, requests fail at once.
     async fn send(&self) -> Result<UpstreamToken, ExchangeError> {
         let identity = &self.client.identity;
+        let grant = match (&self.grant, identity.flavor) {
+            (Grant::App, _) => crate::telemetry::Grant::ClientCredentials,
+            (Grant::OnBehalfOf { .. }, Flavor::Entra) => crate::telemetry::Grant::Obo,
+            (Grant::OnBehalfOf { .. }, Flavor::Rfc8693) => crate::telemetry::Grant::TokenExchange,
+        };
+        let started = std::time::Instant::now();
         if let Some(wait) = self.client.backoff() {
+            self.client.metrics.record_idp(
+                &identity.name,
+                grant,
+                crate::telemetry::IdpOutcome::Throttled,
+                started.elapsed(),
+            );
             return Err(ExchangeError::Unavailable {
                 reason: "the IdP asked to back off (Retry-After)".to_owned(),
                 retry_after: Some(wait),
@@ -426,6 +442,27 @@ impl TokenRequest {
             tokio::time::sleep(jitter()).await;
             outcome = self.send_once().await;
         }
+        let recorded = match &outcome {
+            Ok(_) => crate::telemetry::IdpOutcome::Ok,
+            Err(ExchangeError::Unavailable {
+                retry_after: Some(_),
+                ..
+            }) => crate::telemetry::IdpOutcome::Throttled,
+            Err(ExchangeError::Unavailable { .. }) => crate::telemetry::IdpOutcome::Unavailable,
+            Err(ExchangeError::SubjectRejected { .. }) => {
+                crate::telemetry::IdpOutcome::InvalidGrant
+            }
+            Err(ExchangeError::ClaimsChallenge { .. }) => {
+                crate::telemetry::IdpOutcome::ClaimsChallenge
+            }
+            Err(ExchangeError::ConsentRequired { .. }) => {
+                crate::telemetry::IdpOutcome::ConsentRequired
+            }
+            Err(ExchangeError::Misconfigured { .. }) => crate::telemetry::IdpOutcome::Misconfigured,
+        };
+        self.client
+            .metrics
+            .record_idp(&identity.name, grant, recorded, started.elapsed());
         match &outcome {
             Ok(_) => {}
             Err(error @ ExchangeError::Unavailable { retry_after, .. }) => {

@@ -2,7 +2,6 @@
 //! RFC 9110 §7.6.1 and those named in `Connection`, spoofable forwarding headers), the `Authorization` swap,
 //! and the pooled client that streams bodies both ways.
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -24,21 +23,55 @@ pub type UpstreamClient = Client<HttpsConnector<HttpConnector>, Incoming>;
 /// (nginx 75 s, Node 5 s is the outlier and answers with a clean close).
 const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// Builds the upstream client over `tls` (system roots plus configured extra roots).
-pub fn upstream_client(tls: rustls::ClientConfig) -> UpstreamClient {
+/// One pooled client per route, built from its `http2`, `connect_timeout` and `ca_file`.
+pub struct UpstreamClients {
+    by_route: std::collections::HashMap<String, UpstreamClient>,
+}
+
+impl UpstreamClients {
+    pub fn new(routes: &[Route]) -> Result<Self, crate::tls::TlsError> {
+        let mut by_route = std::collections::HashMap::new();
+        for route in routes {
+            let roots: Vec<&std::path::Path> = route
+                .ca_file
+                .iter()
+                .map(std::path::PathBuf::as_path)
+                .collect();
+            let tls = crate::tls::client_config(&roots)?;
+            by_route.insert(route.name.clone(), upstream_client(tls, route));
+        }
+        Ok(UpstreamClients { by_route })
+    }
+
+    pub fn get(&self, route: &Route) -> Option<&UpstreamClient> {
+        self.by_route.get(&route.name)
+    }
+}
+
+/// The upstream client of `route` over `tls`: HTTP/1.1, or with `http2` HTTP/2 (prior knowledge for
+/// `http://`, ALPN for `https://`).
+fn upstream_client(tls: rustls::ClientConfig, route: &Route) -> UpstreamClient {
     let mut http = HttpConnector::new();
     http.enforce_http(false);
     http.set_nodelay(true);
-    http.set_connect_timeout(Some(Duration::from_secs(5)));
-    let https = hyper_rustls::HttpsConnectorBuilder::new()
+    http.set_connect_timeout(Some(route.connect_timeout));
+    let builder = hyper_rustls::HttpsConnectorBuilder::new()
         .with_tls_config(tls)
-        .https_or_http()
-        .enable_http1()
-        .wrap_connector(http);
-    Client::builder(TokioExecutor::new())
+        .https_or_http();
+    let https = if route.http2 {
+        builder.enable_all_versions().wrap_connector(http)
+    } else {
+        builder.enable_http1().wrap_connector(http)
+    };
+    let mut client = Client::builder(TokioExecutor::new());
+    client
         .pool_idle_timeout(POOL_IDLE_TIMEOUT)
         .pool_timer(hyper_util::rt::TokioTimer::new())
-        .build(https)
+        .timer(hyper_util::rt::TokioTimer::new());
+    if route.http2 && route.upstream.scheme() == "http" {
+        client.http2_only(true);
+    }
+    client.build(https)
 }
 
 /// RFC 3986 `pchar` plus `/` pass; every other byte, and `%` itself, is percent-encoded.
@@ -234,61 +267,106 @@ fn strip(headers: &mut HeaderMap, extra: &[&str], keep_te_trailers: bool) {
     }
 }
 
-/// Turns the caller's request into the upstream request: new URI, clean headers, forwarding headers set,
-/// `Authorization` replaced (or removed for `token = "none"`). Every header named in `claim_names` (the
-/// route's `forward_claims`) is removed under any spelling, and `claim_headers` are set.
-pub fn upstream_request(
-    mut request: Request<Incoming>,
-    uri: Uri,
-    remote: SocketAddr,
-    authorization: Option<HeaderValue>,
-    claim_names: &[(HeaderName, String)],
-    claim_headers: Vec<(HeaderName, HeaderValue)>,
-) -> Request<Incoming> {
+/// What the upstream request carries besides the caller's request.
+pub struct Outgoing<'a> {
+    pub uri: Uri,
+    pub peer: crate::server::Peer,
+    pub route: &'a Route,
+    /// `Authorization` to send (`None`: none).
+    pub authorization: Option<HeaderValue>,
+    /// `forward_claims` headers to set.
+    pub claim_headers: Vec<(HeaderName, HeaderValue)>,
+    pub request_id: HeaderValue,
+    /// An accepted `Upgrade` keeps `Connection: upgrade` and `Upgrade`.
+    pub upgrade: Option<HeaderValue>,
+}
+
+/// Turns the caller's request into the upstream request: new URI, clean headers (hop-by-hop, proxy
+/// credentials, spoofable forwarding headers, the route's `remove_request_headers` and every spelling of its
+/// `forward_claims` names), `X-Forwarded-*` and `X-Request-Id` set, `Authorization` replaced (or removed).
+pub fn upstream_request(mut request: Request<Incoming>, out: Outgoing<'_>) -> Request<Incoming> {
     let original_host = request.headers().get(header::HOST).cloned().or_else(|| {
         request
             .uri()
             .authority()
             .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
     });
-    *request.uri_mut() = uri;
+    *request.uri_mut() = out.uri;
     *request.version_mut() = http::Version::HTTP_11;
     let headers = request.headers_mut();
-    if claim_names.is_empty() {
-        strip(headers, CALLER_NEVER, true);
-    } else {
-        let mut never: Vec<&str> = CALLER_NEVER.to_vec();
-        let canonical_names: Vec<String> = claim_names
-            .iter()
-            .map(|(name, _)| name.as_str().replace('_', "-"))
-            .collect();
-        never.extend(canonical_names.iter().map(String::as_str));
-        strip(headers, &never, true);
-    }
-    for (name, value) in claim_headers {
-        headers.insert(name, value);
+    let route = out.route;
+    let mut never: Vec<&str> = CALLER_NEVER.to_vec();
+    never.push("x-request-id");
+    let canonical_names: Vec<String> = route
+        .forward_claims
+        .iter()
+        .map(|(name, _)| name.as_str().replace('_', "-"))
+        .collect();
+    never.extend(canonical_names.iter().map(String::as_str));
+    never.extend(route.remove_request_headers.iter().map(String::as_str));
+    strip(headers, &never, true);
+    if route.preserve_host
+        && let Some(host) = &original_host
+    {
+        headers.insert(header::HOST, host.clone());
     }
     headers.insert(
         HeaderName::from_static("x-forwarded-for"),
-        HeaderValue::from_str(&remote.ip().to_string())
+        HeaderValue::from_str(&out.peer.remote.ip().to_string())
             .unwrap_or_else(|_| HeaderValue::from_static("unknown")),
     );
     headers.insert(
         HeaderName::from_static("x-forwarded-proto"),
-        HeaderValue::from_static("http"),
+        HeaderValue::from_static(if out.peer.tls { "https" } else { "http" }),
     );
     if let Some(host) = original_host {
         headers.insert(HeaderName::from_static("x-forwarded-host"), host);
     }
-    if let Some(value) = authorization {
+    headers.insert(HeaderName::from_static("x-request-id"), out.request_id);
+    for (name, value) in out.claim_headers {
+        headers.insert(name, value);
+    }
+    if let Some(value) = out.authorization {
         headers.insert(header::AUTHORIZATION, value);
+    }
+    if let Some(protocol) = out.upgrade {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        headers.insert(header::UPGRADE, protocol);
     }
     request
 }
 
-/// Cleans the upstream's response headers before they go back to the caller.
-pub fn clean_response_headers(headers: &mut HeaderMap) {
+/// Cleans the upstream's response headers before they go back to the caller; a `101 Switching Protocols`
+/// keeps `Connection: upgrade` and `Upgrade`.
+pub fn clean_response_headers(headers: &mut HeaderMap, upgraded: bool) {
+    let upgrade = upgraded
+        .then(|| headers.get(header::UPGRADE).cloned())
+        .flatten();
     strip(headers, &[], false);
+    if let Some(protocol) = upgrade {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        headers.insert(header::UPGRADE, protocol);
+    }
+}
+
+/// The protocol an HTTP/1.1 request asks to upgrade to (`Connection: upgrade` + `Upgrade`), e.g. WebSocket.
+pub fn requested_upgrade(request: &Request<Incoming>) -> Option<HeaderValue> {
+    if request.version() != http::Version::HTTP_11 {
+        return None;
+    }
+    let asks = request
+        .headers()
+        .get_all(header::CONNECTION)
+        .iter()
+        .any(|v| {
+            v.as_bytes().split(|b| *b == b',').any(|token| {
+                String::from_utf8_lossy(token)
+                    .trim()
+                    .eq_ignore_ascii_case("upgrade")
+            })
+        });
+    asks.then(|| request.headers().get(header::UPGRADE).cloned())
+        .flatten()
 }
 
 #[cfg(test)]

@@ -23,12 +23,16 @@ pub mod forward;
 pub mod proxy;
 pub mod secret;
 pub mod server;
+pub mod telemetry;
 pub mod tls;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use arc_swap::ArcSwap;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -36,6 +40,7 @@ use tokio::task::JoinHandle;
 use crate::auth::Authenticator;
 use crate::config::Config;
 use crate::exchange::Exchanger;
+use crate::exchange::cache::TokenCache;
 use crate::proxy::Proxy;
 
 /// The bound listeners the sidecar serves.
@@ -63,40 +68,157 @@ pub enum StartError {
     Issuer(#[from] url::ParseError),
     #[error("listener address")]
     Io(#[from] std::io::Error),
+    #[error("inbound TLS")]
+    ServerTls(#[from] tls::ServerTlsError),
+}
+
+/// What outlives a reload: the current request path, swapped whole, and the state shared across them.
+pub struct Shared {
+    current: ArcSwap<Proxy>,
+    /// Set on SIGTERM: `/readyz` answers 503 while the listener still accepts (`drain_delay`).
+    draining: AtomicBool,
+    /// Upstream tokens survive reloads: their keys name identity, endpoint, flavor and targets, so a
+    /// changed identity simply misses.
+    token_cache: Arc<TokenCache>,
+    config: ArcSwap<Config>,
+    metrics: Arc<telemetry::Metrics>,
+}
+
+impl Shared {
+    /// The request path of the current configuration.
+    pub fn proxy(&self) -> Arc<Proxy> {
+        self.current.load_full()
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Acquire)
+    }
+
+    /// Counts a reload attempt.
+    pub fn record_reload(&self, ok: bool) {
+        self.metrics.record_reload(ok);
+    }
+
+    /// The Prometheus exposition of every metric (SPEC §6).
+    pub fn metrics_text(&self) -> String {
+        self.metrics
+            .set_cache_entries(self.token_cache.entry_count_now());
+        self.metrics.encode()
+    }
 }
 
 /// A running sidecar.
 pub struct Sidecar {
     pub proxy_addr: SocketAddr,
     pub admin_addr: SocketAddr,
-    proxy: Arc<Proxy>,
-    authenticator: Arc<Authenticator>,
+    shared: Arc<Shared>,
     shutdown: watch::Sender<bool>,
     servers: Vec<JoinHandle<()>>,
-    background: Vec<JoinHandle<()>>,
+    background: std::sync::Mutex<Vec<JoinHandle<()>>>,
 }
 
 impl Sidecar {
-    /// The request path's shared state (tests read the token cache through it).
-    pub fn proxy(&self) -> &Arc<Proxy> {
-        &self.proxy
+    /// The request path's current state (tests read the token cache through it).
+    pub fn proxy(&self) -> Arc<Proxy> {
+        self.shared.proxy()
     }
 
     /// Resolves when the sidecar is ready (every issuer's keys fetched), as `/readyz` would say.
     pub async fn ready(&self) {
-        self.authenticator.ready().await;
+        self.shared.proxy().authenticator().ready().await;
     }
 
-    /// Stops accepting, drains in-flight requests, stops background work.
+    /// Swaps in a new configuration: routes, identities and validation change atomically; connections and
+    /// in-flight requests keep the generation they started with. Listener settings (addresses, TLS files,
+    /// limits) and `cache.max_entries` need a restart; a change to them is logged and ignored.
+    pub fn reload(&self, config: Config) -> Result<(), StartError> {
+        let old = self.shared.config.load_full();
+        if old.listen != config.listen || old.cache.max_entries != config.cache.max_entries {
+            tracing::warn!(
+                "[listen] and cache.max_entries changes take effect at the next restart"
+            );
+        }
+        let authenticator = if old.inbound == config.inbound {
+            Arc::clone(self.shared.proxy().authenticator())
+        } else {
+            let authenticator = build_authenticator(&config, &self.shared.metrics)?;
+            if let Ok(mut background) = self.background.lock() {
+                background.extend(authenticator.start());
+            }
+            authenticator
+        };
+        let proxy = build_proxy(
+            &config,
+            authenticator,
+            Arc::clone(&self.shared.token_cache),
+            &self.shared.metrics,
+        )?;
+        self.shared.current.store(Arc::new(proxy));
+        self.shared.config.store(Arc::new(config));
+        tracing::info!("configuration reloaded");
+        Ok(())
+    }
+
+    /// Drains and stops: `/readyz` turns 503 and the listeners keep accepting for `drain_delay` (while
+    /// Kubernetes withdraws the endpoint), then stop accepting and give in-flight requests up to
+    /// `drain_timeout`; background work stops.
     pub async fn stop(self) {
+        self.shared.draining.store(true, Ordering::Release);
+        let delay = self.shared.config.load().listen.drain_delay;
+        if !delay.is_zero() {
+            tracing::info!(?delay, "draining: not ready, still accepting");
+            tokio::time::sleep(delay).await;
+        }
         let _ = self.shutdown.send(true);
         for server in self.servers {
             let _ = server.await;
         }
-        for task in self.background {
-            task.abort();
+        if let Ok(background) = self.background.lock() {
+            for task in background.iter() {
+                task.abort();
+            }
         }
     }
+}
+
+fn build_authenticator(
+    config: &Config,
+    metrics: &Arc<telemetry::Metrics>,
+) -> Result<Arc<Authenticator>, StartError> {
+    let roots: Vec<&Path> = config
+        .inbound
+        .ca_file
+        .iter()
+        .map(PathBuf::as_path)
+        .collect();
+    let http = tls::idp_client(&roots, config::DEFAULT_IDP_TIMEOUT)?;
+    Ok(Arc::new(Authenticator::new(
+        &config.inbound,
+        &http,
+        Arc::clone(metrics),
+    )?))
+}
+
+fn build_proxy(
+    config: &Config,
+    authenticator: Arc<Authenticator>,
+    token_cache: Arc<TokenCache>,
+    metrics: &Arc<telemetry::Metrics>,
+) -> Result<Proxy, StartError> {
+    let exchanger = Exchanger::new(
+        &config.identities,
+        &config.cache,
+        token_cache,
+        metrics,
+    )?;
+    let clients = forward::UpstreamClients::new(&config.routes)?;
+    Ok(Proxy::new(
+        config,
+        authenticator,
+        exchanger,
+        clients,
+        metrics,
+    ))
 }
 
 /// Starts serving `config` on `listeners`; signing keys are fetched in the background.
@@ -107,38 +229,43 @@ impl Sidecar {
 pub async fn start(config: Config, listeners: Listeners) -> Result<Sidecar, StartError> {
     let proxy_addr = listeners.proxy.local_addr()?;
     let admin_addr = listeners.admin.local_addr()?;
-    let inbound_roots: Vec<&Path> = config
-        .inbound
-        .ca_file
-        .iter()
-        .map(PathBuf::as_path)
-        .collect();
-    let jwks_http = tls::idp_client(&inbound_roots, config::DEFAULT_IDP_TIMEOUT)?;
-    let authenticator = Arc::new(Authenticator::new(&config.inbound, &jwks_http)?);
+    for warning in &config.warnings {
+        tracing::warn!(%warning, "configuration");
+    }
+    let metrics = Arc::new(telemetry::Metrics::new());
+    let authenticator = build_authenticator(&config, &metrics)?;
     let background = authenticator.start();
-
-    let exchanger = Exchanger::new(&config.identities, &config.cache)?;
-    let client = forward::upstream_client(tls::client_config(&[])?);
-    let proxy = Arc::new(Proxy::new(
-        &config,
-        Arc::clone(&authenticator),
-        exchanger,
-        client,
-    ));
+    let token_cache = Arc::new(TokenCache::new(config.cache.max_entries));
+    let proxy = build_proxy(&config, authenticator, Arc::clone(&token_cache), &metrics)?;
+    let tls = config
+        .listen
+        .tls
+        .as_ref()
+        .map(|t| tls::ReloadingServerConfig::new(t).map(Arc::new))
+        .transpose()?;
+    let proxy_options = server::ServeOptions::proxy(&config.listen, tls);
+    let admin_options = server::ServeOptions::admin(&config.listen);
+    let shared = Arc::new(Shared {
+        current: ArcSwap::from_pointee(proxy),
+        draining: AtomicBool::new(false),
+        token_cache,
+        config: ArcSwap::from_pointee(config),
+        metrics,
+    });
 
     let (shutdown, stop) = watch::channel(false);
     let proxy_handler = {
-        let proxy = Arc::clone(&proxy);
-        move |request, remote| {
-            let proxy = Arc::clone(&proxy);
-            async move { proxy.handle(request, remote).await }
+        let shared = Arc::clone(&shared);
+        move |request, peer| {
+            let proxy = shared.proxy();
+            async move { proxy.handle(request, peer).await }
         }
     };
     let admin_handler = {
-        let authenticator = Arc::clone(&authenticator);
-        move |request, _remote| {
-            let authenticator = Arc::clone(&authenticator);
-            async move { admin::handle(&request, &authenticator) }
+        let shared = Arc::clone(&shared);
+        move |request, _peer| {
+            let shared = Arc::clone(&shared);
+            async move { admin::handle(&request, &shared) }
         }
     };
     let servers = vec![
@@ -146,19 +273,23 @@ pub async fn start(config: Config, listeners: Listeners) -> Result<Sidecar, Star
             listeners.proxy,
             proxy_handler,
             stop.clone(),
-            "proxy",
+            proxy_options,
         )),
-        tokio::spawn(server::serve(listeners.admin, admin_handler, stop, "admin")),
+        tokio::spawn(server::serve(
+            listeners.admin,
+            admin_handler,
+            stop,
+            admin_options,
+        )),
     ];
-    tracing::info!(proxy = %proxy_addr, admin = %admin_addr, routes = config.routes.len(), "obo-sidecar serving");
+    tracing::info!(proxy = %proxy_addr, admin = %admin_addr, "obo-sidecar serving");
     Ok(Sidecar {
         proxy_addr,
         admin_addr,
-        proxy,
-        authenticator,
+        shared,
         shutdown,
         servers,
-        background,
+        background: std::sync::Mutex::new(background),
     })
 }
 
@@ -173,4 +304,57 @@ pub async fn run(
     tracing::info!("shutting down: draining in-flight requests");
     sidecar.stop().await;
     Ok(())
+}
+
+/// How often the configuration file's modification time is checked for a reload.
+pub const CONFIG_POLL_INTERVAL: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Reloads `sidecar` from `path` on SIGHUP and whenever the file changes (its modification time, which a
+/// Kubernetes `ConfigMap` update also changes through its `..data` symlink). A configuration with problems is
+/// rejected whole: every problem is logged and the running one stays. Runs until dropped.
+pub async fn watch_config(sidecar: &Sidecar, path: &Path) {
+    let modified = |path: &Path| std::fs::metadata(path).and_then(|m| m.modified()).ok();
+    let mut seen = modified(path);
+    #[cfg(unix)]
+    let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+    let mut tick = tokio::time::interval(CONFIG_POLL_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        #[cfg(unix)]
+        let signalled = async {
+            match hangup.as_mut() {
+                Some(signal) => signal.recv().await,
+                None => std::future::pending().await,
+            }
+        };
+        #[cfg(not(unix))]
+        let signalled = std::future::pending::<Option<()>>();
+        tokio::select! {
+            _ = signalled => tracing::info!("SIGHUP: reloading the configuration"),
+            _ = tick.tick() => {
+                let now = modified(path);
+                if now == seen {
+                    continue;
+                }
+                seen = now;
+                tracing::info!(path = %path.display(), "configuration file changed: reloading");
+            }
+        }
+        let outcome = match Config::load(path) {
+            Ok(config) => sidecar
+                .reload(config)
+                .map_err(|e| vec![crate::auth::jwks::error_chain(&e)]),
+            Err(error) => Err(error.problems.iter().map(ToString::to_string).collect()),
+        };
+        sidecar.shared.record_reload(outcome.is_ok());
+        if let Err(problems) = outcome {
+            for problem in &problems {
+                tracing::error!(%problem, "configuration rejected");
+            }
+            tracing::error!(
+                count = problems.len(),
+                "reload rejected; the running configuration stays"
+            );
+        }
+    }
 }

@@ -68,9 +68,15 @@ async fn serve(path: &std::path::Path) -> anyhow::Result<ExitCode> {
     let listeners = obo_sidecar::Listeners::bind(&config)
         .await
         .context("binding the listeners")?;
-    obo_sidecar::run(config, listeners, shutdown_signal())
+    let sidecar = obo_sidecar::start(config, listeners)
         .await
-        .context("serving")?;
+        .context("starting")?;
+    tokio::select! {
+        () = shutdown_signal() => {}
+        () = obo_sidecar::watch_config(&sidecar, path) => {}
+    }
+    tracing::info!("shutting down: draining in-flight requests");
+    sidecar.stop().await;
     Ok(ExitCode::SUCCESS)
 }
 

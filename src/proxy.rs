@@ -1,39 +1,52 @@
-//! One request: route -> authenticate -> authorize -> acquire the upstream token -> forward. Errors become
-//! responses here and only here, each logged once at the level its fault calls for.
+//! One request: route -> authenticate -> authorize -> acquire the upstream token -> forward (or answer from
+//! the token API). Errors become responses here and only here, each logged once at the level its fault calls
+//! for; every request ends with one access-log event.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
-use http::{Request, Response, StatusCode};
+use http::{HeaderValue, Request, Response, StatusCode, header};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 
-use crate::auth::CallerClaims;
-use crate::auth::{Authenticator, authorize};
-use crate::config::{CallerAuth, Config, Route};
+use crate::auth::{Authenticator, Caller, CallerClaims, authorize};
+use crate::config::{CallerAuth, Config, Route, TokenKind};
 use crate::error::{Fault, ProxyError};
 use crate::exchange::Exchanger;
-use crate::forward::{self, UpstreamClient};
+use crate::exchange::cache::Lookup;
+use crate::forward::{self, Outgoing, UpstreamClients};
+use crate::server::Peer;
+use crate::telemetry::{CacheKind, CacheResult, Metrics, RouteMetrics, UpstreamErrorKind};
 
 /// What the proxy answers: the upstream's streamed body, or one the sidecar made.
 pub type ProxyBody = Either<Incoming, Full<Bytes>>;
 
-/// The request path's state, shared by every connection.
+/// A caller-supplied `X-Request-Id` longer than this, or with other than visible ASCII, is replaced.
+const MAX_REQUEST_ID_BYTES: usize = 128;
+
+/// The request path of one configuration generation, shared by every connection.
 pub struct Proxy {
     /// Longest `match_prefix` first, so the first match is the longest.
     routes: Vec<Route>,
     authenticator: Arc<Authenticator>,
     exchanger: Exchanger,
-    client: UpstreamClient,
+    clients: UpstreamClients,
+    api_prefix: Option<String>,
+    /// `[inbound]`'s policy, for `GET {api_prefix}/validate`.
+    inbound_route: Route,
+    max_header_bytes: usize,
+    metrics: Arc<Metrics>,
+    /// Per-route metric handles, resolved once per configuration (no label building per request).
+    route_metrics: std::collections::HashMap<String, RouteMetrics>,
 }
 
 /// How a request ended, for the access log.
 struct Outcome<'a> {
     route: Option<&'a str>,
-    status: StatusCode,
     cache: &'static str,
+    idp_call: bool,
+    upstream_error: Option<UpstreamErrorKind>,
 }
 
 impl Proxy {
@@ -41,18 +54,29 @@ impl Proxy {
         config: &Config,
         authenticator: Arc<Authenticator>,
         exchanger: Exchanger,
-        client: UpstreamClient,
+        clients: UpstreamClients,
+        metrics: &Arc<Metrics>,
     ) -> Self {
         let mut routes = config.routes.clone();
         // Longest prefix first; for one prefix, routes that also name a host or methods first.
         routes.sort_by_key(|r| {
             std::cmp::Reverse((r.match_prefix.len(), r.host.is_some(), r.methods.is_some()))
         });
+        let route_metrics = routes
+            .iter()
+            .map(|r| (r.name.clone(), metrics.route(&r.name)))
+            .chain([("validate".to_owned(), metrics.route("validate"))])
+            .collect();
         Proxy {
+            metrics: Arc::clone(metrics),
+            route_metrics,
+            inbound_route: inbound_route(config),
+            max_header_bytes: config.listen.max_header_bytes,
             routes,
             authenticator,
             exchanger,
-            client,
+            clients,
+            api_prefix: config.listen.api_prefix.clone(),
         }
     }
 
@@ -60,43 +84,63 @@ impl Proxy {
         &self.exchanger
     }
 
+    pub fn authenticator(&self) -> &Arc<Authenticator> {
+        &self.authenticator
+    }
+
     /// Serves one caller request.
-    pub async fn handle(
-        &self,
-        request: Request<Incoming>,
-        remote: SocketAddr,
-    ) -> Response<ProxyBody> {
+    pub async fn handle(&self, request: Request<Incoming>, peer: Peer) -> Response<ProxyBody> {
         let started = Instant::now();
         let method = request.method().clone();
+        let request_id = request_id(&request);
         let mut outcome = Outcome {
             route: None,
-            status: StatusCode::OK,
             cache: "-",
+            idp_call: false,
+            upstream_error: None,
         };
-        let response = match self.proxy(request, remote, &mut outcome).await {
+        let mut response = match self.answer(request, peer, &request_id, &mut outcome).await {
             Ok(response) => response,
             Err(error) => {
-                log_error(&error, outcome.route);
+                log_error(&error, outcome.route, &request_id);
                 error.to_response::<Full<Bytes>>().map(Either::Right)
             }
         };
-        outcome.status = response.status();
+        response
+            .headers_mut()
+            .insert("x-request-id", request_id.clone());
+        let status = response.status().as_u16();
+        match outcome.route.and_then(|name| self.route_metrics.get(name)) {
+            Some(route) => {
+                route.record_request(status, started.elapsed());
+                if let Some(kind) = outcome.upstream_error {
+                    route.record_upstream_error(kind);
+                }
+            }
+            None => {
+                self.metrics
+                    .record_request(crate::telemetry::NO_ROUTE, status, started.elapsed());
+            }
+        }
         tracing::info!(
             target: "access",
             route = outcome.route.unwrap_or("-"),
             %method,
-            status = outcome.status.as_u16(),
+            status = response.status().as_u16(),
             cache = outcome.cache,
+            idp_call = outcome.idp_call,
             duration_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
+            request_id = request_id.to_str().unwrap_or("-"),
             "request"
         );
         response
     }
 
-    async fn proxy<'a>(
+    async fn answer<'a>(
         &'a self,
         request: Request<Incoming>,
-        remote: SocketAddr,
+        peer: Peer,
+        request_id: &HeaderValue,
         outcome: &mut Outcome<'a>,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         let header_bytes: usize = request
@@ -104,10 +148,17 @@ impl Proxy {
             .iter()
             .map(|(n, v)| n.as_str().len() + v.len() + 4)
             .sum();
-        if header_bytes > crate::server::MAX_HEADER_BYTES {
+        if header_bytes > self.max_header_bytes {
             return Err(ProxyError::HeadersTooLarge);
         }
         let path = forward::normalize_path(request.uri().path())?;
+        if let Some(prefix) = &self.api_prefix
+            && forward::prefix_matches(prefix, &path)
+        {
+            return self
+                .token_api(&request, &path[prefix.len()..], outcome)
+                .await;
+        }
         let host = request_host(&request);
         let route = self
             .routes
@@ -122,59 +173,235 @@ impl Proxy {
             .ok_or(ProxyError::NoRoute)?;
         outcome.route = Some(&route.name);
         let deadline = tokio::time::Instant::now() + route.timeout;
-
-        let caller = match route.caller_auth {
-            CallerAuth::None => None,
-            CallerAuth::Required => {
-                let caller = tokio::time::timeout_at(
-                    deadline,
-                    self.authenticator.authenticate(request.headers()),
-                )
-                .await
-                .map_err(|_| ProxyError::KeysUnavailable {
-                    retry_after: crate::auth::jwks::KEYS_RETRY_AFTER,
-                })??;
-                authorize(&caller.claims, route)?;
-                Some(caller)
-            }
-        };
-
+        let caller = self.caller(&request, route, deadline).await?;
         let acquired =
             tokio::time::timeout_at(deadline, self.exchanger.acquire(route, caller.as_ref()))
                 .await
                 .map_err(|_| ProxyError::TokenDeadline)??;
-        if let Some(lookup) = acquired.lookup {
-            outcome.cache = lookup.as_str();
-        }
+        self.record_lookup(route, acquired.lookup, outcome);
         let claim_headers = caller
             .as_ref()
             .map(|c| claim_headers(route, &c.claims))
             .unwrap_or_default();
-
         let uri = forward::upstream_uri(route, &path, request.uri().query())?;
+        let upgrade = forward::requested_upgrade(&request);
+        let mut request = request;
+        let caller_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut request));
         let upstream = forward::upstream_request(
             request,
-            uri,
-            remote,
-            acquired.header.clone(),
-            &route.forward_claims,
-            claim_headers,
+            Outgoing {
+                uri,
+                peer,
+                route,
+                authorization: acquired.header.clone(),
+                claim_headers,
+                request_id: request_id.clone(),
+                upgrade,
+            },
         );
-        let mut response =
-            match tokio::time::timeout_at(deadline, self.client.request(upstream)).await {
-                Err(_) => return Err(ProxyError::UpstreamTimeout),
-                Ok(Err(error)) => return Err(ProxyError::UpstreamConnect(Box::new(error))),
-                Ok(Ok(response)) => response,
-            };
+        let client = self
+            .clients
+            .get(route)
+            .ok_or(ProxyError::Internal("route without an upstream client"))?;
+        let mut response = match tokio::time::timeout_at(deadline, client.request(upstream)).await {
+            Err(_) => {
+                outcome.upstream_error = Some(UpstreamErrorKind::Timeout);
+                return Err(ProxyError::UpstreamTimeout);
+            }
+            Ok(Err(error)) => {
+                outcome.upstream_error = Some(upstream_error_kind(&error));
+                return Err(ProxyError::UpstreamConnect(Box::new(error)));
+            }
+            Ok(Ok(response)) => response,
+        };
         if response.status() == StatusCode::UNAUTHORIZED
             && let Some(sent) = &acquired.sent
             && self.exchanger.forget(sent).await
         {
             tracing::info!(route = %route.name, "upstream refused its token; dropped the cached one");
         }
-        forward::clean_response_headers(response.headers_mut());
+        let switching = response.status() == StatusCode::SWITCHING_PROTOCOLS;
+        if switching && let Some(caller_upgrade) = caller_upgrade {
+            let upstream_upgrade = hyper::upgrade::on(&mut response);
+            let route_name = route.name.clone();
+            tokio::spawn(async move {
+                match tokio::try_join!(caller_upgrade, upstream_upgrade) {
+                    Ok((caller, upstream)) => {
+                        let mut caller = hyper_util::rt::TokioIo::new(caller);
+                        let mut upstream = hyper_util::rt::TokioIo::new(upstream);
+                        if let Err(error) =
+                            tokio::io::copy_bidirectional(&mut caller, &mut upstream).await
+                        {
+                            tracing::debug!(route = %route_name, %error, "upgraded connection ended");
+                        }
+                    }
+                    Err(error) => tracing::debug!(route = %route_name, %error, "upgrade failed"),
+                }
+            });
+        }
+        forward::clean_response_headers(response.headers_mut(), switching);
         Ok(response.map(Either::Left))
     }
+
+    fn record_lookup(&self, route: &Route, lookup: Option<Lookup>, outcome: &mut Outcome<'_>) {
+        let Some(lookup) = lookup else { return };
+        outcome.cache = lookup.as_str();
+        outcome.idp_call = lookup == Lookup::Miss;
+        let kind = match route.token {
+            TokenKind::Obo => CacheKind::Obo,
+            TokenKind::App => CacheKind::App,
+            TokenKind::Passthrough | TokenKind::None => CacheKind::Passthrough,
+        };
+        let result = match lookup {
+            Lookup::Hit => CacheResult::Hit,
+            Lookup::Stale => CacheResult::Stale,
+            Lookup::Miss => CacheResult::Miss,
+        };
+        if let Some(metrics) = self.route_metrics.get(&route.name) {
+            metrics.record_cache(kind, result);
+        }
+    }
+
+    /// The validated caller of `route` (none for `caller_auth = "none"`), its policy applied.
+    async fn caller(
+        &self,
+        request: &Request<Incoming>,
+        route: &Route,
+        deadline: tokio::time::Instant,
+    ) -> Result<Option<Caller>, ProxyError> {
+        if route.caller_auth == CallerAuth::None {
+            return Ok(None);
+        }
+        let caller =
+            tokio::time::timeout_at(deadline, self.authenticator.authenticate(request.headers()))
+                .await
+                .map_err(|_| ProxyError::KeysUnavailable {
+                    retry_after: crate::auth::jwks::KEYS_RETRY_AFTER,
+                })??;
+        authorize(&caller.claims, route)?;
+        Ok(Some(caller))
+    }
+
+    /// The token API (SPEC §5): `GET {prefix}/validate` and `GET {prefix}/authorization-header/{route}`,
+    /// with the proxy's validation, policy, cache and errors; answers carry `Cache-Control: no-store`.
+    async fn token_api<'a>(
+        &'a self,
+        request: &Request<Incoming>,
+        rest: &[u8],
+        outcome: &mut Outcome<'a>,
+    ) -> Result<Response<ProxyBody>, ProxyError> {
+        if request.method() != http::Method::GET && request.method() != http::Method::HEAD {
+            return Err(ProxyError::NoRoute);
+        }
+        if rest == b"/validate" {
+            outcome.route = Some("validate");
+            let deadline = tokio::time::Instant::now() + self.inbound_route.timeout;
+            let caller = self.caller(request, &self.inbound_route, deadline).await?;
+            let claims = caller.map(|c| serde_json::Value::Object(c.claims.all.clone()));
+            return Ok(api_response(&serde_json::json!({ "claims": claims })));
+        }
+        let name = rest
+            .strip_prefix(b"/authorization-header/")
+            .and_then(|name| std::str::from_utf8(name).ok())
+            .ok_or(ProxyError::NoRoute)?;
+        let route = self
+            .routes
+            .iter()
+            .find(|r| r.name == name && r.token_api)
+            .ok_or(ProxyError::NoRoute)?;
+        outcome.route = Some(&route.name);
+        let deadline = tokio::time::Instant::now() + route.timeout;
+        let caller = self.caller(request, route, deadline).await?;
+        let acquired =
+            tokio::time::timeout_at(deadline, self.exchanger.acquire(route, caller.as_ref()))
+                .await
+                .map_err(|_| ProxyError::TokenDeadline)??;
+        self.record_lookup(route, acquired.lookup, outcome);
+        let expires_on = match (&acquired.sent, route.token, &caller) {
+            (Some((_, entry)), _, _) => entry.token.expires_on,
+            (None, TokenKind::Passthrough, Some(caller)) => caller.claims.exp,
+            _ => 0,
+        };
+        let header = acquired
+            .header
+            .as_ref()
+            .and_then(|h| h.to_str().ok())
+            .ok_or(ProxyError::NoRoute)?;
+        Ok(api_response(&serde_json::json!({
+            "authorization_header": header,
+            "expires_on": expires_on,
+        })))
+    }
+}
+
+/// The pseudo-route of `GET {api_prefix}/validate`: caller validation with `[inbound]`'s policy.
+fn inbound_route(config: &Config) -> Route {
+    Route {
+        name: "validate".to_owned(),
+        path_prefix: String::new(),
+        match_prefix: String::new(),
+        upstream: url::Url::parse("http://127.0.0.1/")
+            .unwrap_or_else(|_| unreachable!("a fixed valid URL")),
+        token: TokenKind::None,
+        identity: crate::config::DEFAULT_IDENTITY.to_owned(),
+        scopes: Vec::new(),
+        audience: Vec::new(),
+        resource: Vec::new(),
+        requested_token_type: None,
+        policy: config.inbound.policy.clone(),
+        timeout: crate::config::DEFAULT_ROUTE_TIMEOUT,
+        host: None,
+        methods: None,
+        caller_auth: CallerAuth::Required,
+        forward_claims: Vec::new(),
+        remove_request_headers: Vec::new(),
+        preserve_host: false,
+        token_api: false,
+        http2: false,
+        connect_timeout: crate::config::DEFAULT_CONNECT_TIMEOUT,
+        ca_file: None,
+    }
+}
+
+/// How an upstream request failed, for `obo_upstream_errors_total{kind}`.
+fn upstream_error_kind(error: &hyper_util::client::legacy::Error) -> UpstreamErrorKind {
+    let chain = crate::auth::jwks::error_chain(error).to_ascii_lowercase();
+    if chain.contains("certificate") || chain.contains("tls") || chain.contains("handshake") {
+        UpstreamErrorKind::Tls
+    } else if error.is_connect() {
+        UpstreamErrorKind::Connect
+    } else {
+        UpstreamErrorKind::Reset
+    }
+}
+
+/// A token API answer: JSON, never cached.
+fn api_response(body: &serde_json::Value) -> Response<ProxyBody> {
+    let mut response = Response::new(Either::Right(Full::new(Bytes::from(body.to_string()))));
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    response
+}
+
+/// The caller's `X-Request-Id` when it is short visible ASCII, else a new UUID.
+fn request_id(request: &Request<Incoming>) -> HeaderValue {
+    request
+        .headers()
+        .get("x-request-id")
+        .filter(|v| {
+            !v.is_empty()
+                && v.len() <= MAX_REQUEST_ID_BYTES
+                && v.as_bytes().iter().all(u8::is_ascii_graphic)
+        })
+        .cloned()
+        .unwrap_or_else(|| {
+            HeaderValue::from_str(&crate::exchange::client_auth::random_uuid())
+                .unwrap_or_else(|_| HeaderValue::from_static("-"))
+        })
 }
 
 /// The request's host for route matching: `Host` (or the URI's authority) without its port, lowercase.
@@ -195,10 +422,7 @@ fn request_host(request: &Request<Incoming>) -> Option<String> {
 /// The `forward_claims` headers of `route` from the caller's validated claims. Strings as they are, numbers
 /// and booleans as JSON, arrays of those joined with `,`; a claim that is absent, an object, or not a valid
 /// header value is not sent.
-fn claim_headers(
-    route: &Route,
-    claims: &CallerClaims,
-) -> Vec<(http::HeaderName, http::HeaderValue)> {
+fn claim_headers(route: &Route, claims: &CallerClaims) -> Vec<(http::HeaderName, HeaderValue)> {
     fn text(value: &serde_json::Value) -> Option<String> {
         match value {
             serde_json::Value::String(s) => Some(s.clone()),
@@ -219,22 +443,27 @@ fn claim_headers(
                     .join(","),
                 other => text(other)?,
             };
-            Some((header.clone(), http::HeaderValue::from_str(&value).ok()?))
+            Some((header.clone(), HeaderValue::from_str(&value).ok()?))
         })
         .collect()
 }
 
 /// Logs a refused request once. IdP failures were already logged where they happened (with the
 /// `client-request-id`), so here they are only a debug line.
-fn log_error(error: &ProxyError, route: Option<&str>) {
+fn log_error(error: &ProxyError, route: Option<&str>, request_id: &HeaderValue) {
     let route = route.unwrap_or("-");
+    let request_id = request_id.to_str().unwrap_or("-");
     let detail = crate::auth::jwks::error_chain(error);
     match (error.fault(), error) {
         (Fault::Caller | Fault::Idp, _)
         | (Fault::Internal, ProxyError::IdpMisconfigured { .. }) => {
-            tracing::debug!(route, error = %detail, "request refused");
+            tracing::debug!(route, request_id, error = %detail, "request refused");
         }
-        (Fault::Upstream, _) => tracing::warn!(route, error = %detail, "request failed"),
-        (Fault::Internal, _) => tracing::error!(route, error = %detail, "request failed"),
+        (Fault::Upstream, _) => {
+            tracing::warn!(route, request_id, error = %detail, "request failed");
+        }
+        (Fault::Internal, _) => {
+            tracing::error!(route, request_id, error = %detail, "request failed");
+        }
     }
 }

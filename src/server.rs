@@ -1,75 +1,305 @@
-//! Accept loops: one task per connection, HTTP/1.1 with keep-alive, a header-read timeout and a header
-//! size limit (larger header blocks get 431 from hyper), and a graceful drain on shutdown.
+//! Accept loops: HTTP/1.1 and HTTP/2 (h2c prior knowledge, or ALPN `h2` over TLS) on one listener, with
+//! upgrades, optional TLS (mTLS), a cap on concurrent connections, header-size and header-read limits, an
+//! idle timeout, and a graceful drain on shutdown.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use http::{Request, Response};
 use hyper::body::{Body, Incoming};
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::sync::{Semaphore, watch};
+use tokio::task::JoinSet;
 
-/// RFC 9110 sets no limit; 64 KiB matches nginx's `large_client_header_buffers` order of magnitude and
-/// holds any real token-bearing request. Beyond it: 431.
-pub const MAX_HEADER_BYTES: usize = 64 * 1024;
-/// A connection that has not sent its request head within this time is closed (slowloris).
-pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
-/// After shutdown, in-flight requests get this long to finish.
-pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+use crate::config::Listen;
+use crate::tls::ReloadingServerConfig;
 
-/// Serves `listener` with `handler` until `shutdown` turns true, then drains.
+/// Where a request came from.
+#[derive(Debug, Clone, Copy)]
+pub struct Peer {
+    pub remote: SocketAddr,
+    /// The connection is TLS (`X-Forwarded-Proto: https`).
+    pub tls: bool,
+}
+
+/// How a listener serves its connections.
+#[derive(Clone)]
+pub struct ServeOptions {
+    pub name: &'static str,
+    pub tls: Option<Arc<ReloadingServerConfig>>,
+    pub max_connections: usize,
+    pub header_read_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub max_header_bytes: usize,
+    pub drain_timeout: Duration,
+}
+
+impl ServeOptions {
+    /// The options `[listen]` gives the proxy listener.
+    pub fn proxy(listen: &Listen, tls: Option<Arc<ReloadingServerConfig>>) -> ServeOptions {
+        ServeOptions {
+            name: "proxy",
+            tls,
+            max_connections: listen.max_connections,
+            header_read_timeout: listen.header_read_timeout,
+            idle_timeout: listen.idle_timeout,
+            max_header_bytes: listen.max_header_bytes,
+            drain_timeout: listen.drain_timeout,
+        }
+    }
+
+    /// The admin listener: plain HTTP, few connections.
+    pub fn admin(listen: &Listen) -> ServeOptions {
+        ServeOptions {
+            name: "admin",
+            tls: None,
+            max_connections: 256,
+            ..ServeOptions::proxy(listen, None)
+        }
+    }
+}
+
+/// Serves `listener` with `handler` until `shutdown` turns true, then stops accepting and drains: open
+/// connections finish their in-flight requests (up to `drain_timeout`) and are closed.
 pub async fn serve<H, Fut, B>(
     listener: TcpListener,
     handler: H,
     mut shutdown: watch::Receiver<bool>,
-    name: &'static str,
+    options: ServeOptions,
 ) where
-    H: Fn(Request<Incoming>, SocketAddr) -> Fut + Clone + Send + Sync + 'static,
+    H: Fn(Request<Incoming>, Peer) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = Response<B>> + Send + 'static,
     B: Body + Send + 'static,
     B::Data: Send,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
-    let mut builder = hyper::server::conn::http1::Builder::new();
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     builder
+        .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT)
-        .max_buf_size(MAX_HEADER_BYTES)
+        .header_read_timeout(options.header_read_timeout)
+        .max_buf_size(options.max_header_bytes.max(8192))
         .keep_alive(true);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(u32::try_from(options.max_header_bytes).unwrap_or(u32::MAX))
+        .keep_alive_interval(Some(Duration::from_secs(30)))
+        .keep_alive_timeout(Duration::from_secs(10));
+    let builder = Arc::new(builder);
+    let permits = Arc::new(Semaphore::new(options.max_connections));
+    let mut connections = JoinSet::new();
     loop {
+        // Beyond max_connections, new connections wait in the kernel's accept queue.
+        let permit = tokio::select! {
+            permit = Arc::clone(&permits).acquire_owned() => permit,
+            _ = shutdown.wait_for(|stop| *stop) => break,
+        };
+        let Ok(permit) = permit else { break };
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
             _ = shutdown.wait_for(|stop| *stop) => break,
+            Some(_) = connections.join_next(), if !connections.is_empty() => continue,
         };
         let (stream, remote) = match accepted {
             Ok(pair) => pair,
             Err(error) => {
                 // EMFILE and friends: back off briefly instead of spinning.
-                tracing::warn!(listener = name, %error, "accept failed");
+                tracing::warn!(listener = options.name, %error, "accept failed");
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             }
         };
         let _ = stream.set_nodelay(true);
         let handler = handler.clone();
-        let service = service_fn(move |request| {
-            let handler = handler.clone();
-            async move { Ok::<_, Infallible>(handler(request, remote).await) }
-        });
-        let connection = graceful.watch(builder.serve_connection(TokioIo::new(stream), service));
-        tokio::spawn(async move {
-            if let Err(error) = connection.await {
-                tracing::debug!(listener = name, %remote, %error, "connection ended with an error");
+        let builder = Arc::clone(&builder);
+        let options = options.clone();
+        let stop = shutdown.clone();
+        connections.spawn(async move {
+            let _permit = permit;
+            match &options.tls {
+                None => {
+                    let peer = Peer { remote, tls: false };
+                    drive(&builder, stream, peer, handler, stop, &options).await;
+                }
+                Some(tls) => {
+                    let acceptor = tokio_rustls::TlsAcceptor::from(tls.current());
+                    match tokio::time::timeout(options.header_read_timeout, acceptor.accept(stream)).await {
+                        Ok(Ok(stream)) => {
+                            let peer = Peer { remote, tls: true };
+                            drive(&builder, stream, peer, handler, stop, &options).await;
+                        }
+                        Ok(Err(error)) => {
+                            tracing::debug!(listener = options.name, %remote, %error, "TLS handshake failed");
+                        }
+                        Err(_) => tracing::debug!(listener = options.name, %remote, "TLS handshake timed out"),
+                    }
+                }
             }
         });
     }
     drop(listener);
-    tokio::select! {
-        () = graceful.shutdown() => tracing::debug!(listener = name, "drained"),
-        () = tokio::time::sleep(DRAIN_TIMEOUT) => tracing::warn!(listener = name, "drain timeout; closing remaining connections"),
+    let drained = tokio::time::timeout(options.drain_timeout, async {
+        while connections.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!(
+            listener = options.name,
+            open = connections.len(),
+            "drain timeout; closing the remaining connections"
+        );
+        connections.abort_all();
+    } else {
+        tracing::debug!(listener = options.name, "drained");
+    }
+}
+
+/// Serves one connection until it closes, goes idle for `idle_timeout`, or shutdown asks it to finish.
+async fn drive<I, H, Fut, B>(
+    builder: &hyper_util::server::conn::auto::Builder<TokioExecutor>,
+    io: I,
+    peer: Peer,
+    handler: H,
+    mut stop: watch::Receiver<bool>,
+    options: &ServeOptions,
+) where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    H: Fn(Request<Incoming>, Peer) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Response<B>> + Send + 'static,
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let io = IdleIo::new(io);
+    let activity = io.activity();
+    let service = service_fn(move |request| {
+        let handler = handler.clone();
+        async move { Ok::<_, Infallible>(handler(request, peer).await) }
+    });
+    let connection = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
+    tokio::pin!(connection);
+    let finished = tokio::select! {
+        result = connection.as_mut() => Some(result),
+        _ = stop.wait_for(|stop| *stop) => None,
+        () = activity.idle_for(options.idle_timeout) => None,
+    };
+    let result = if let Some(result) = finished {
+        result
+    } else {
+        connection.as_mut().graceful_shutdown();
+        connection.await
+    };
+    if let Err(error) = result {
+        tracing::debug!(listener = options.name, remote = %peer.remote, %error, "connection ended with an error");
+    }
+}
+
+/// When a connection last moved a byte, shared with its watchdog.
+#[derive(Clone)]
+struct Activity {
+    epoch: tokio::time::Instant,
+    last_ms: Arc<AtomicU64>,
+}
+
+impl Activity {
+    fn touch(&self) {
+        let now = u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.last_ms.store(now, Ordering::Relaxed);
+    }
+
+    /// Resolves once no byte has moved for `limit`.
+    async fn idle_for(&self, limit: Duration) {
+        loop {
+            let last = Duration::from_millis(self.last_ms.load(Ordering::Relaxed));
+            let idle = self.epoch.elapsed().saturating_sub(last);
+            if idle >= limit {
+                return;
+            }
+            tokio::time::sleep(limit.saturating_sub(idle)).await;
+        }
+    }
+}
+
+/// An I/O stream that records when it last read or wrote a byte.
+struct IdleIo<I> {
+    inner: I,
+    activity: Activity,
+}
+
+impl<I> IdleIo<I> {
+    fn new(inner: I) -> Self {
+        IdleIo {
+            inner,
+            activity: Activity {
+                epoch: tokio::time::Instant::now(),
+                last_ms: Arc::new(AtomicU64::new(0)),
+            },
+        }
+    }
+
+    fn activity(&self) -> Activity {
+        self.activity.clone()
+    }
+}
+
+impl<I: AsyncRead + Unpin> AsyncRead for IdleIo<I> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let poll = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            self.activity.touch();
+        }
+        poll
+    }
+}
+
+impl<I: AsyncWrite + Unpin> AsyncWrite for IdleIo<I> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let poll = Pin::new(&mut self.inner).poll_write(cx, buf);
+        if matches!(poll, Poll::Ready(Ok(n)) if n > 0) {
+            self.activity.touch();
+        }
+        poll
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let poll = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        if matches!(poll, Poll::Ready(Ok(n)) if n > 0) {
+            self.activity.touch();
+        }
+        poll
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
     }
 }

@@ -90,6 +90,7 @@ struct RawJwkSet {
 #[derive(Clone)]
 pub struct FetchPolicy {
     pub http: reqwest::Client,
+    pub metrics: Arc<crate::telemetry::Metrics>,
     /// Background refresh when the key set carries no `Cache-Control: max-age`.
     pub refresh: Duration,
     /// Unknown-`kid` refetches at most this often.
@@ -103,6 +104,8 @@ const MAX_HONOURED_MAX_AGE: Duration = Duration::from_secs(86_400);
 /// The keys of one (resolved) issuer.
 pub struct IssuerKeys {
     pub issuer: String,
+    /// The configured issuer (`{tenantid}` unfilled): the bounded metric label.
+    label: String,
     discovery_url: Url,
     jwks_uri: Option<Url>,
     policy: FetchPolicy,
@@ -118,6 +121,7 @@ pub struct IssuerKeys {
 impl IssuerKeys {
     pub fn new(
         issuer: String,
+        label: String,
         discovery_url: Url,
         jwks_uri: Option<Url>,
         policy: FetchPolicy,
@@ -126,6 +130,7 @@ impl IssuerKeys {
         let refresh = policy.refresh;
         IssuerKeys {
             issuer,
+            label,
             discovery_url,
             jwks_uri,
             policy,
@@ -190,6 +195,7 @@ impl IssuerKeys {
         let outcome = self.fetch().await;
         self.generation.fetch_add(1, Ordering::AcqRel);
         let ok = outcome.is_ok();
+        self.policy.metrics.record_jwks(&self.label, ok);
         match outcome {
             Ok((set, max_age)) => {
                 tracing::info!(issuer = %self.issuer, keys = set.by_kid.len() + set.anonymous.len(), "signing keys fetched");

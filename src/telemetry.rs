@@ -1,0 +1,1228 @@
+//! The Prometheus metrics served on the admin listener's `/metrics` (SPEC §6).
+//!
+//! [`Metrics`] owns the registry and every metric family; the rest of the sidecar records through its methods
+//! with plain arguments and never sees a label type. Label values are bounded: route and identity names from the
+//! config, the configured issuer string (`{tenantid}` unfilled), and closed enums. Never a path, a tenant or
+//! anything from a token.
+//!
+//! The per-request path goes through a [`RouteMetrics`] handle that the proxy resolves once per route: it holds
+//! the route's own series, so recording a request is a few atomic operations with no label built, no
+//! allocation and no map lookup. [`Metrics::record_request`] by `&str` remains for requests that matched no
+//! route ([`NO_ROUTE`]).
+
+use std::fmt;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use dashmap::DashMap;
+use prometheus_client::encoding::{
+    EncodeLabelSet, EncodeLabelValue, EncodeMetric, LabelValueEncoder, MetricEncoder,
+};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::{Registry, Unit};
+
+/// The `Content-Type` of a `/metrics` response: [`Metrics::encode`] writes `OpenMetrics` 1.0 text.
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// The `route` label of a request that matched no route (it gets a 404 before any route is known).
+pub const NO_ROUTE: &str = "-";
+
+/// Upper bounds, in seconds, of the request and IdP duration buckets: from 0.5 ms (a cache hit on loopback)
+/// to 10 s (a slow upstream or an IdP retry), a 1-2.5-5 ladder so the bounds are round numbers that SLOs
+/// are written in (`le="0.25"`), about ×2 apart. 14 buckets plus `+Inf` keep a series per route small.
+pub const DURATION_BUCKETS: [f64; 14] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+/// Status codes with a pre-resolved counter in each [`RouteMetrics`]; others (hyper allows up to 999) take
+/// the family's map.
+const STATUS_TABLE: std::ops::RangeInclusive<u16> = 100..=599;
+const STATUS_TABLE_LEN: usize = 500;
+
+/// Writes a closed enum's `as_str` as its label value (the derive would print the variant name, `Ok`).
+macro_rules! label_value_as_str {
+    ($($t:ty),* $(,)?) => {$(
+        impl EncodeLabelValue for $t {
+            fn encode(&self, encoder: &mut LabelValueEncoder) -> fmt::Result {
+                fmt::Write::write_str(encoder, self.as_str())
+            }
+        }
+    )*};
+}
+
+/// Which token a cache lookup was for: the `kind` label of `obo_token_cache_requests_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum CacheKind {
+    /// A token exchanged On-Behalf-Of the caller.
+    Obo,
+    /// The sidecar's own token (client credentials).
+    App,
+    /// The caller's own token, validated and sent on unchanged.
+    Passthrough,
+}
+
+impl CacheKind {
+    const COUNT: usize = 3;
+
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            CacheKind::Obo => "obo",
+            CacheKind::App => "app",
+            CacheKind::Passthrough => "passthrough",
+        }
+    }
+
+    const fn index(self) -> usize {
+        match self {
+            CacheKind::Obo => 0,
+            CacheKind::App => 1,
+            CacheKind::Passthrough => 2,
+        }
+    }
+}
+
+/// What a cache lookup found: the `result` label of `obo_token_cache_requests_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum CacheResult {
+    /// A fresh entry was used.
+    Hit,
+    /// Nothing usable: the token was requested from the IdP while the caller waited.
+    Miss,
+    /// An entry past its refresh point was used while a background refresh runs.
+    Stale,
+}
+
+impl CacheResult {
+    const COUNT: usize = 3;
+
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            CacheResult::Hit => "hit",
+            CacheResult::Miss => "miss",
+            CacheResult::Stale => "stale",
+        }
+    }
+
+    const fn index(self) -> usize {
+        match self {
+            CacheResult::Hit => 0,
+            CacheResult::Miss => 1,
+            CacheResult::Stale => 2,
+        }
+    }
+}
+
+/// The grant of a token request: the `grant` label of the `obo_idp_*` metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Grant {
+    /// Entra's On-Behalf-Of (`urn:ietf:params:oauth:grant-type:jwt-bearer`, `requested_token_use=on_behalf_of`).
+    Obo,
+    /// RFC 8693 token exchange (`urn:ietf:params:oauth:grant-type:token-exchange`).
+    TokenExchange,
+    /// RFC 6749 §4.4 client credentials: the sidecar's own token.
+    ClientCredentials,
+}
+
+impl Grant {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Grant::Obo => "obo",
+            Grant::TokenExchange => "token_exchange",
+            Grant::ClientCredentials => "client_credentials",
+        }
+    }
+}
+
+/// How a token request ended: the `outcome` label of `obo_idp_requests_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum IdpOutcome {
+    /// A token was issued.
+    Ok,
+    /// The IdP rejected the subject token or assertion (RFC 6749 §5.2 `invalid_grant`).
+    InvalidGrant,
+    /// The IdP asks the caller for more claims (Conditional Access, CAE).
+    ClaimsChallenge,
+    /// The user or admin has not consented to the upstream scopes.
+    ConsentRequired,
+    /// The IdP refused the sidecar itself (`invalid_client`, `unauthorized_client`, bad scope, …).
+    Misconfigured,
+    /// No usable answer: connect error, timeout, 5xx, unparsable body.
+    Unavailable,
+    /// The IdP answered 429, or an earlier `Retry-After` has not passed yet.
+    Throttled,
+}
+
+impl IdpOutcome {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            IdpOutcome::Ok => "ok",
+            IdpOutcome::InvalidGrant => "invalid_grant",
+            IdpOutcome::ClaimsChallenge => "claims_challenge",
+            IdpOutcome::ConsentRequired => "consent_required",
+            IdpOutcome::Misconfigured => "misconfigured",
+            IdpOutcome::Unavailable => "unavailable",
+            IdpOutcome::Throttled => "throttled",
+        }
+    }
+}
+
+/// Why a request to the upstream failed before a response: the `kind` label of `obo_upstream_errors_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum UpstreamErrorKind {
+    /// The TCP connection could not be opened.
+    Connect,
+    /// The route's deadline passed.
+    Timeout,
+    /// The connection was closed or reset mid-exchange.
+    Reset,
+    /// The TLS handshake failed (certificate, name, protocol).
+    Tls,
+}
+
+impl UpstreamErrorKind {
+    const COUNT: usize = 4;
+
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            UpstreamErrorKind::Connect => "connect",
+            UpstreamErrorKind::Timeout => "timeout",
+            UpstreamErrorKind::Reset => "reset",
+            UpstreamErrorKind::Tls => "tls",
+        }
+    }
+
+    const fn index(self) -> usize {
+        match self {
+            UpstreamErrorKind::Connect => 0,
+            UpstreamErrorKind::Timeout => 1,
+            UpstreamErrorKind::Reset => 2,
+            UpstreamErrorKind::Tls => 3,
+        }
+    }
+}
+
+/// `ok|error`, the outcome of a JWKS refresh.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum JwksOutcome {
+    Ok,
+    Error,
+}
+
+impl JwksOutcome {
+    const fn as_str(self) -> &'static str {
+        match self {
+            JwksOutcome::Ok => "ok",
+            JwksOutcome::Error => "error",
+        }
+    }
+}
+
+/// `ok|rejected`, the outcome of a config reload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum ReloadOutcome {
+    Ok,
+    Rejected,
+}
+
+impl ReloadOutcome {
+    const fn as_str(self) -> &'static str {
+        match self {
+            ReloadOutcome::Ok => "ok",
+            ReloadOutcome::Rejected => "rejected",
+        }
+    }
+}
+
+label_value_as_str!(
+    CacheKind,
+    CacheResult,
+    Grant,
+    IdpOutcome,
+    UpstreamErrorKind,
+    JwksOutcome,
+    ReloadOutcome,
+);
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct RequestLabels {
+    route: Arc<str>,
+    status: u16,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct RouteLabels {
+    route: Arc<str>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct CacheLabels {
+    route: Arc<str>,
+    kind: CacheKind,
+    result: CacheResult,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct IdpLabels {
+    identity: Arc<str>,
+    grant: Grant,
+    outcome: IdpOutcome,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct IdpDurationLabels {
+    identity: Arc<str>,
+    grant: Grant,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct JwksLabels {
+    issuer: Arc<str>,
+    outcome: JwksOutcome,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct UpstreamErrorLabels {
+    route: Arc<str>,
+    kind: UpstreamErrorKind,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct ReloadLabels {
+    outcome: ReloadOutcome,
+}
+
+/// Registers a family so it is listed (`# HELP`, `# TYPE`) even before its first series: prometheus-client
+/// 0.26 leaves out empty families, and a dashboard or alert on a listed family with no samples reads better
+/// than on one that is missing (a missing family also looks like a scrape of the wrong target).
+#[derive(Debug)]
+struct Listed<M>(M);
+
+impl<M: EncodeMetric> EncodeMetric for Listed<M> {
+    fn encode(&self, encoder: MetricEncoder) -> fmt::Result {
+        self.0.encode(encoder)
+    }
+
+    fn metric_type(&self) -> MetricType {
+        self.0.metric_type()
+    }
+
+    fn is_empty(&self) -> bool {
+        false
+    }
+}
+
+type DurationFamily<S> = Family<S, Histogram, fn() -> Histogram>;
+
+fn duration_histogram() -> Histogram {
+    Histogram::new(DURATION_BUCKETS)
+}
+
+/// The families keyed by route: handles to the series the registry encodes (a `Family` clone shares them).
+#[derive(Debug, Clone)]
+struct RouteFamilies {
+    requests: Family<RequestLabels, Counter>,
+    request_duration: DurationFamily<RouteLabels>,
+    cache_requests: Family<CacheLabels, Counter>,
+    upstream_errors: Family<UpstreamErrorLabels, Counter>,
+}
+
+/// The metrics of SPEC §6, in one registry. `Send + Sync`; share it in an `Arc`.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    route_families: RouteFamilies,
+    /// One handle per route name ever recorded, so recording by `&str` allocates only the first time.
+    routes: DashMap<Arc<str>, RouteMetrics>,
+    cache_entries: Gauge<u64, std::sync::atomic::AtomicU64>,
+    idp_requests: Family<IdpLabels, Counter>,
+    idp_request_duration: DurationFamily<IdpDurationLabels>,
+    jwks_refresh: Family<JwksLabels, Counter>,
+    reload_ok: Counter,
+    reload_rejected: Counter,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// Registers every family; each is listed by [`Metrics::encode`] from the start, before any sample.
+    pub fn new() -> Self {
+        let mut registry = Registry::default();
+        let route_families = RouteFamilies {
+            requests: Family::default(),
+            request_duration: Family::new_with_constructor(duration_histogram),
+            cache_requests: Family::default(),
+            upstream_errors: Family::default(),
+        };
+        let cache_entries = Gauge::<u64, std::sync::atomic::AtomicU64>::default();
+        let idp_requests = Family::<IdpLabels, Counter>::default();
+        let idp_request_duration: DurationFamily<IdpDurationLabels> =
+            Family::new_with_constructor(duration_histogram);
+        let jwks_refresh = Family::<JwksLabels, Counter>::default();
+        let config_reload = Family::<ReloadLabels, Counter>::default();
+
+        // Counters are registered without `_total`: the encoder appends it (and 0.26 panics in debug builds
+        // on a registered name that already ends in `_total`).
+        registry.register(
+            "obo_requests",
+            "Requests answered, by route and HTTP status code",
+            Listed(route_families.requests.clone()),
+        );
+        registry.register_with_unit(
+            "obo_request_duration",
+            "Time from request head received to response head sent, by route",
+            Unit::Seconds,
+            Listed(route_families.request_duration.clone()),
+        );
+        registry.register(
+            "obo_token_cache_requests",
+            "Upstream token cache lookups, by route, token kind and result",
+            Listed(route_families.cache_requests.clone()),
+        );
+        registry.register(
+            "obo_token_cache_entries",
+            "Upstream tokens held in the cache",
+            cache_entries.clone(),
+        );
+        registry.register(
+            "obo_idp_requests",
+            "Token requests to the IdP, by identity, grant and outcome",
+            Listed(idp_requests.clone()),
+        );
+        registry.register_with_unit(
+            "obo_idp_request_duration",
+            "Duration of token requests to the IdP, retries included, by identity and grant",
+            Unit::Seconds,
+            Listed(idp_request_duration.clone()),
+        );
+        registry.register(
+            "obo_jwks_refresh",
+            "Fetches of an issuer's signing keys, by configured issuer and outcome",
+            Listed(jwks_refresh.clone()),
+        );
+        registry.register(
+            "obo_upstream_errors",
+            "Upstream requests that failed without a response, by route and kind",
+            Listed(route_families.upstream_errors.clone()),
+        );
+        registry.register(
+            "obo_config_reload",
+            "Config reloads, by outcome",
+            Listed(config_reload.clone()),
+        );
+
+        // Both reload outcomes exist at 0 from the start, so `increase()` sees the first reload.
+        let reload_ok = config_reload.get_or_create_owned(&ReloadLabels {
+            outcome: ReloadOutcome::Ok,
+        });
+        let reload_rejected = config_reload.get_or_create_owned(&ReloadLabels {
+            outcome: ReloadOutcome::Rejected,
+        });
+
+        Self {
+            registry,
+            route_families,
+            routes: DashMap::new(),
+            cache_entries,
+            idp_requests,
+            idp_request_duration,
+            jwks_refresh,
+            reload_ok,
+            reload_rejected,
+        }
+    }
+
+    /// The handle for `route`, created on first use and the same for every later call with that name (a
+    /// reloaded config keeps its routes' series). `route` must be a configured route name or [`NO_ROUTE`]:
+    /// each distinct name is kept for the life of the process.
+    pub fn route(&self, route: &str) -> RouteMetrics {
+        if let Some(handle) = self.routes.get(route) {
+            return handle.clone();
+        }
+        let name: Arc<str> = Arc::from(route);
+        self.routes
+            .entry(Arc::clone(&name))
+            .or_insert_with(|| RouteMetrics::new(name, &self.route_families))
+            .clone()
+    }
+
+    /// Runs `f` on the handle for `route` without cloning it (one map lookup; allocates only the first time).
+    fn with_route(&self, route: &str, f: impl FnOnce(&RouteMetrics)) {
+        if let Some(handle) = self.routes.get(route) {
+            f(&handle);
+            return;
+        }
+        f(&self.route(route));
+    }
+
+    /// Counts a request answered with `status` after `elapsed`. On the per-request path prefer
+    /// [`RouteMetrics::record_request`]; this is for [`NO_ROUTE`] and other callers without a handle.
+    pub fn record_request(&self, route: &str, status: u16, elapsed: Duration) {
+        self.with_route(route, |handle| handle.record_request(status, elapsed));
+    }
+
+    /// Counts one token cache lookup on `route`.
+    pub fn record_cache(&self, route: &str, kind: CacheKind, result: CacheResult) {
+        self.with_route(route, |handle| handle.record_cache(kind, result));
+    }
+
+    /// Counts an upstream request on `route` that failed without a response.
+    pub fn record_upstream_error(&self, route: &str, kind: UpstreamErrorKind) {
+        self.with_route(route, |handle| handle.record_upstream_error(kind));
+    }
+
+    /// Counts one token request to the IdP and observes its duration. `identity` is the configured identity
+    /// name. Off the hot path (a network round trip per call), so its label is built per call.
+    pub fn record_idp(&self, identity: &str, grant: Grant, outcome: IdpOutcome, elapsed: Duration) {
+        let identity: Arc<str> = Arc::from(identity);
+        self.idp_requests
+            .get_or_create(&IdpLabels {
+                identity: Arc::clone(&identity),
+                grant,
+                outcome,
+            })
+            .inc();
+        self.idp_request_duration
+            .get_or_create(&IdpDurationLabels { identity, grant })
+            .observe(elapsed.as_secs_f64());
+    }
+
+    /// Counts one fetch of `issuer`'s keys. `issuer` is the configured string, `{tenantid}` unfilled, so
+    /// tenants never become label values.
+    pub fn record_jwks(&self, issuer: &str, ok: bool) {
+        let outcome = if ok {
+            JwksOutcome::Ok
+        } else {
+            JwksOutcome::Error
+        };
+        self.jwks_refresh
+            .get_or_create(&JwksLabels {
+                issuer: Arc::from(issuer),
+                outcome,
+            })
+            .inc();
+    }
+
+    /// Counts one config reload: applied (`ok`) or refused, the old config kept (`rejected`).
+    pub fn record_reload(&self, ok: bool) {
+        if ok {
+            self.reload_ok.inc();
+        } else {
+            self.reload_rejected.inc();
+        }
+    }
+
+    /// Sets `obo_token_cache_entries`; the cache owner calls it when its size changes or before an encode.
+    pub fn set_cache_entries(&self, n: u64) {
+        self.cache_entries.set(n);
+    }
+
+    /// Every family in `OpenMetrics` text, ending in `# EOF`; serve it with [`CONTENT_TYPE`].
+    pub fn encode(&self) -> String {
+        let mut text = String::with_capacity(16 * 1024);
+        // Writing to a String cannot fail, and every label value here encodes infallibly; an `Err` could only
+        // come from a native-only histogram, which this module never creates.
+        #[expect(clippy::expect_used, reason = "infallible, see the comment above")]
+        prometheus_client::encoding::text::encode(&mut text, &self.registry)
+            .expect("encoding metrics into a String");
+        text
+    }
+}
+
+/// One route's series, resolved once: the proxy keeps this beside its `Route` (from [`Metrics::route`]) and
+/// records through it with no label built, no allocation and no map lookup: a request is an atomic load of a
+/// pre-resolved counter, its increment, and a histogram observation (prometheus-client's histogram takes a
+/// short per-series lock). Cheap to clone (an `Arc`).
+///
+/// Series appear lazily, on first use, except the duration histogram, which exists (empty) from creation so
+/// every configured route is listed.
+#[derive(Clone)]
+pub struct RouteMetrics {
+    inner: Arc<RouteInner>,
+}
+
+struct RouteInner {
+    name: Arc<str>,
+    families: RouteFamilies,
+    duration: Histogram,
+    /// Indexed by `status - 100`, for [`STATUS_TABLE`].
+    statuses: Box<[OnceLock<Counter>]>,
+    /// Indexed by `kind * CacheResult::COUNT + result`.
+    cache: [OnceLock<Counter>; CacheKind::COUNT * CacheResult::COUNT],
+    upstream_errors: [OnceLock<Counter>; UpstreamErrorKind::COUNT],
+}
+
+impl fmt::Debug for RouteMetrics {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RouteMetrics")
+            .field("route", &self.inner.name)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RouteMetrics {
+    fn new(name: Arc<str>, families: &RouteFamilies) -> Self {
+        let duration = families.request_duration.get_or_create_owned(&RouteLabels {
+            route: Arc::clone(&name),
+        });
+        Self {
+            inner: Arc::new(RouteInner {
+                name,
+                families: families.clone(),
+                duration,
+                statuses: (0..STATUS_TABLE_LEN).map(|_| OnceLock::new()).collect(),
+                cache: [const { OnceLock::new() }; CacheKind::COUNT * CacheResult::COUNT],
+                upstream_errors: [const { OnceLock::new() }; UpstreamErrorKind::COUNT],
+            }),
+        }
+    }
+
+    /// The route name, as in the `route` label.
+    pub fn name(&self) -> &str {
+        &self.inner.name
+    }
+
+    /// Counts a request answered with `status` after `elapsed`.
+    pub fn record_request(&self, status: u16, elapsed: Duration) {
+        let inner = &*self.inner;
+        let labels = || RequestLabels {
+            route: Arc::clone(&inner.name),
+            status,
+        };
+        if STATUS_TABLE.contains(&status) {
+            let slot = &inner.statuses[usize::from(status - STATUS_TABLE.start())];
+            slot.get_or_init(|| inner.families.requests.get_or_create_owned(&labels()))
+                .inc();
+        } else {
+            inner.families.requests.get_or_create(&labels()).inc();
+        }
+        inner.duration.observe(elapsed.as_secs_f64());
+    }
+
+    /// Counts one token cache lookup.
+    pub fn record_cache(&self, kind: CacheKind, result: CacheResult) {
+        let inner = &*self.inner;
+        inner.cache[kind.index() * CacheResult::COUNT + result.index()]
+            .get_or_init(|| {
+                inner
+                    .families
+                    .cache_requests
+                    .get_or_create_owned(&CacheLabels {
+                        route: Arc::clone(&inner.name),
+                        kind,
+                        result,
+                    })
+            })
+            .inc();
+    }
+
+    /// Counts an upstream request that failed without a response.
+    pub fn record_upstream_error(&self, kind: UpstreamErrorKind) {
+        let inner = &*self.inner;
+        inner.upstream_errors[kind.index()]
+            .get_or_init(|| {
+                inner
+                    .families
+                    .upstream_errors
+                    .get_or_create_owned(&UpstreamErrorLabels {
+                        route: Arc::clone(&inner.name),
+                        kind,
+                    })
+            })
+            .inc();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    type Labels = Vec<(String, String)>;
+
+    /// One sample line of the exposition text.
+    #[derive(Debug, Clone, PartialEq)]
+    struct Sample {
+        name: String,
+        labels: Labels,
+        value: f64,
+    }
+
+    impl Sample {
+        fn label(&self, key: &str) -> Option<&str> {
+            self.labels
+                .iter()
+                .find(|(k, _)| k == key)
+                .map(|(_, v)| v.as_str())
+        }
+
+        fn has_labels(&self, want: &[(&str, &str)]) -> bool {
+            self.labels.len() == want.len() && want.iter().all(|(k, v)| self.label(k) == Some(*v))
+        }
+    }
+
+    fn is_metric_name(name: &str) -> bool {
+        let mut chars = name.chars();
+        chars
+            .next()
+            .is_some_and(|c| c.is_ascii_alphabetic() || c == '_' || c == ':')
+            && chars.all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':')
+    }
+
+    fn is_label_name(name: &str) -> bool {
+        let mut chars = name.chars();
+        chars
+            .next()
+            .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+            && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+    }
+
+    /// Parses `key="value",…` up to the closing `}`; returns the labels and the rest after `}`.
+    fn parse_labels(mut rest: &str) -> Result<(Labels, &str), String> {
+        let mut labels = Vec::new();
+        loop {
+            if let Some(after) = rest.strip_prefix('}') {
+                return Ok((labels, after));
+            }
+            let eq = rest.find('=').ok_or("label without '='")?;
+            let key = &rest[..eq];
+            if !is_label_name(key) {
+                return Err(format!("bad label name {key:?}"));
+            }
+            rest = rest[eq + 1..]
+                .strip_prefix('"')
+                .ok_or("label value not quoted")?;
+            let mut value = String::new();
+            let mut chars = rest.char_indices();
+            let end = loop {
+                match chars.next().ok_or("unterminated label value")? {
+                    (i, '"') => break i,
+                    (_, '\\') => match chars.next().ok_or("dangling escape")?.1 {
+                        'n' => value.push('\n'),
+                        c @ ('\\' | '"') => value.push(c),
+                        c => return Err(format!("bad escape \\{c}")),
+                    },
+                    (_, c) => value.push(c),
+                }
+            };
+            labels.push((key.to_owned(), value));
+            rest = &rest[end + 1..];
+            if let Some(after) = rest.strip_prefix(',') {
+                rest = after;
+            } else if !rest.starts_with('}') {
+                return Err("labels not separated by ','".to_owned());
+            }
+        }
+    }
+
+    /// A small `OpenMetrics` text parser: comments are `# HELP|TYPE|UNIT …`, the last line is `# EOF`, every
+    /// other line is `name{labels} value` (labels optional) with a float value.
+    fn parse(text: &str) -> Result<Vec<Sample>, String> {
+        let body = text
+            .strip_suffix("# EOF\n")
+            .ok_or("text does not end with '# EOF'")?;
+        let mut samples = Vec::new();
+        for line in body.lines() {
+            if let Some(comment) = line.strip_prefix("# ") {
+                let mut words = comment.splitn(3, ' ');
+                let (kind, name) = (words.next(), words.next());
+                if !matches!(kind, Some("HELP" | "TYPE" | "UNIT"))
+                    || !name.is_some_and(is_metric_name)
+                {
+                    return Err(format!("bad comment line {line:?}"));
+                }
+                continue;
+            }
+            let name_end = line
+                .find(['{', ' '])
+                .ok_or_else(|| format!("no value on {line:?}"))?;
+            let name = &line[..name_end];
+            if !is_metric_name(name) {
+                return Err(format!("bad metric name on {line:?}"));
+            }
+            let (labels, rest) = match line[name_end..].strip_prefix('{') {
+                Some(rest) => parse_labels(rest).map_err(|e| format!("{e} on {line:?}"))?,
+                None => (Vec::new(), &line[name_end..]),
+            };
+            let value = rest
+                .strip_prefix(' ')
+                .ok_or_else(|| format!("no space before value on {line:?}"))?;
+            let value = value
+                .parse::<f64>()
+                .map_err(|e| format!("bad value on {line:?}: {e}"))?;
+            samples.push(Sample {
+                name: name.to_owned(),
+                labels,
+                value,
+            });
+        }
+        Ok(samples)
+    }
+
+    fn samples(metrics: &Metrics) -> Vec<Sample> {
+        let text = metrics.encode();
+        parse(&text).unwrap_or_else(|e| panic!("unparsable metrics: {e}\n{text}"))
+    }
+
+    fn value(samples: &[Sample], name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+        samples
+            .iter()
+            .find(|s| s.name == name && s.has_labels(labels))
+            .map(|s| s.value)
+    }
+
+    const MS: Duration = Duration::from_millis(1);
+
+    /// The sample names of SPEC §6.
+    const SPEC_NAMES: [&str; 9] = [
+        "obo_requests_total",
+        "obo_request_duration_seconds",
+        "obo_token_cache_requests_total",
+        "obo_token_cache_entries",
+        "obo_idp_requests_total",
+        "obo_idp_request_duration_seconds",
+        "obo_jwks_refresh_total",
+        "obo_upstream_errors_total",
+        "obo_config_reload_total",
+    ];
+
+    fn record_one_of_each(metrics: &Metrics) {
+        let api = metrics.route("api");
+        api.record_request(200, 3 * MS);
+        api.record_cache(CacheKind::Obo, CacheResult::Hit);
+        api.record_upstream_error(UpstreamErrorKind::Timeout);
+        metrics.record_request(NO_ROUTE, 404, MS);
+        metrics.set_cache_entries(7);
+        metrics.record_idp("default", Grant::Obo, IdpOutcome::Ok, 40 * MS);
+        metrics.record_jwks("https://login.microsoftonline.com/{tenantid}/v2.0", true);
+        metrics.record_reload(false);
+    }
+
+    #[test]
+    fn metrics_is_send_and_sync() {
+        fn assert_send_sync<T: Send + Sync + 'static>() {}
+        assert_send_sync::<Metrics>();
+        assert_send_sync::<RouteMetrics>();
+    }
+
+    #[test]
+    fn fresh_metrics_list_every_family() {
+        let metrics = Metrics::new();
+        let text = metrics.encode();
+        for family in [
+            "obo_requests counter",
+            "obo_request_duration_seconds histogram",
+            "obo_token_cache_requests counter",
+            "obo_token_cache_entries gauge",
+            "obo_idp_requests counter",
+            "obo_idp_request_duration_seconds histogram",
+            "obo_jwks_refresh counter",
+            "obo_upstream_errors counter",
+            "obo_config_reload counter",
+        ] {
+            assert!(
+                text.contains(&format!("# TYPE {family}\n")),
+                "{family}:\n{text}"
+            );
+        }
+        assert!(
+            text.contains("# UNIT obo_request_duration_seconds seconds\n"),
+            "{text}"
+        );
+        let samples = parse(&text).unwrap();
+        assert_eq!(value(&samples, "obo_token_cache_entries", &[]), Some(0.0));
+        assert_eq!(
+            value(&samples, "obo_config_reload_total", &[("outcome", "ok")]),
+            Some(0.0)
+        );
+        assert_eq!(
+            value(
+                &samples,
+                "obo_config_reload_total",
+                &[("outcome", "rejected")]
+            ),
+            Some(0.0)
+        );
+    }
+
+    #[test]
+    fn one_of_each_yields_every_spec_name_with_its_labels() {
+        let metrics = Metrics::new();
+        record_one_of_each(&metrics);
+        let samples = samples(&metrics);
+        for name in SPEC_NAMES {
+            let sample_name = |s: &Sample| {
+                s.name == name
+                    || s.name.strip_suffix("_bucket") == Some(name)
+                    || s.name.strip_suffix("_count") == Some(name)
+            };
+            assert!(samples.iter().any(sample_name), "no sample of {name}");
+        }
+
+        let expect = |name: &str, labels: &[(&str, &str)], want: f64| {
+            assert_eq!(
+                value(&samples, name, labels),
+                Some(want),
+                "{name} {labels:?}"
+            );
+        };
+        expect(
+            "obo_requests_total",
+            &[("route", "api"), ("status", "200")],
+            1.0,
+        );
+        expect(
+            "obo_requests_total",
+            &[("route", "-"), ("status", "404")],
+            1.0,
+        );
+        expect(
+            "obo_request_duration_seconds_count",
+            &[("route", "api")],
+            1.0,
+        );
+        expect("obo_request_duration_seconds_count", &[("route", "-")], 1.0);
+        expect(
+            "obo_token_cache_requests_total",
+            &[("route", "api"), ("kind", "obo"), ("result", "hit")],
+            1.0,
+        );
+        expect("obo_token_cache_entries", &[], 7.0);
+        expect(
+            "obo_idp_requests_total",
+            &[("identity", "default"), ("grant", "obo"), ("outcome", "ok")],
+            1.0,
+        );
+        expect(
+            "obo_idp_request_duration_seconds_count",
+            &[("identity", "default"), ("grant", "obo")],
+            1.0,
+        );
+        expect(
+            "obo_jwks_refresh_total",
+            &[
+                (
+                    "issuer",
+                    "https://login.microsoftonline.com/{tenantid}/v2.0",
+                ),
+                ("outcome", "ok"),
+            ],
+            1.0,
+        );
+        expect(
+            "obo_upstream_errors_total",
+            &[("route", "api"), ("kind", "timeout")],
+            1.0,
+        );
+        expect("obo_config_reload_total", &[("outcome", "rejected")], 1.0);
+        expect("obo_config_reload_total", &[("outcome", "ok")], 0.0);
+    }
+
+    #[test]
+    fn every_closed_label_value_is_its_lowercase_word() {
+        let metrics = Metrics::new();
+        let route = metrics.route("r");
+        for kind in [CacheKind::Obo, CacheKind::App, CacheKind::Passthrough] {
+            for result in [CacheResult::Hit, CacheResult::Miss, CacheResult::Stale] {
+                route.record_cache(kind, result);
+            }
+        }
+        for kind in [
+            UpstreamErrorKind::Connect,
+            UpstreamErrorKind::Timeout,
+            UpstreamErrorKind::Reset,
+            UpstreamErrorKind::Tls,
+        ] {
+            route.record_upstream_error(kind);
+        }
+        let outcomes = [
+            IdpOutcome::Ok,
+            IdpOutcome::InvalidGrant,
+            IdpOutcome::ClaimsChallenge,
+            IdpOutcome::ConsentRequired,
+            IdpOutcome::Misconfigured,
+            IdpOutcome::Unavailable,
+            IdpOutcome::Throttled,
+        ];
+        for grant in [Grant::Obo, Grant::TokenExchange, Grant::ClientCredentials] {
+            for outcome in outcomes {
+                metrics.record_idp("kc", grant, outcome, MS);
+            }
+        }
+        metrics.record_jwks("https://idp.example/realms/a", false);
+        let samples = samples(&metrics);
+
+        let values = |name: &str, key: &str| {
+            let mut seen: Vec<String> = samples
+                .iter()
+                .filter(|s| s.name == name)
+                .filter_map(|s| s.label(key).map(str::to_owned))
+                .collect();
+            seen.sort();
+            seen.dedup();
+            seen
+        };
+        assert_eq!(
+            values("obo_token_cache_requests_total", "kind"),
+            ["app", "obo", "passthrough"]
+        );
+        assert_eq!(
+            values("obo_token_cache_requests_total", "result"),
+            ["hit", "miss", "stale"]
+        );
+        assert_eq!(
+            values("obo_upstream_errors_total", "kind"),
+            ["connect", "reset", "timeout", "tls"]
+        );
+        assert_eq!(
+            values("obo_idp_requests_total", "grant"),
+            ["client_credentials", "obo", "token_exchange"]
+        );
+        assert_eq!(
+            values("obo_idp_requests_total", "outcome"),
+            [
+                "claims_challenge",
+                "consent_required",
+                "invalid_grant",
+                "misconfigured",
+                "ok",
+                "throttled",
+                "unavailable"
+            ]
+        );
+        assert_eq!(values("obo_jwks_refresh_total", "outcome"), ["error"]);
+        // Each (kind, result) pair has its own slot in the handle: 9 series, one count each.
+        let cache: Vec<_> = samples
+            .iter()
+            .filter(|s| s.name == "obo_token_cache_requests_total")
+            .collect();
+        assert_eq!(cache.len(), 9);
+        assert!(cache.iter().all(|s| (s.value - 1.0).abs() < f64::EPSILON));
+    }
+
+    #[test]
+    fn route_handle_and_route_name_share_series() {
+        let metrics = Metrics::new();
+        let handle = metrics.route("api");
+        handle.record_request(200, MS);
+        metrics.record_request("api", 200, MS);
+        metrics.route("api").record_request(200, MS);
+        handle.record_cache(CacheKind::App, CacheResult::Miss);
+        metrics.record_cache("api", CacheKind::App, CacheResult::Miss);
+        handle.record_upstream_error(UpstreamErrorKind::Reset);
+        metrics.record_upstream_error("api", UpstreamErrorKind::Reset);
+        assert_eq!(handle.name(), "api");
+
+        let samples = samples(&metrics);
+        assert_eq!(
+            value(
+                &samples,
+                "obo_requests_total",
+                &[("route", "api"), ("status", "200")]
+            ),
+            Some(3.0)
+        );
+        assert_eq!(
+            value(
+                &samples,
+                "obo_request_duration_seconds_count",
+                &[("route", "api")]
+            ),
+            Some(3.0)
+        );
+        assert_eq!(
+            value(
+                &samples,
+                "obo_token_cache_requests_total",
+                &[("route", "api"), ("kind", "app"), ("result", "miss")]
+            ),
+            Some(2.0)
+        );
+        assert_eq!(
+            value(
+                &samples,
+                "obo_upstream_errors_total",
+                &[("route", "api"), ("kind", "reset")]
+            ),
+            Some(2.0)
+        );
+    }
+
+    #[test]
+    fn new_route_handle_lists_its_empty_duration_histogram() {
+        let metrics = Metrics::new();
+        let _handle = metrics.route("quiet");
+        let samples = samples(&metrics);
+        assert_eq!(
+            value(
+                &samples,
+                "obo_request_duration_seconds_count",
+                &[("route", "quiet")]
+            ),
+            Some(0.0)
+        );
+        assert!(!samples.iter().any(|s| s.name == "obo_requests_total"));
+    }
+
+    #[test]
+    fn status_outside_the_table_is_still_counted() {
+        let metrics = Metrics::new();
+        let handle = metrics.route("api");
+        for status in [100, 599, 600, 999, 99] {
+            handle.record_request(status, MS);
+        }
+        handle.record_request(600, MS);
+        let samples = samples(&metrics);
+        for (status, want) in [
+            ("100", 1.0),
+            ("599", 1.0),
+            ("600", 2.0),
+            ("999", 1.0),
+            ("99", 1.0),
+        ] {
+            assert_eq!(
+                value(
+                    &samples,
+                    "obo_requests_total",
+                    &[("route", "api"), ("status", status)]
+                ),
+                Some(want),
+                "status {status}"
+            );
+        }
+    }
+
+    #[test]
+    fn request_duration_lands_in_cumulative_buckets() {
+        let metrics = Metrics::new();
+        metrics.record_request("api", 200, 3 * MS);
+        metrics.record_request("api", 200, Duration::from_secs(30));
+        let samples = samples(&metrics);
+        let bucket = |le: &str| {
+            value(
+                &samples,
+                "obo_request_duration_seconds_bucket",
+                &[("route", "api"), ("le", le)],
+            )
+        };
+        assert_eq!(bucket("0.0005"), Some(0.0));
+        assert_eq!(bucket("0.0025"), Some(0.0));
+        assert_eq!(bucket("0.005"), Some(1.0));
+        assert_eq!(bucket("10.0"), Some(1.0));
+        assert_eq!(bucket("+Inf"), Some(2.0));
+        let sum = value(
+            &samples,
+            "obo_request_duration_seconds_sum",
+            &[("route", "api")],
+        );
+        assert!(sum.is_some_and(|s| (s - 30.003).abs() < 1e-9), "{sum:?}");
+        let les = samples
+            .iter()
+            .filter(|s| s.name == "obo_request_duration_seconds_bucket")
+            .count();
+        assert_eq!(les, DURATION_BUCKETS.len() + 1);
+    }
+
+    #[test]
+    fn cache_entries_gauge_is_set_not_added() {
+        let metrics = Metrics::new();
+        metrics.set_cache_entries(10);
+        metrics.set_cache_entries(3);
+        assert_eq!(
+            value(&samples(&metrics), "obo_token_cache_entries", &[]),
+            Some(3.0)
+        );
+    }
+
+    #[test]
+    fn reload_outcomes_count_separately() {
+        let metrics = Metrics::new();
+        metrics.record_reload(true);
+        metrics.record_reload(true);
+        metrics.record_reload(false);
+        let samples = samples(&metrics);
+        assert_eq!(
+            value(&samples, "obo_config_reload_total", &[("outcome", "ok")]),
+            Some(2.0)
+        );
+        assert_eq!(
+            value(
+                &samples,
+                "obo_config_reload_total",
+                &[("outcome", "rejected")]
+            ),
+            Some(1.0)
+        );
+    }
+
+    #[test]
+    fn concurrent_recording_loses_no_count() {
+        let metrics = Arc::new(Metrics::new());
+        let threads: Vec<_> = (0..4)
+            .map(|i| {
+                let metrics = Arc::clone(&metrics);
+                std::thread::spawn(move || {
+                    let handle = metrics.route("api");
+                    for _ in 0..1000 {
+                        handle.record_request(200, MS);
+                        metrics.record_request(if i % 2 == 0 { "api" } else { "other" }, 503, MS);
+                    }
+                })
+            })
+            .collect();
+        for thread in threads {
+            thread.join().unwrap();
+        }
+        let samples = samples(&metrics);
+        let count = |route: &str, status: &str| {
+            value(
+                &samples,
+                "obo_requests_total",
+                &[("route", route), ("status", status)],
+            )
+        };
+        assert_eq!(count("api", "200"), Some(4000.0));
+        assert_eq!(count("api", "503"), Some(2000.0));
+        assert_eq!(count("other", "503"), Some(2000.0));
+    }
+
+    #[test]
+    fn exposition_has_one_type_line_per_family_and_valid_samples() {
+        let metrics = Metrics::new();
+        record_one_of_each(&metrics);
+        let text = metrics.encode();
+        let types = text.lines().filter(|l| l.starts_with("# TYPE ")).count();
+        assert_eq!(types, SPEC_NAMES.len());
+        // `parse` checks every line's shape; every sample belongs to an obo_ family.
+        assert!(
+            parse(&text)
+                .unwrap()
+                .iter()
+                .all(|s| s.name.starts_with("obo_"))
+        );
+    }
+
+    #[test]
+    fn parser_rejects_malformed_lines() {
+        for bad in [
+            "1bad 1\n# EOF\n",
+            "ok{a=\"x\" 1\n# EOF\n",
+            "ok{a=x} 1\n# EOF\n",
+            "ok{a=\"x\"} one\n# EOF\n",
+            "ok 1\n",
+            "# FOO ok\n# EOF\n",
+        ] {
+            assert!(parse(bad).is_err(), "{bad:?}");
+        }
+        let good = parse("a:b_c{x=\"q\\\"u\\\\o\\nte\",y=\"\"} +Inf\nplain 2.5\n# EOF\n").unwrap();
+        assert_eq!(good[0].label("x"), Some("q\"u\\o\nte"));
+        assert!(good[0].value.is_infinite());
+        assert!((good[1].value - 2.5).abs() < f64::EPSILON);
+    }
+}
