@@ -80,6 +80,9 @@ pub fn check(path: &std::path::Path) -> Result<Config, ConfigError> {
         config.listen.proxy, config.listen.admin
     );
     let _ = write!(out, "{}", route_table(&config));
+    for warning in &config.warnings {
+        let _ = writeln!(out, "warning: {warning}");
+    }
     Ok(config)
 }
 

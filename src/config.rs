@@ -337,18 +337,34 @@ impl Config {
                 message: format!("cannot read {}: {e}", path.display()),
             }],
         })?;
-        Config::parse(&text, &|name| std::env::var(name).ok())
+        let overrides: Vec<(String, String)> = std::env::vars()
+            .filter(|(name, _)| name.starts_with(ENV_OVERRIDE_PREFIX))
+            .collect();
+        Config::parse_with_overrides(&text, &|name| std::env::var(name).ok(), &overrides)
     }
 
     /// Parses and validates configuration text.
     pub fn parse(text: &str, env: EnvLookup<'_>) -> Result<Config, ConfigError> {
-        let table: Table = text.parse().map_err(|e: toml::de::Error| ConfigError {
+        Config::parse_with_overrides(text, env, &[])
+    }
+
+    /// Parses configuration text, then applies environment overrides (`OBO_SIDECAR__LISTEN__PROXY=…`, routes
+    /// and identities addressed by name: `OBO_SIDECAR__ROUTES__GRAPH__UPSTREAM=…`), then validates.
+    pub fn parse_with_overrides(
+        text: &str,
+        env: EnvLookup<'_>,
+        overrides: &[(String, String)],
+    ) -> Result<Config, ConfigError> {
+        let mut table: Table = text.parse().map_err(|e: toml::de::Error| ConfigError {
             problems: vec![Problem {
                 path: String::new(),
                 message: format!("TOML syntax: {}", e.message().trim()),
             }],
         })?;
         let mut problems = Problems::default();
+        for (name, value) in overrides {
+            apply_override(&mut table, name, value, &mut problems);
+        }
         let config = read_config(&table, env, &mut problems);
         match config {
             Some(config) if problems.0.is_empty() => Ok(config),
@@ -361,6 +377,67 @@ impl Config {
     /// The identity a route acquires its tokens with.
     pub fn identity_for(&self, route: &Route) -> Option<&Arc<Identity>> {
         self.identities.get(&route.identity)
+    }
+}
+
+/// Environment variables that override configuration keys start with this; `__` separates levels.
+pub const ENV_OVERRIDE_PREFIX: &str = "OBO_SIDECAR__";
+
+/// Sets the key an `OBO_SIDECAR__A__B` variable names. The value is read as TOML (`true`, `5`, `["a"]`,
+/// `{ env = "X" }`), else taken as a string. `ROUTES__<NAME>` picks the route of that name (letters
+/// compared case-insensitively, `-` written `_`).
+fn apply_override(table: &mut Table, name: &str, value: &str, p: &mut Problems) {
+    let Some(path) = name.strip_prefix(ENV_OVERRIDE_PREFIX) else {
+        return;
+    };
+    let segments: Vec<String> = path.split("__").map(str::to_ascii_lowercase).collect();
+    let value = format!("v = {value}")
+        .parse::<Table>()
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| Value::String(value.to_owned()));
+    let mut current = table;
+    let mut index = 0;
+    while index + 1 < segments.len() {
+        let segment = &segments[index];
+        if segment == "routes" {
+            let Some(route_name) = segments.get(index + 1) else { break };
+            let found = match current.get_mut("routes") {
+                Some(Value::Array(routes)) => routes.iter_mut().find_map(|route| match route {
+                    Value::Table(t)
+                        if t.get("name").and_then(Value::as_str).is_some_and(|n| {
+                            n.to_ascii_lowercase().replace('-', "_") == *route_name
+                        }) =>
+                    {
+                        Some(t)
+                    }
+                    _ => None,
+                }),
+                _ => None,
+            };
+            let Some(route) = found else {
+                p.add(name, format!("no route named {route_name:?} to override"));
+                return;
+            };
+            current = route;
+            index += 2;
+            continue;
+        }
+        let entry = current
+            .entry(segment.clone())
+            .or_insert_with(|| Value::Table(Table::new()));
+        let Value::Table(next) = entry else {
+            p.add(name, format!("{segment} is not a table"));
+            return;
+        };
+        current = next;
+        index += 1;
+    }
+    match segments.get(index) {
+        Some(key) if index + 1 == segments.len() && !key.is_empty() => {
+            current.insert(key.clone(), value);
+        }
+        _ => p.add(name, "does not name a key"),
     }
 }
 
@@ -1901,6 +1978,26 @@ scopes = ["https://graph.example.com/.default"]
         )));
         let loopback = GOOD.replace("https://graph.example.com/v1.0/", "http://127.0.0.1:8080/");
         assert!(problems(&loopback).is_empty());
+    }
+
+    #[test]
+    fn environment_overrides_set_keys_and_address_routes_by_name() {
+        let overrides = vec![
+            ("OBO_SIDECAR__LISTEN__PROXY".to_owned(), "127.0.0.1:9999".to_owned()),
+            ("OBO_SIDECAR__IDENTITY__CLIENT_ID".to_owned(), "from-env".to_owned()),
+            ("OBO_SIDECAR__ROUTES__GRAPH__UPSTREAM".to_owned(), "https://graph.example.org/beta/".to_owned()),
+            ("OBO_SIDECAR__ROUTES__GRAPH__TIMEOUT".to_owned(), "\"5s\"".to_owned()),
+            ("OBO_SIDECAR__CACHE__MAX_ENTRIES".to_owned(), "10".to_owned()),
+        ];
+        let config = Config::parse_with_overrides(GOOD, &env, &overrides).expect("valid");
+        assert_eq!(config.listen.proxy.port(), 9999);
+        assert_eq!(config.identities["default"].client_id, "from-env");
+        assert_eq!(config.routes[0].upstream.as_str(), "https://graph.example.org/beta/");
+        assert_eq!(config.routes[0].timeout, Duration::from_secs(5));
+        assert_eq!(config.cache.max_entries, 10);
+        let bad = vec![("OBO_SIDECAR__ROUTES__NOPE__UPSTREAM".to_owned(), "x".to_owned())];
+        let problems = Config::parse_with_overrides(GOOD, &env, &bad).expect_err("refused").problems;
+        assert!(problems[0].to_string().contains("no route named \"nope\""));
     }
 
     #[test]
