@@ -401,7 +401,9 @@ fn apply_override(table: &mut Table, name: &str, value: &str, p: &mut Problems) 
     while index + 1 < segments.len() {
         let segment = &segments[index];
         if segment == "routes" {
-            let Some(route_name) = segments.get(index + 1) else { break };
+            let Some(route_name) = segments.get(index + 1) else {
+                break;
+            };
             let found = match current.get_mut("routes") {
                 Some(Value::Array(routes)) => routes.iter_mut().find_map(|route| match route {
                     Value::Table(t)
@@ -1983,20 +1985,43 @@ scopes = ["https://graph.example.com/.default"]
     #[test]
     fn environment_overrides_set_keys_and_address_routes_by_name() {
         let overrides = vec![
-            ("OBO_SIDECAR__LISTEN__PROXY".to_owned(), "127.0.0.1:9999".to_owned()),
-            ("OBO_SIDECAR__IDENTITY__CLIENT_ID".to_owned(), "from-env".to_owned()),
-            ("OBO_SIDECAR__ROUTES__GRAPH__UPSTREAM".to_owned(), "https://graph.example.org/beta/".to_owned()),
-            ("OBO_SIDECAR__ROUTES__GRAPH__TIMEOUT".to_owned(), "\"5s\"".to_owned()),
-            ("OBO_SIDECAR__CACHE__MAX_ENTRIES".to_owned(), "10".to_owned()),
+            (
+                "OBO_SIDECAR__LISTEN__PROXY".to_owned(),
+                "127.0.0.1:9999".to_owned(),
+            ),
+            (
+                "OBO_SIDECAR__IDENTITY__CLIENT_ID".to_owned(),
+                "from-env".to_owned(),
+            ),
+            (
+                "OBO_SIDECAR__ROUTES__GRAPH__UPSTREAM".to_owned(),
+                "https://graph.example.org/beta/".to_owned(),
+            ),
+            (
+                "OBO_SIDECAR__ROUTES__GRAPH__TIMEOUT".to_owned(),
+                "\"5s\"".to_owned(),
+            ),
+            (
+                "OBO_SIDECAR__CACHE__MAX_ENTRIES".to_owned(),
+                "10".to_owned(),
+            ),
         ];
         let config = Config::parse_with_overrides(GOOD, &env, &overrides).expect("valid");
         assert_eq!(config.listen.proxy.port(), 9999);
         assert_eq!(config.identities["default"].client_id, "from-env");
-        assert_eq!(config.routes[0].upstream.as_str(), "https://graph.example.org/beta/");
+        assert_eq!(
+            config.routes[0].upstream.as_str(),
+            "https://graph.example.org/beta/"
+        );
         assert_eq!(config.routes[0].timeout, Duration::from_secs(5));
         assert_eq!(config.cache.max_entries, 10);
-        let bad = vec![("OBO_SIDECAR__ROUTES__NOPE__UPSTREAM".to_owned(), "x".to_owned())];
-        let problems = Config::parse_with_overrides(GOOD, &env, &bad).expect_err("refused").problems;
+        let bad = vec![(
+            "OBO_SIDECAR__ROUTES__NOPE__UPSTREAM".to_owned(),
+            "x".to_owned(),
+        )];
+        let problems = Config::parse_with_overrides(GOOD, &env, &bad)
+            .expect_err("refused")
+            .problems;
         assert!(problems[0].to_string().contains("no route named \"nope\""));
     }
 

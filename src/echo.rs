@@ -1,9 +1,14 @@
-//! The echo upstream for `obo-sidecar demo` and the tests: an HTTP/1.1 server that answers every request with
-//! what it received (method, URI, headers, the unverified claims of the bearer token, the body size), so a
-//! test can see exactly what the sidecar forwarded upstream. Not for production.
+//! The echo upstream for `obo-sidecar demo` and the tests: an HTTP/1.1 and HTTP/2 (h2c prior knowledge, or
+//! ALPN over TLS with [`EchoUpstream::start_tls`]) server that answers every request with what it received
+//! (method, URI, HTTP version, headers, the unverified claims of the bearer token, the body size), so a test
+//! can see exactly what the sidecar forwarded upstream. Not for production.
 //!
 //! Request headers steer it: `x-echo-delay-ms: N` waits N ms first (a slow upstream), `x-echo-status: NNN`
 //! answers that status, and `x-echo-body: stream` streams the request body straight back without buffering it.
+//!
+//! A WebSocket handshake (`Connection: upgrade`, `Upgrade: websocket`, RFC 6455 §4.2.2) is accepted with
+//! `101 Switching Protocols`, `x-echo-authorization-sub`/`-aud` naming the bearer token seen at the handshake;
+//! after it every byte read is written back verbatim until EOF (frames are not parsed).
 
 use std::convert::Infallible;
 use std::fmt;
@@ -13,17 +18,18 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use base64::Engine as _;
-use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use bytes::Bytes;
 use http::header::{self, HeaderValue};
 use http::{Request, Response, StatusCode};
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt as _, Full};
 use hyper::body::Incoming;
-use hyper::server::conn::http1;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
 use serde_json::{Value, json};
+use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
 use tokio::net::TcpListener;
 use tokio::task::{JoinHandle, JoinSet};
 
@@ -33,12 +39,19 @@ const DELAY_HEADER: &str = "x-echo-delay-ms";
 const STATUS_HEADER: &str = "x-echo-status";
 /// `stream`: send the request body back as the response body.
 const BODY_HEADER: &str = "x-echo-body";
+/// The `sub` claim of the bearer token seen at a WebSocket handshake (on the `101`).
+const UPGRADE_SUB_HEADER: &str = "x-echo-authorization-sub";
+/// The `aud` claim of the bearer token seen at a WebSocket handshake (on the `101`).
+const UPGRADE_AUD_HEADER: &str = "x-echo-authorization-aud";
+/// RFC 6455 §1.3: appended to `Sec-WebSocket-Key` before hashing into `Sec-WebSocket-Accept`.
+const WEBSOCKET_GUID: &str = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
 
 type Body = BoxBody<Bytes, hyper::Error>;
 
 /// A running echo upstream. Dropping the handle stops the server and every connection it serves.
 pub struct EchoUpstream {
     addr: SocketAddr,
+    tls: bool,
     requests: Arc<AtomicU64>,
     task: JoinHandle<()>,
 }
@@ -62,11 +75,30 @@ impl EchoUpstream {
     // `async` like `DevIdp::start`, so callers start every test server the same way.
     #[allow(clippy::unused_async)]
     pub async fn start(listener: TcpListener) -> std::io::Result<EchoUpstream> {
+        Self::spawn(listener, None)
+    }
+
+    /// Serves the echo upstream over TLS with `tls` (its `alpn_protocols` decide whether `h2` is offered)
+    /// until the handle is dropped.
+    #[allow(clippy::unused_async)]
+    pub async fn start_tls(
+        listener: TcpListener,
+        tls: Arc<rustls::ServerConfig>,
+    ) -> std::io::Result<EchoUpstream> {
+        Self::spawn(listener, Some(tokio_rustls::TlsAcceptor::from(tls)))
+    }
+
+    fn spawn(
+        listener: TcpListener,
+        tls: Option<tokio_rustls::TlsAcceptor>,
+    ) -> std::io::Result<EchoUpstream> {
         let addr = listener.local_addr()?;
         let requests = Arc::new(AtomicU64::new(0));
-        let task = tokio::spawn(serve(listener, Arc::clone(&requests)));
+        let secure = tls.is_some();
+        let task = tokio::spawn(serve(listener, tls, Arc::clone(&requests)));
         Ok(EchoUpstream {
             addr,
+            tls: secure,
             requests,
             task,
         })
@@ -77,9 +109,10 @@ impl EchoUpstream {
         self.addr
     }
 
-    /// `http://127.0.0.1:PORT`, no trailing slash.
+    /// `http://127.0.0.1:PORT` (`https://` when started with TLS), no trailing slash.
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        let scheme = if self.tls { "https" } else { "http" };
+        format!("{scheme}://{}", self.addr)
     }
 
     /// How many requests the upstream has received.
@@ -88,7 +121,15 @@ impl EchoUpstream {
     }
 }
 
-async fn serve(listener: TcpListener, requests: Arc<AtomicU64>) {
+async fn serve(
+    listener: TcpListener,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    requests: Arc<AtomicU64>,
+) {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder.http1().timer(TokioTimer::new()).keep_alive(true);
+    builder.http2().timer(TokioTimer::new());
+    let builder = Arc::new(builder);
     // Dropping the set (when the handle aborts this task) aborts every connection task.
     let mut connections = JoinSet::new();
     loop {
@@ -96,18 +137,17 @@ async fn serve(listener: TcpListener, requests: Arc<AtomicU64>) {
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
                     let requests = Arc::clone(&requests);
+                    let builder = Arc::clone(&builder);
+                    let tls = tls.clone();
                     connections.spawn(async move {
-                        let service = service_fn(move |request| {
-                            requests.fetch_add(1, Ordering::SeqCst);
-                            async move { Ok::<_, Infallible>(echo(request).await) }
-                        });
-                        if let Err(error) = http1::Builder::new()
-                            .timer(TokioTimer::new())
-                            .keep_alive(true)
-                            .serve_connection(TokioIo::new(stream), service)
-                            .await
-                        {
-                            tracing::debug!(%peer, %error, "echo upstream connection failed");
+                        match tls {
+                            None => connection(&builder, stream, peer, requests).await,
+                            Some(acceptor) => match acceptor.accept(stream).await {
+                                Ok(stream) => connection(&builder, stream, peer, requests).await,
+                                Err(error) => {
+                                    tracing::debug!(%peer, %error, "echo upstream TLS handshake failed");
+                                }
+                            },
                         }
                     });
                 }
@@ -119,6 +159,27 @@ async fn serve(listener: TcpListener, requests: Arc<AtomicU64>) {
             },
             Some(_) = connections.join_next(), if !connections.is_empty() => {}
         }
+    }
+}
+
+/// Serves one connection: HTTP/1.1 (with upgrades) or HTTP/2, whichever the client speaks.
+async fn connection<I>(
+    builder: &auto::Builder<TokioExecutor>,
+    io: I,
+    peer: SocketAddr,
+    requests: Arc<AtomicU64>,
+) where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let service = service_fn(move |request| {
+        requests.fetch_add(1, Ordering::SeqCst);
+        async move { Ok::<_, Infallible>(echo(request).await) }
+    });
+    if let Err(error) = builder
+        .serve_connection_with_upgrades(TokioIo::new(io), service)
+        .await
+    {
+        tracing::debug!(%peer, %error, "echo upstream connection failed");
     }
 }
 
@@ -142,6 +203,9 @@ fn header_str<'a>(request: &'a Request<Incoming>, name: &str) -> Option<&'a str>
 }
 
 async fn echo(request: Request<Incoming>) -> Response<Body> {
+    if wants_websocket(&request) {
+        return upgrade(request);
+    }
     if let Some(delay) = header_str(&request, DELAY_HEADER) {
         match delay.parse::<u64>() {
             Ok(millis) => tokio::time::sleep(Duration::from_millis(millis)).await,
@@ -213,11 +277,104 @@ async fn echo(request: Request<Incoming>) -> Response<Body> {
         &json!({
             "method": parts.method.as_str(),
             "uri": uri,
+            "version": format!("{:?}", parts.version),
             "headers": headers,
             "authorization": authorization,
             "body_bytes": body_bytes,
         }),
     )
+}
+
+/// Whether `request` is an HTTP/1.1 WebSocket handshake: `Connection` lists `upgrade` and `Upgrade` is
+/// `websocket`.
+fn wants_websocket(request: &Request<Incoming>) -> bool {
+    let connection_upgrade = request
+        .headers()
+        .get_all(header::CONNECTION)
+        .iter()
+        .any(|value| {
+            value
+                .as_bytes()
+                .split(|b| *b == b',')
+                .any(|token| token.trim_ascii().eq_ignore_ascii_case(b"upgrade"))
+        });
+    request.version() == http::Version::HTTP_11
+        && connection_upgrade
+        && header_str(request, header::UPGRADE.as_str())
+            .is_some_and(|protocol| protocol.eq_ignore_ascii_case("websocket"))
+}
+
+/// `Sec-WebSocket-Accept` for `key` (RFC 6455 §4.2.2): base64 of the SHA-1 of the key and the GUID.
+fn websocket_accept(key: &str) -> String {
+    let digest = aws_lc_rs::digest::digest(
+        &aws_lc_rs::digest::SHA1_FOR_LEGACY_USE_ONLY,
+        format!("{key}{WEBSOCKET_GUID}").as_bytes(),
+    );
+    STANDARD.encode(digest.as_ref())
+}
+
+/// Accepts a WebSocket handshake with `101`, then echoes every byte of the upgraded connection until EOF.
+fn upgrade(mut request: Request<Incoming>) -> Response<Body> {
+    let Some(key) = header_str(&request, "sec-websocket-key").map(str::to_owned) else {
+        return json_response(
+            StatusCode::BAD_REQUEST,
+            &json!({"error": "a WebSocket handshake needs Sec-WebSocket-Key"}),
+        );
+    };
+    let claims = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .map(|value| authorization(&String::from_utf8_lossy(value.as_bytes())))
+        .map(|authorization| authorization["claims"].clone())
+        .unwrap_or(Value::Null);
+    let upgraded = hyper::upgrade::on(&mut request);
+    tokio::spawn(async move {
+        match upgraded.await {
+            Ok(upgraded) => {
+                if let Err(error) = echo_bytes(TokioIo::new(upgraded)).await {
+                    tracing::debug!(%error, "echo upstream upgraded connection failed");
+                }
+            }
+            Err(error) => tracing::debug!(%error, "echo upstream upgrade failed"),
+        }
+    });
+    let mut response = Response::new(
+        Full::new(Bytes::new())
+            .map_err(|never| match never {})
+            .boxed(),
+    );
+    *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let headers = response.headers_mut();
+    headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    if let Ok(accept) = HeaderValue::from_str(&websocket_accept(&key)) {
+        headers.insert(header::SEC_WEBSOCKET_ACCEPT, accept);
+    }
+    for (name, claim) in [(UPGRADE_SUB_HEADER, "sub"), (UPGRADE_AUD_HEADER, "aud")] {
+        let value = match &claims[claim] {
+            Value::String(text) => HeaderValue::from_str(text).ok(),
+            Value::Null => None,
+            other => HeaderValue::from_str(&other.to_string()).ok(),
+        };
+        if let Some(value) = value {
+            headers.insert(name, value);
+        }
+    }
+    response
+}
+
+/// Writes back every byte read from `io` until EOF, then closes the write side.
+async fn echo_bytes<I: AsyncRead + AsyncWrite + Unpin>(mut io: I) -> std::io::Result<()> {
+    let mut buffer = vec![0_u8; 16 * 1024];
+    loop {
+        let n = io.read(&mut buffer).await?;
+        if n == 0 {
+            break;
+        }
+        io.write_all(&buffer[..n]).await?;
+        io.flush().await?;
+    }
+    io.shutdown().await
 }
 
 /// `{"scheme": .., "claims": ..}` for an `Authorization` value: the claims are the base64url-decoded JSON
@@ -373,6 +530,82 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(body["body_bytes"], 3 * 1024 * 1024 + 1);
+    }
+
+    #[test]
+    fn websocket_accept_matches_rfc_6455_example() {
+        // RFC 6455 §1.3.
+        assert_eq!(
+            websocket_accept("dGhlIHNhbXBsZSBub25jZQ=="),
+            "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
+        );
+    }
+
+    #[tokio::test]
+    async fn http1_and_h2c_requests_report_their_version() {
+        let upstream = upstream().await;
+        let body: Value = reqwest::Client::new()
+            .get(upstream.url())
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(body["version"], "HTTP/1.1");
+
+        let stream = tokio::net::TcpStream::connect(upstream.addr())
+            .await
+            .unwrap();
+        let (mut sender, connection) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+                .await
+                .unwrap();
+        tokio::spawn(connection);
+        let request = Request::get(format!("{}/h2?x=1", upstream.url()))
+            .body(http_body_util::Empty::<Bytes>::new())
+            .unwrap();
+        let response = sender.send_request(request).await.unwrap();
+        assert_eq!(response.version(), http::Version::HTTP_2);
+        let bytes = response.into_body().collect().await.unwrap().to_bytes();
+        let body: Value = serde_json::from_slice(&bytes).unwrap();
+        assert_eq!(body["version"], "HTTP/2.0");
+        assert_eq!(body["uri"], "/h2?x=1");
+    }
+
+    #[tokio::test]
+    async fn websocket_handshake_is_accepted_and_bytes_are_echoed() {
+        let upstream = upstream().await;
+        let payload = URL_SAFE_NO_PAD.encode(r#"{"sub":"alice","aud":"api://down"}"#);
+        let mut stream = tokio::net::TcpStream::connect(upstream.addr())
+            .await
+            .unwrap();
+        let handshake = format!(
+            "GET /ws HTTP/1.1\r\nHost: x\r\nConnection: keep-alive, Upgrade\r\nUpgrade: websocket\r\n\
+             Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+             Authorization: Bearer eyJhbGciOiJub25lIn0.{payload}.sig\r\n\r\n"
+        );
+        stream.write_all(handshake.as_bytes()).await.unwrap();
+        let mut head = Vec::new();
+        while !head.ends_with(b"\r\n\r\n") {
+            let mut byte = [0_u8; 1];
+            assert_eq!(stream.read(&mut byte).await.unwrap(), 1, "EOF in the head");
+            head.push(byte[0]);
+        }
+        let head = String::from_utf8(head).unwrap().to_ascii_lowercase();
+        assert!(head.starts_with("http/1.1 101 "), "{head}");
+        assert!(head.contains("sec-websocket-accept: s3pplmbitxaq9kygzzhzrbk+xoo=\r\n"));
+        assert!(head.contains("x-echo-authorization-sub: alice\r\n"));
+        assert!(head.contains("x-echo-authorization-aud: api://down\r\n"));
+        let frame = [0x81, 0x82, 1, 2, 3, 4, b'h' ^ 1, b'i' ^ 2];
+        stream.write_all(&frame).await.unwrap();
+        let mut back = [0_u8; 8];
+        stream.read_exact(&mut back).await.unwrap();
+        assert_eq!(back, frame);
+        stream.shutdown().await.unwrap();
+        let mut rest = Vec::new();
+        stream.read_to_end(&mut rest).await.unwrap();
+        assert!(rest.is_empty());
     }
 
     #[tokio::test]

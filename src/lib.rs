@@ -205,12 +205,7 @@ fn build_proxy(
     token_cache: Arc<TokenCache>,
     metrics: &Arc<telemetry::Metrics>,
 ) -> Result<Proxy, StartError> {
-    let exchanger = Exchanger::new(
-        &config.identities,
-        &config.cache,
-        token_cache,
-        metrics,
-    )?;
+    let exchanger = Exchanger::new(&config.identities, &config.cache, token_cache, metrics)?;
     let clients = forward::UpstreamClients::new(&config.routes)?;
     Ok(Proxy::new(
         config,
