@@ -11,7 +11,7 @@ use hyper::body::Incoming;
 use crate::Shared;
 
 /// Answers one admin request.
-pub fn handle(request: &Request<Incoming>, shared: &Arc<Shared>) -> Response<Full<Bytes>> {
+pub async fn handle(request: &Request<Incoming>, shared: &Arc<Shared>) -> Response<Full<Bytes>> {
     if request.method() != Method::GET && request.method() != Method::HEAD {
         return json(
             StatusCode::METHOD_NOT_ALLOWED,
@@ -21,7 +21,7 @@ pub fn handle(request: &Request<Incoming>, shared: &Arc<Shared>) -> Response<Ful
     match request.uri().path() {
         "/healthz" => json(StatusCode::OK, &serde_json::json!({"status": "ok"})),
         "/metrics" => {
-            let mut response = Response::new(Full::new(Bytes::from(shared.metrics_text())));
+            let mut response = Response::new(Full::new(Bytes::from(shared.metrics_text().await)));
             response.headers_mut().insert(
                 header::CONTENT_TYPE,
                 HeaderValue::from_static(crate::telemetry::CONTENT_TYPE),

@@ -324,9 +324,9 @@ fn upgrade(mut request: Request<Incoming>) -> Response<Body> {
     let claims = request
         .headers()
         .get(header::AUTHORIZATION)
-        .map(|value| authorization(&String::from_utf8_lossy(value.as_bytes())))
-        .map(|authorization| authorization["claims"].clone())
-        .unwrap_or(Value::Null);
+        .map_or(Value::Null, |value| {
+            authorization(&String::from_utf8_lossy(value.as_bytes()))["claims"].clone()
+        });
     let upgraded = hyper::upgrade::on(&mut request);
     tokio::spawn(async move {
         match upgraded.await {

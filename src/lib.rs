@@ -100,9 +100,10 @@ impl Shared {
     }
 
     /// The Prometheus exposition of every metric (SPEC §6).
-    pub fn metrics_text(&self) -> String {
+    pub async fn metrics_text(&self) -> String {
+        // moka counts entries during its maintenance: run it so the gauge is exact at scrape time.
         self.metrics
-            .set_cache_entries(self.token_cache.entry_count_now());
+            .set_cache_entries(self.token_cache.entry_count().await);
         self.metrics.encode()
     }
 }
@@ -260,7 +261,7 @@ pub async fn start(config: Config, listeners: Listeners) -> Result<Sidecar, Star
         let shared = Arc::clone(&shared);
         move |request, _peer| {
             let shared = Arc::clone(&shared);
-            async move { admin::handle(&request, &shared) }
+            async move { admin::handle(&request, &shared).await }
         }
     };
     let servers = vec![

@@ -278,11 +278,6 @@ impl TokenCache {
         allowed
     }
 
-    /// Entries as last counted (cheap; for the metrics gauge).
-    pub fn entry_count_now(&self) -> u64 {
-        self.inner.entry_count()
-    }
-
     /// Live entries, after pending maintenance has run.
     pub async fn entry_count(&self) -> u64 {
         self.inner.run_pending_tasks().await;
