@@ -31,6 +31,7 @@ fn key(i: u32) -> CacheKey {
     CacheKey::new(&KeyParts {
         subject: Some(&subject),
         identity: "default",
+        client_id: "11111111-1111-1111-1111-111111111111",
         token_endpoint: "https://login.microsoftonline.com/t/oauth2/v2.0/token",
         flavor: "entra",
         auth_method: "client_secret_post",

@@ -61,6 +61,8 @@ struct IssuerTemplate {
 pub struct Authenticator {
     /// Fixed issuers, and the allowed tenants of `{tenantid}` issuers, by exact `iss`: fetched at start.
     fixed: HashMap<String, Arc<IssuerKeys>>,
+    /// The tenant of each fixed issuer made from a `{tenantid}` template.
+    fixed_tenants: HashMap<String, String>,
     templates: Vec<IssuerTemplate>,
     allowed_tenants: Vec<String>,
     /// `{tenantid}` issuers resolved on demand (any GUID tenant), bounded.
@@ -95,7 +97,10 @@ impl moka::Expiry<[u8; 32], Arc<CallerClaims>> for ValidatedExpiry {
         _created_at: std::time::Instant,
     ) -> Option<Duration> {
         Some(Duration::from_secs(
-            (claims.exp + self.clock_skew).saturating_sub(now_unix()),
+            claims
+                .exp
+                .saturating_add(self.clock_skew)
+                .saturating_sub(now_unix()),
         ))
     }
 }
@@ -118,6 +123,7 @@ impl Authenticator {
             min_refetch: inbound.jwks_min_refetch,
         };
         let mut fixed = HashMap::new();
+        let mut fixed_tenants = HashMap::new();
         let mut templates = Vec::new();
         for issuer in &inbound.issuers {
             let template = IssuerTemplate {
@@ -128,6 +134,7 @@ impl Authenticator {
             if issuer.contains(TENANT_PLACEHOLDER) {
                 for tenant in &inbound.allowed_tenants {
                     let keys = issuer_keys(&template, tenant, &policy)?;
+                    fixed_tenants.insert(keys.issuer.clone(), tenant.clone());
                     fixed.insert(keys.issuer.clone(), Arc::new(keys));
                 }
                 templates.push(template);
@@ -138,6 +145,7 @@ impl Authenticator {
         }
         Ok(Authenticator {
             fixed,
+            fixed_tenants,
             templates,
             allowed_tenants: inbound.allowed_tenants.clone(),
             tenants: moka::sync::Cache::builder()
@@ -163,7 +171,7 @@ impl Authenticator {
     pub fn start(&self) -> Vec<tokio::task::JoinHandle<()>> {
         self.fixed
             .values()
-            .map(|keys| tokio::spawn(IssuerKeys::maintain(Arc::downgrade(keys))))
+            .map(|keys| tokio::spawn(IssuerKeys::maintain(Arc::downgrade(keys), true)))
             .collect()
     }
 
@@ -194,7 +202,7 @@ impl Authenticator {
         let mut key = [0u8; 32];
         key.copy_from_slice(digest.as_ref());
         if let Some(claims) = self.validated.get(&key) {
-            if now_unix() > claims.exp + self.clock_skew.as_secs() {
+            if now_unix() > claims.exp.saturating_add(self.clock_skew.as_secs()) {
                 self.validated.invalidate(&key);
                 return Err(ProxyError::InvalidToken("token expired"));
             }
@@ -269,6 +277,13 @@ impl Authenticator {
             .and_then(Value::as_str)
             .ok_or(ProxyError::InvalidToken("issuer not accepted"))?;
         if let Some(keys) = self.fixed.get(iss) {
+            // An allowed tenant's issuer: the token's tid must name that same tenant (the token endpoint is
+            // filled from it).
+            if let Some(tenant) = self.fixed_tenants.get(iss)
+                && parsed.claims.get("tid").and_then(Value::as_str) != Some(tenant.as_str())
+            {
+                return Err(ProxyError::InvalidToken("tenant does not match the issuer"));
+            }
             return Ok(Arc::clone(keys));
         }
         if self.templates.is_empty() {
@@ -295,7 +310,7 @@ impl Authenticator {
         self.tenants
             .try_get_with(resolved, || {
                 let keys = Arc::new(issuer_keys(template, tenant, &self.policy)?);
-                tokio::spawn(IssuerKeys::maintain(Arc::downgrade(&keys)));
+                tokio::spawn(IssuerKeys::maintain(Arc::downgrade(&keys), false));
                 Ok::<_, url::ParseError>(keys)
             })
             .map_err(|_| ProxyError::InvalidToken("issuer not accepted"))
@@ -309,6 +324,11 @@ impl Authenticator {
         let mut state = issuer.state();
         if !state.attempted {
             state = issuer.first_attempt().await;
+        }
+        if state.keys.is_none() {
+            // Never fetched: try again now (rate-limited, one fetch at a time).
+            issuer.refetch_for_unknown_kid().await;
+            state = issuer.state();
         }
         let Some(mut keys) = state.keys else {
             return Err(ProxyError::KeysUnavailable {

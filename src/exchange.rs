@@ -41,6 +41,9 @@ const RETRY_BASE_DELAY_MS: u64 = 50;
 /// A misconfiguration (`invalid_client`, …) is logged at error at most this often per identity: once per
 /// burst, not once per request.
 const ERROR_LOG_INTERVAL: Duration = Duration::from_secs(60);
+/// A `Retry-After` longer than this is shortened: an IdP (or a proxy in front of it) asking for a day must not
+/// take an identity offline for a day.
+const MAX_RETRY_AFTER: Duration = Duration::from_secs(300);
 /// How much of an IdP error description reaches the log.
 const MAX_LOGGED_DESCRIPTION: usize = 300;
 
@@ -295,6 +298,7 @@ impl Exchanger {
         let key = CacheKey::new(&KeyParts {
             subject: subject.as_ref().map(|(token, _)| token),
             identity: &identity.name,
+            client_id: &identity.client_id,
             token_endpoint: &token_endpoint,
             flavor: identity.flavor.as_str(),
             auth_method: identity.auth_method.as_str(),
@@ -585,7 +589,7 @@ impl TokenRequest {
             .get(http::header::RETRY_AFTER)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.trim().parse::<u64>().ok())
-            .map(Duration::from_secs);
+            .map(|secs| Duration::from_secs(secs.min(MAX_RETRY_AFTER.as_secs())));
         let body = read_limited(response).await?;
         tracing::debug!(
             route = %self.route,
@@ -672,15 +676,12 @@ fn redacted_answer(body: &[u8], identity: &Identity) -> String {
     let Ok(answer) = serde_json::from_slice::<ErrorResponse>(body) else {
         return format!("{} bytes, not an OAuth error", body.len());
     };
-    let mut description: String = answer
-        .error_description
-        .unwrap_or_default()
-        .chars()
-        .take(MAX_LOGGED_DESCRIPTION)
-        .collect();
+    let mut description = answer.error_description.unwrap_or_default();
+    // Redact before shortening, so a secret cut in half cannot leak its prefix.
     if let Credential::Secret(secret) = &identity.credential {
         description = description.replace(secret.expose(), "[redacted]");
     }
+    let description: String = description.chars().take(MAX_LOGGED_DESCRIPTION).collect();
     let description = description
         .split(|c: char| c.is_whitespace())
         .map(|word| {

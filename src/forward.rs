@@ -349,9 +349,16 @@ pub fn clean_response_headers(headers: &mut HeaderMap, upgraded: bool) {
     }
 }
 
-/// The protocol an HTTP/1.1 request asks to upgrade to (`Connection: upgrade` + `Upgrade`), e.g. WebSocket.
+/// The WebSocket upgrade an HTTP/1.1 request asks for (`Connection: upgrade` + `Upgrade: websocket`).
+/// Other protocols (`h2c`, custom ones) are not tunnelled: inside a tunnel later requests would skip routing,
+/// policy and header hygiene.
 pub fn requested_upgrade(request: &Request<Incoming>) -> Option<HeaderValue> {
-    if request.version() != http::Version::HTTP_11 {
+    if request.version() != http::Version::HTTP_11
+        || !request
+            .headers()
+            .get(header::UPGRADE)
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"websocket"))
+    {
         return None;
     }
     let asks = request

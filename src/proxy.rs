@@ -22,6 +22,9 @@ use crate::telemetry::{CacheKind, CacheResult, Metrics, RouteMetrics, UpstreamEr
 /// What the proxy answers: the upstream's streamed body, or one the sidecar made.
 pub type ProxyBody = Either<Incoming, Full<Bytes>>;
 
+/// The route label of `GET {api_prefix}/validate`; `:` cannot appear in a configured route name.
+const VALIDATE_ROUTE: &str = "token-api:validate";
+
 /// A caller-supplied `X-Request-Id` longer than this, or with other than visible ASCII, is replaced.
 const MAX_REQUEST_ID_BYTES: usize = 128;
 
@@ -65,7 +68,7 @@ impl Proxy {
         let route_metrics = routes
             .iter()
             .map(|r| (r.name.clone(), metrics.route(&r.name)))
-            .chain([("validate".to_owned(), metrics.route("validate"))])
+            .chain([(VALIDATE_ROUTE.to_owned(), metrics.route(VALIDATE_ROUTE))])
             .collect();
         Proxy {
             metrics: Arc::clone(metrics),
@@ -184,7 +187,7 @@ impl Proxy {
             .map(|c| claim_headers(route, &c.claims))
             .unwrap_or_default();
         let uri = forward::upstream_uri(route, &path, request.uri().query())?;
-        let upgrade = forward::requested_upgrade(&request);
+        let upgrade = forward::requested_upgrade(&request).filter(|_| !route.http2);
         let mut request = request;
         let caller_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut request));
         let upstream = forward::upstream_request(
@@ -221,6 +224,17 @@ impl Proxy {
             tracing::info!(route = %route.name, "upstream refused its token; dropped the cached one");
         }
         let switching = response.status() == StatusCode::SWITCHING_PROTOCOLS;
+        let agreed = response
+            .headers()
+            .get(header::UPGRADE)
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"websocket"));
+        if switching && (caller_upgrade.is_none() || !agreed) {
+            // A 101 nobody asked for, or to another protocol: never splice an unvalidated tunnel.
+            outcome.upstream_error = Some(UpstreamErrorKind::Reset);
+            return Err(ProxyError::UpstreamConnect(
+                "the upstream switched protocols unasked".into(),
+            ));
+        }
         if switching && let Some(caller_upgrade) = caller_upgrade {
             let upstream_upgrade = hyper::upgrade::on(&mut response);
             let route_name = route.name.clone();
@@ -294,7 +308,7 @@ impl Proxy {
             return Err(ProxyError::NoRoute);
         }
         if rest == b"/validate" {
-            outcome.route = Some("validate");
+            outcome.route = Some(VALIDATE_ROUTE);
             let deadline = tokio::time::Instant::now() + self.inbound_route.timeout;
             let caller = self.caller(request, &self.inbound_route, deadline).await?;
             let claims = caller.map(|c| serde_json::Value::Object(c.claims.all.clone()));
@@ -337,7 +351,7 @@ impl Proxy {
 /// The pseudo-route of `GET {api_prefix}/validate`: caller validation with `[inbound]`'s policy.
 fn inbound_route(config: &Config) -> Route {
     Route {
-        name: "validate".to_owned(),
+        name: VALIDATE_ROUTE.to_owned(),
         path_prefix: String::new(),
         match_prefix: String::new(),
         upstream: url::Url::parse("http://127.0.0.1/")

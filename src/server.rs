@@ -92,8 +92,9 @@ pub async fn serve<H, Fut, B>(
         .http2()
         .timer(TokioTimer::new())
         .max_header_list_size(u32::try_from(options.max_header_bytes).unwrap_or(u32::MAX))
-        .keep_alive_interval(Some(Duration::from_secs(30)))
-        .keep_alive_timeout(Duration::from_secs(10));
+        // No keep-alive PINGs: their bytes would count as activity and keep idle connections open past
+        // idle_timeout; idle connections are reclaimed by that timeout instead.
+        .keep_alive_interval(None);
     let builder = Arc::new(builder);
     let permits = Arc::new(Semaphore::new(options.max_connections));
     let mut connections = JoinSet::new();

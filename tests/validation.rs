@@ -232,6 +232,17 @@ async fn allowed_tenants_are_validated_and_exchanged_per_tenant() {
         401,
         "tid and iss disagree"
     );
+    let mut swapped = user("mallory");
+    swapped.tid = Some(TENANT_B.into());
+    swapped.extra.insert(
+        "iss".into(),
+        serde_json::json!(h.idp.tenant_issuer(TENANT_A)),
+    );
+    assert_eq!(
+        h.get("/obo/x", Some(&h.idp.mint(&swapped))).await.status(),
+        401,
+        "an allowed tenant's iss with another tid"
+    );
     assert_eq!(
         h.idp.discovery_requests(),
         discovery,

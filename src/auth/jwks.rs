@@ -163,12 +163,19 @@ impl IssuerKeys {
     /// Fetches at start until it succeeds (backoff capped at [`MAX_FETCH_BACKOFF`]), then refreshes as the key
     /// set's `Cache-Control` or the configured interval says. Ends when the issuer is dropped (a tenant
     /// evicted from the bounded set).
-    pub async fn maintain(keys: std::sync::Weak<Self>) {
+    ///
+    /// With `retry` false (a tenant resolved on demand from an unauthenticated token's `tid`), a failed first
+    /// fetch is not retried in the background: requests retry it, rate-limited, so random tenants cannot turn
+    /// into a stream of background fetches.
+    pub async fn maintain(keys: std::sync::Weak<Self>, retry: bool) {
         let mut backoff = Duration::from_millis(250);
         loop {
             let Some(this) = keys.upgrade() else { return };
             if this.refetch().await {
                 break;
+            }
+            if !retry {
+                return;
             }
             drop(this);
             tokio::time::sleep(backoff).await;
@@ -191,6 +198,11 @@ impl IssuerKeys {
     /// Fetches now; true when the key set was replaced. A failure keeps the last good set.
     pub async fn refetch(&self) -> bool {
         let mut last = self.last_fetch.lock().await;
+        self.refetch_locked(&mut last).await
+    }
+
+    /// The fetch itself, with the fetch lock held by the caller.
+    async fn refetch_locked(&self, last: &mut Option<Instant>) -> bool {
         *last = Some(Instant::now());
         let outcome = self.fetch().await;
         self.generation.fetch_add(1, Ordering::AcqRel);
@@ -222,14 +234,14 @@ impl IssuerKeys {
     /// a fetch runs wait for it and use its result instead of fetching again.
     pub async fn refetch_for_unknown_kid(&self) {
         let seen = self.generation.load(Ordering::Acquire);
-        let last = self.last_fetch.lock().await;
+        let mut last = self.last_fetch.lock().await;
         if self.generation.load(Ordering::Acquire) != seen
             || last.is_some_and(|t| t.elapsed() < self.policy.min_refetch)
         {
             return;
         }
-        drop(last);
-        self.refetch().await;
+        // Fetch under the same guard: callers queued behind this one see the new generation and return.
+        self.refetch_locked(&mut last).await;
     }
 
     async fn fetch(&self) -> Result<(KeySet, Option<Duration>), FetchError> {

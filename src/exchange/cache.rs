@@ -35,6 +35,7 @@ pub struct CacheKey([u8; 32]);
 pub struct KeyParts<'a> {
     pub subject: Option<&'a Secret>,
     pub identity: &'a str,
+    pub client_id: &'a str,
     pub token_endpoint: &'a str,
     pub flavor: &'a str,
     pub auth_method: &'a str,
@@ -63,6 +64,7 @@ impl CacheKey {
         }
         for text in [
             parts.identity,
+            parts.client_id,
             parts.token_endpoint,
             parts.flavor,
             parts.auth_method,
@@ -116,6 +118,7 @@ impl Lookup {
 pub struct Entry {
     pub token: UpstreamToken,
     refreshing: AtomicBool,
+    fetched_at: Instant,
 }
 
 impl Entry {
@@ -123,9 +126,19 @@ impl Entry {
         Arc::new(Entry {
             token,
             refreshing: AtomicBool::new(false),
+            fetched_at: Instant::now(),
         })
     }
+
+    /// A token of unknown (or too short) lifetime: served to the requests that waited for its fetch, never
+    /// from the cache.
+    fn uncacheable(&self) -> bool {
+        self.token.expires_at <= self.fetched_at
+    }
 }
+
+/// Requests coalesced on one fetch share an uncacheable token if it arrived this recently.
+const COALESCED_GRACE: Duration = Duration::from_secs(1);
 
 struct EntryExpiry;
 
@@ -209,7 +222,8 @@ impl TokenCache {
                 .map_err(|shared: Arc<ExchangeError>| (*shared).clone())?;
             // A token fetched for this request is returned even if it may not be cached (unknown expiry);
             // one found in the cache must still be valid.
-            if fetched || Instant::now() < entry.token.expires_at {
+            let shared_fetch = entry.uncacheable() && entry.fetched_at.elapsed() < COALESCED_GRACE;
+            if fetched || shared_fetch || Instant::now() < entry.token.expires_at {
                 return Ok((entry, Lookup::Miss));
             }
             self.remove_if_same(key, &entry).await;
@@ -229,9 +243,28 @@ impl TokenCache {
         let request = fetch();
         tokio::spawn(async move {
             match request.await {
-                Ok(token) => inner.insert(key, Entry::new(token)).await,
+                Ok(token) if Instant::now() < token.expires_at => {
+                    // Replace only the entry that went stale: a newer one (after an upstream 401) stays.
+                    let fresh = Entry::new(token);
+                    inner
+                        .entry(key)
+                        .and_compute_with(|current| async move {
+                            match current {
+                                Some(current) if Arc::ptr_eq(current.value(), &entry) => {
+                                    Op::Put(fresh)
+                                }
+                                _ => Op::Nop,
+                            }
+                        })
+                        .await;
+                }
+                Ok(_) => {
+                    // Not cacheable: keep serving the current token until it expires.
+                    tokio::time::sleep(REFRESH_RETRY_DELAY).await;
+                    entry.refreshing.store(false, Ordering::Release);
+                }
                 Err(error) => {
-                    tracing::warn!(%error, "background token refresh failed; serving the current token until it expires");
+                    tracing::debug!(%error, "background token refresh failed; serving the current token until it expires");
                     tokio::time::sleep(REFRESH_RETRY_DELAY).await;
                     entry.refreshing.store(false, Ordering::Release);
                 }
@@ -421,6 +454,55 @@ mod tests {
         );
     }
 
+    /// A token of unknown lifetime is shared by the requests coalesced on its fetch, and never cached.
+    #[tokio::test(start_paused = true)]
+    async fn uncacheable_token_serves_its_waiters_and_is_not_cached() {
+        let calls = Arc::new(AtomicU32::new(0));
+        let counter = Arc::clone(&calls);
+        let fetch: Fetch = Arc::new(move || {
+            let counter = Arc::clone(&counter);
+            Box::pin(async move {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                let n = counter.fetch_add(1, Ordering::SeqCst) + 1;
+                let now = Instant::now();
+                Ok(UpstreamToken {
+                    header: HeaderValue::from_str(&format!("Bearer once-{n}")).expect("header"),
+                    expires_on: 0,
+                    stale_at: now,
+                    expires_at: now,
+                })
+            })
+        });
+        let cache = Arc::new(TokenCache::new(100));
+        let tasks: Vec<_> = (0..64)
+            .map(|_| {
+                let cache = Arc::clone(&cache);
+                let fetch = Arc::clone(&fetch);
+                tokio::spawn(async move {
+                    cache
+                        .get_or_fetch(key(9), &fetch)
+                        .await
+                        .map(|(e, _)| header(&e).to_owned())
+                })
+            })
+            .collect();
+        for task in tasks {
+            assert_eq!(task.await.expect("join").expect("token"), "Bearer once-1");
+        }
+        assert_eq!(
+            calls.load(Ordering::SeqCst),
+            1,
+            "one fetch for the coalesced requests"
+        );
+        tokio::time::advance(Duration::from_secs(2)).await;
+        let (later, _) = cache.get_or_fetch(key(9), &fetch).await.expect("token");
+        assert_eq!(
+            header(&later),
+            "Bearer once-2",
+            "never served from the cache"
+        );
+    }
+
     #[tokio::test(start_paused = true)]
     async fn failures_are_not_cached() {
         let calls = Arc::new(AtomicU32::new(0));
@@ -458,6 +540,7 @@ mod tests {
             CacheKey::new(&KeyParts {
                 subject: Some(&subject),
                 identity: "default",
+                client_id: "client",
                 token_endpoint: "https://idp.example/token",
                 flavor: "entra",
                 auth_method: "client_secret_post",
