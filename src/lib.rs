@@ -139,11 +139,18 @@ impl Sidecar {
                 "[listen] and cache.max_entries changes take effect at the next restart"
             );
         }
-        let authenticator = if old.inbound == config.inbound {
+        // Route policy lives in the routes; only a change to what validates tokens needs new key sets.
+        let same_validation = config::Inbound {
+            policy: config.inbound.policy.clone(),
+            ..old.inbound.clone()
+        } == config.inbound;
+        let authenticator = if same_validation {
             Arc::clone(self.shared.proxy().authenticator())
         } else {
             let authenticator = build_authenticator(&config, &self.shared.metrics)?;
             if let Ok(mut background) = self.background.lock() {
+                // The old key sets' tasks end when their last request lets go of them.
+                background.retain(|task| !task.is_finished());
                 background.extend(authenticator.start());
             }
             authenticator

@@ -39,6 +39,7 @@ pub struct Proxy {
     /// `[inbound]`'s policy, for `GET {api_prefix}/validate`.
     inbound_route: Route,
     max_header_bytes: usize,
+    idle_timeout: std::time::Duration,
     metrics: Arc<Metrics>,
     /// Per-route metric handles, resolved once per configuration (no label building per request).
     route_metrics: std::collections::HashMap<String, RouteMetrics>,
@@ -75,6 +76,7 @@ impl Proxy {
             route_metrics,
             inbound_route: inbound_route(config),
             max_header_bytes: config.listen.max_header_bytes,
+            idle_timeout: config.listen.idle_timeout,
             routes,
             authenticator,
             exchanger,
@@ -238,15 +240,24 @@ impl Proxy {
         if switching && let Some(caller_upgrade) = caller_upgrade {
             let upstream_upgrade = hyper::upgrade::on(&mut response);
             let route_name = route.name.clone();
+            let idle_timeout = self.idle_timeout;
             tokio::spawn(async move {
                 match tokio::try_join!(caller_upgrade, upstream_upgrade) {
                     Ok((caller, upstream)) => {
-                        let mut caller = hyper_util::rt::TokioIo::new(caller);
+                        // The tunnel left hyper's connection: it gets its own idle timeout.
+                        let mut caller =
+                            crate::server::IdleIo::new(hyper_util::rt::TokioIo::new(caller));
+                        let activity = caller.activity();
                         let mut upstream = hyper_util::rt::TokioIo::new(upstream);
-                        if let Err(error) =
-                            tokio::io::copy_bidirectional(&mut caller, &mut upstream).await
-                        {
-                            tracing::debug!(route = %route_name, %error, "upgraded connection ended");
+                        tokio::select! {
+                            copied = tokio::io::copy_bidirectional(&mut caller, &mut upstream) => {
+                                if let Err(error) = copied {
+                                    tracing::debug!(route = %route_name, %error, "upgraded connection ended");
+                                }
+                            }
+                            () = activity.idle_for(idle_timeout) => {
+                                tracing::debug!(route = %route_name, "upgraded connection idle: closed");
+                            }
                         }
                     }
                     Err(error) => tracing::debug!(route = %route_name, %error, "upgrade failed"),

@@ -206,7 +206,7 @@ async fn drive<I, H, Fut, B>(
 
 /// When a connection last moved a byte, shared with its watchdog.
 #[derive(Clone)]
-struct Activity {
+pub(crate) struct Activity {
     epoch: tokio::time::Instant,
     last_ms: Arc<AtomicU64>,
 }
@@ -218,7 +218,7 @@ impl Activity {
     }
 
     /// Resolves once no byte has moved for `limit`.
-    async fn idle_for(&self, limit: Duration) {
+    pub(crate) async fn idle_for(&self, limit: Duration) {
         loop {
             let last = Duration::from_millis(self.last_ms.load(Ordering::Relaxed));
             let idle = self.epoch.elapsed().saturating_sub(last);
@@ -231,13 +231,13 @@ impl Activity {
 }
 
 /// An I/O stream that records when it last read or wrote a byte.
-struct IdleIo<I> {
+pub(crate) struct IdleIo<I> {
     inner: I,
     activity: Activity,
 }
 
 impl<I> IdleIo<I> {
-    fn new(inner: I) -> Self {
+    pub(crate) fn new(inner: I) -> Self {
         IdleIo {
             inner,
             activity: Activity {
@@ -247,7 +247,7 @@ impl<I> IdleIo<I> {
         }
     }
 
-    fn activity(&self) -> Activity {
+    pub(crate) fn activity(&self) -> Activity {
         self.activity.clone()
     }
 }
