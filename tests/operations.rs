@@ -1246,3 +1246,77 @@ async fn token_api_returns_the_header_the_proxy_sends_upstream() {
         "a refused caller causes no exchange"
     );
 }
+
+/// A renewed listener certificate (the files rewritten in place) is served to new connections without a
+/// restart; connections made before keep working.
+#[tokio::test]
+async fn renewed_listener_certificate_is_served_without_restart() {
+    let dir = support::temp_dir("tls-reload");
+    let old_ca = Pki::new(&dir, "old");
+    let new_ca = Pki::new(&dir, "new");
+    let (cert_file, key_file) = old_ca.server_files("listener");
+    let h = Harness::start_custom(|idp, upstream| {
+        inbound_with_listen(
+            idp,
+            &format!(
+                "tls = {{ cert_file = \"{}\", key_file = \"{}\" }}",
+                cert_file.display(),
+                key_file.display()
+            ),
+        ) + &identity(idp, &env_secret())
+            + &obo_route("r", "/r/", &format!("{upstream}/"), "")
+    })
+    .await;
+    let caller = h.token("alice", "access_as_user");
+    let old_client = old_ca.client_config(&[b"http/1.1"], None);
+    let new_client = new_ca.client_config(&[b"http/1.1"], None);
+    let (status, _) = get_over_tls(
+        h.sidecar.proxy_addr,
+        Arc::clone(&old_client),
+        "/r/x",
+        &caller,
+    )
+    .await
+    .expect("the first certificate is served");
+    assert_eq!(status, 200);
+    assert!(
+        get_over_tls(
+            h.sidecar.proxy_addr,
+            Arc::clone(&new_client),
+            "/r/x",
+            &caller
+        )
+        .await
+        .is_err()
+    );
+
+    let (renewed_cert, renewed_key) = new_ca.server_files("renewed");
+    std::fs::copy(&renewed_key, &key_file).expect("renew key");
+    std::fs::copy(&renewed_cert, &cert_file).expect("renew certificate");
+    let mut served = None;
+    for _ in 0..60 {
+        if let Ok((status, _)) = get_over_tls(
+            h.sidecar.proxy_addr,
+            Arc::clone(&new_client),
+            "/r/x",
+            &caller,
+        )
+        .await
+        {
+            served = Some(status);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        served,
+        Some(StatusCode::OK),
+        "the renewed certificate is picked up (checked about once a second)"
+    );
+    assert!(
+        get_over_tls(h.sidecar.proxy_addr, old_client, "/r/x", &caller)
+            .await
+            .is_err(),
+        "the old certificate is no longer served"
+    );
+}

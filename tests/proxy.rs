@@ -187,7 +187,8 @@ async fn hop_by_hop_and_spoofed_forwarding_headers_are_not_forwarded() {
         "GET /pass/x HTTP/1.1\r\nHost: api.example\r\nAuthorization: Bearer {caller}\r\n\
          Connection: close, x-hop\r\nx-hop: secret\r\nKeep-Alive: timeout=5\r\nProxy-Authorization: Basic eDp5\r\n\
          X-Forwarded-For: 6.6.6.6\r\nX_Forwarded_For: 6.6.6.6\r\nX-Forwarded-Host: evil\r\nX-Forwarded-Proto: https\r\n\
-         Forwarded: for=6.6.6.6\r\nX-Real-IP: 6.6.6.6\r\nTE: trailers\r\nx-kept: yes\r\n\r\n"
+         Forwarded: for=6.6.6.6\r\nX-Real-IP: 6.6.6.6\r\nTE: trailers\r\nx-kept: yes\r\n\
+         traceparent: 00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01\r\nX-Request-Id: req-42\r\n\r\n"
     );
     let (status, text) = raw_request(h.sidecar.proxy_addr, request.as_bytes()).await;
     assert_eq!(status, 200, "{text}");
@@ -208,6 +209,20 @@ async fn hop_by_hop_and_spoofed_forwarding_headers_are_not_forwarded() {
     assert_eq!(seen_header(&echo, "x-forwarded-proto"), vec!["http"]);
     assert_eq!(seen_header(&echo, "te"), vec!["trailers"]);
     assert_eq!(seen_header(&echo, "x-kept"), vec!["yes"]);
+    assert_eq!(
+        seen_header(&echo, "traceparent"),
+        vec!["00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"],
+        "trace context passes unchanged"
+    );
+    assert_eq!(
+        seen_header(&echo, "x-request-id"),
+        vec!["req-42"],
+        "the caller's request id is kept"
+    );
+    assert!(
+        text.to_ascii_lowercase().contains("x-request-id: req-42"),
+        "and returned to the caller"
+    );
     assert_eq!(seen_header(&echo, "authorization").len(), 1);
     let host = seen_header(&echo, "host");
     assert_eq!(
