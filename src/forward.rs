@@ -230,7 +230,7 @@ fn canonical(name: &HeaderName) -> std::borrow::Cow<'_, str> {
 }
 
 /// Removes hop-by-hop headers, those named in `Connection`, and `extra` names, matching `_`/`-` variants.
-fn strip(headers: &mut HeaderMap, extra: &[&str], keep_te_trailers: bool) {
+fn strip<S: AsRef<str>>(headers: &mut HeaderMap, extra: &[S], keep_te_trailers: bool) {
     let mut named: Vec<String> = Vec::new();
     for value in headers.get_all(header::CONNECTION) {
         // Byte-wise: one non-ASCII byte must not hide the other names in the list.
@@ -258,7 +258,9 @@ fn strip(headers: &mut HeaderMap, extra: &[&str], keep_te_trailers: bool) {
             if c == "te" && te_trailers {
                 return false;
             }
-            HOP_BY_HOP.contains(&c) || extra.contains(&c) || named.iter().any(|n| n == c)
+            HOP_BY_HOP.contains(&c)
+                || extra.iter().any(|e| e.as_ref() == c)
+                || named.iter().any(|n| n == c)
         })
         .cloned()
         .collect();
@@ -279,6 +281,23 @@ pub struct Outgoing<'a> {
     pub request_id: HeaderValue,
     /// An accepted `Upgrade` keeps `Connection: upgrade` and `Upgrade`.
     pub upgrade: Option<HeaderValue>,
+    /// The route's [`request_strip_list`], computed once per configuration.
+    pub strip: &'a [String],
+}
+
+/// Every request header name (canonical: lowercase, `_` read as `-`) never forwarded on `route`: the
+/// spoofable and sidecar-owned headers, the route's `forward_claims` targets and `remove_request_headers`.
+pub fn request_strip_list(route: &Route) -> Vec<String> {
+    let mut names: Vec<String> = CALLER_NEVER.iter().map(|n| (*n).to_owned()).collect();
+    names.push("x-request-id".to_owned());
+    names.extend(
+        route
+            .forward_claims
+            .iter()
+            .map(|(name, _)| name.as_str().replace('_', "-")),
+    );
+    names.extend(route.remove_request_headers.iter().cloned());
+    names
 }
 
 /// Turns the caller's request into the upstream request: new URI, clean headers (hop-by-hop, proxy
@@ -295,16 +314,7 @@ pub fn upstream_request(mut request: Request<Incoming>, out: Outgoing<'_>) -> Re
     *request.version_mut() = http::Version::HTTP_11;
     let headers = request.headers_mut();
     let route = out.route;
-    let mut never: Vec<&str> = CALLER_NEVER.to_vec();
-    never.push("x-request-id");
-    let canonical_names: Vec<String> = route
-        .forward_claims
-        .iter()
-        .map(|(name, _)| name.as_str().replace('_', "-"))
-        .collect();
-    never.extend(canonical_names.iter().map(String::as_str));
-    never.extend(route.remove_request_headers.iter().map(String::as_str));
-    strip(headers, &never, true);
+    strip(headers, out.strip, true);
     if route.preserve_host
         && let Some(host) = &original_host
     {
@@ -342,7 +352,7 @@ pub fn clean_response_headers(headers: &mut HeaderMap, upgraded: bool) {
     let upgrade = upgraded
         .then(|| headers.get(header::UPGRADE).cloned())
         .flatten();
-    strip(headers, &[], false);
+    strip::<&str>(headers, &[], false);
     if let Some(protocol) = upgrade {
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         headers.insert(header::UPGRADE, protocol);
@@ -480,7 +490,7 @@ mod tests {
         assert_eq!(left, vec!["accept", "te"]);
         let mut h = HeaderMap::new();
         h.insert(header::TE, HeaderValue::from_static("gzip"));
-        strip(&mut h, &[], true);
+        strip::<&str>(&mut h, &[], true);
         assert!(h.is_empty());
     }
 

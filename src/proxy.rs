@@ -43,6 +43,8 @@ pub struct Proxy {
     metrics: Arc<Metrics>,
     /// Per-route metric handles, resolved once per configuration (no label building per request).
     route_metrics: std::collections::HashMap<String, RouteMetrics>,
+    /// Per-route request headers never forwarded, computed once per configuration.
+    strip_lists: std::collections::HashMap<String, Vec<String>>,
 }
 
 /// How a request ended, for the access log.
@@ -71,7 +73,12 @@ impl Proxy {
             .map(|r| (r.name.clone(), metrics.route(&r.name)))
             .chain([(VALIDATE_ROUTE.to_owned(), metrics.route(VALIDATE_ROUTE))])
             .collect();
+        let strip_lists = routes
+            .iter()
+            .map(|r| (r.name.clone(), forward::request_strip_list(r)))
+            .collect();
         Proxy {
+            strip_lists,
             metrics: Arc::clone(metrics),
             route_metrics,
             inbound_route: inbound_route(config),
@@ -202,6 +209,7 @@ impl Proxy {
                 claim_headers,
                 request_id: request_id.clone(),
                 upgrade,
+                strip: self.strip_lists.get(&route.name).map_or(&[], Vec::as_slice),
             },
         );
         let client = self
