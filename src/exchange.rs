@@ -166,6 +166,8 @@ struct ErrorResponse {
 /// One identity's connection to its IdP: client, concurrency cap and the IdP's remembered back-off.
 struct IdentityClient {
     identity: Arc<Identity>,
+    /// The `claims` parameter (client capabilities), built once.
+    claims: Option<String>,
     metrics: Arc<crate::telemetry::Metrics>,
     http: reqwest::Client,
     permits: Semaphore,
@@ -232,6 +234,7 @@ impl Exchanger {
             clients.insert(
                 name.clone(),
                 Arc::new(IdentityClient {
+                    claims: capabilities_claims(identity),
                     identity: Arc::clone(identity),
                     metrics: Arc::clone(metrics),
                     http,
@@ -287,16 +290,16 @@ impl Exchanger {
         };
         let identity = &client.identity;
         let token_endpoint = resolve_tenant(&identity.token_endpoint, caller)?;
-        let claims = capabilities_claims(identity);
+        let claims = client.claims.as_deref();
         let subject = match (route.token, caller) {
-            (TokenKind::Obo, Some(caller)) => Some((caller.token.clone(), caller.claims.exp)),
+            (TokenKind::Obo, Some(caller)) => Some((&caller.token, caller.claims.exp)),
             (TokenKind::Obo, None) => {
                 return Err(ProxyError::Internal("obo route without a caller"));
             }
             _ => None,
         };
         let key = CacheKey::new(&KeyParts {
-            subject: subject.as_ref().map(|(token, _)| token),
+            subject: subject.map(|(token, _)| token),
             identity: &identity.name,
             client_id: &identity.client_id,
             token_endpoint: &token_endpoint,
@@ -306,15 +309,22 @@ impl Exchanger {
             audience: &route.audience,
             resource: &route.resource,
             requested_token_type: route.requested_token_type.as_deref(),
-            claims: claims.as_deref(),
+            claims,
         });
+        if let Some(entry) = self.cache.fresh(&key).await {
+            return Ok(Acquired {
+                header: Some(entry.token.header.clone()),
+                sent: Some((key, entry)),
+                lookup: Some(Lookup::Hit),
+            });
+        }
         let request = Arc::new(TokenRequest {
             client: Arc::clone(client),
             route: route.name.clone(),
-            token_endpoint,
+            token_endpoint: token_endpoint.into_owned(),
             grant: match subject {
                 Some((subject, subject_exp)) => Grant::OnBehalfOf {
-                    subject,
+                    subject: subject.clone(),
                     subject_exp,
                 },
                 None => Grant::App,
@@ -323,7 +333,7 @@ impl Exchanger {
             audience: route.audience.clone(),
             resource: route.resource.clone(),
             requested_token_type: route.requested_token_type.clone(),
-            claims,
+            claims: claims.map(str::to_owned),
             expiry_margin: self.expiry_margin,
         });
         let fetch: Fetch = Arc::new(move || {
@@ -349,9 +359,12 @@ impl Exchanger {
 }
 
 /// Fills `{tenantid}` from the caller's validated `tid`, which must be a GUID (nothing else may reach a URL).
-fn resolve_tenant(template: &str, caller: Option<&Caller>) -> Result<String, ProxyError> {
+fn resolve_tenant<'a>(
+    template: &'a str,
+    caller: Option<&Caller>,
+) -> Result<std::borrow::Cow<'a, str>, ProxyError> {
     if !template.contains(TENANT_PLACEHOLDER) {
-        return Ok(template.to_owned());
+        return Ok(std::borrow::Cow::Borrowed(template));
     }
     let tid = caller
         .ok_or(ProxyError::Internal(
@@ -365,7 +378,9 @@ fn resolve_tenant(template: &str, caller: Option<&Caller>) -> Result<String, Pro
         .ok_or(ProxyError::InvalidToken(
             "token has no valid tenant id (tid)",
         ))?;
-    Ok(template.replace(TENANT_PLACEHOLDER, &tid.to_ascii_lowercase()))
+    Ok(std::borrow::Cow::Owned(
+        template.replace(TENANT_PLACEHOLDER, &tid.to_ascii_lowercase()),
+    ))
 }
 
 /// `xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx`, hex.

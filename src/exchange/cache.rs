@@ -191,6 +191,14 @@ impl TokenCache {
         }
     }
 
+    /// A fresh cached token for `key`, if there is one: the hot path, which needs no token request built.
+    pub async fn fresh(&self, key: &CacheKey) -> Option<Arc<Entry>> {
+        self.inner
+            .get(key)
+            .await
+            .filter(|entry| Instant::now() < entry.token.stale_at)
+    }
+
     /// The token for `key`: a fresh cached one; a stale one (starting one background refresh); or the result
     /// of `fetch`, which runs once however many callers miss together. Failures are not cached, and a token
     /// past its expiry is never returned.
