@@ -297,13 +297,21 @@ pub async fn start(config: Config, listeners: Listeners) -> Result<Sidecar, Star
 }
 
 /// Serves until `shutdown` completes, then drains and returns.
+/// With `config_path`, the file is watched and reloaded meanwhile ([`watch_config`]).
 pub async fn run(
     config: Config,
     listeners: Listeners,
+    config_path: Option<&Path>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), StartError> {
     let sidecar = start(config, listeners).await?;
-    shutdown.await;
+    match config_path {
+        Some(path) => tokio::select! {
+            () = shutdown => {}
+            () = watch_config(&sidecar, path) => {}
+        },
+        None => shutdown.await,
+    }
     tracing::info!("shutting down: draining in-flight requests");
     sidecar.stop().await;
     Ok(())

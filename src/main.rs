@@ -68,15 +68,9 @@ async fn serve(path: &std::path::Path) -> anyhow::Result<ExitCode> {
     let listeners = obo_sidecar::Listeners::bind(&config)
         .await
         .context("binding the listeners")?;
-    let sidecar = obo_sidecar::start(config, listeners)
+    obo_sidecar::run(config, listeners, Some(path), shutdown_signal())
         .await
-        .context("starting")?;
-    tokio::select! {
-        () = shutdown_signal() => {}
-        () = obo_sidecar::watch_config(&sidecar, path) => {}
-    }
-    tracing::info!("shutting down: draining in-flight requests");
-    sidecar.stop().await;
+        .context("serving")?;
     Ok(ExitCode::SUCCESS)
 }
 

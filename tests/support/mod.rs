@@ -255,27 +255,11 @@ impl Harness {
 
     /// As [`Harness::start`], with the token endpoint chosen by `token_endpoint`.
     pub async fn start_with(token_endpoint: impl FnOnce(&DevIdp, SocketAddr) -> String) -> Harness {
-        captured_logs();
-        let idp = DevIdp::start(bind().await, DevIdpConfig::default())
-            .await
-            .expect("idp");
-        let upstream = EchoUpstream::start(bind().await).await.expect("upstream");
         let dead = dead_addr().await;
-        let endpoint = token_endpoint(&idp, dead);
-        let config = parse(&base_config(&idp, &upstream.url(), &endpoint, dead));
-        let sidecar = start_sidecar(config).await;
-        let http = reqwest::Client::builder()
-            .no_proxy()
-            .build()
-            .expect("client");
-        let harness = Harness {
-            idp,
-            upstream,
-            sidecar,
-            http,
-        };
-        harness.wait_ready().await;
-        harness
+        Harness::start_custom(|idp, upstream| {
+            base_config(idp, upstream, &token_endpoint(idp, dead), dead)
+        })
+        .await
     }
 
     /// IdP, upstream and a sidecar whose whole configuration `config` writes (from the IdP and upstream URL).
