@@ -9,7 +9,6 @@ use std::time::Duration;
 use http::HeaderValue;
 use obo_sidecar::exchange::UpstreamToken;
 use obo_sidecar::exchange::cache::{CacheKey, Fetch, KeyParts, TokenCache};
-use obo_sidecar::secret::Secret;
 
 /// A typical Entra access token is 1.2–2 KB.
 const TOKEN_BYTES: usize = 1500;
@@ -26,7 +25,12 @@ fn rss_kib() -> u64 {
 }
 
 fn key(i: u32) -> CacheKey {
-    let subject = Secret::new(format!("subject-token-{i}"));
+    let digest = aws_lc_rs::digest::digest(
+        &aws_lc_rs::digest::SHA256,
+        format!("subject-token-{i}").as_bytes(),
+    );
+    let mut subject = [0u8; 32];
+    subject.copy_from_slice(digest.as_ref());
     let scopes = vec!["https://graph.microsoft.com/.default".to_owned()];
     CacheKey::new(&KeyParts {
         subject: Some(&subject),

@@ -37,6 +37,8 @@ pub const MAX_VALIDATED_TOKENS: u64 = 100_000;
 pub struct Caller {
     /// The caller's own token: the subject token of an OBO exchange, or what `passthrough` forwards.
     pub token: Secret,
+    /// SHA-256 of `token`, computed once: the validated-token cache and the upstream-token cache key on it.
+    pub digest: [u8; 32],
     pub claims: Arc<CallerClaims>,
 }
 
@@ -208,6 +210,7 @@ impl Authenticator {
             }
             return Ok(Caller {
                 token: Secret::new(token),
+                digest: key,
                 claims,
             });
         }
@@ -215,6 +218,7 @@ impl Authenticator {
         self.validated.insert(key, Arc::clone(&claims));
         Ok(Caller {
             token: Secret::new(token),
+            digest: key,
             claims,
         })
     }

@@ -292,14 +292,14 @@ impl Exchanger {
         let token_endpoint = resolve_tenant(&identity.token_endpoint, caller)?;
         let claims = client.claims.as_deref();
         let subject = match (route.token, caller) {
-            (TokenKind::Obo, Some(caller)) => Some((&caller.token, caller.claims.exp)),
+            (TokenKind::Obo, Some(caller)) => Some((caller, caller.claims.exp)),
             (TokenKind::Obo, None) => {
                 return Err(ProxyError::Internal("obo route without a caller"));
             }
             _ => None,
         };
         let key = CacheKey::new(&KeyParts {
-            subject: subject.map(|(token, _)| token),
+            subject: subject.map(|(caller, _)| &caller.digest),
             identity: &identity.name,
             client_id: &identity.client_id,
             token_endpoint: &token_endpoint,
@@ -324,7 +324,7 @@ impl Exchanger {
             token_endpoint: token_endpoint.into_owned(),
             grant: match subject {
                 Some((subject, subject_exp)) => Grant::OnBehalfOf {
-                    subject: subject.clone(),
+                    subject: subject.token.clone(),
                     subject_exp,
                 },
                 None => Grant::App,

@@ -18,7 +18,6 @@ use moka::policy::EvictionPolicy;
 use tokio::time::Instant;
 
 use super::{ExchangeError, UpstreamToken};
-use crate::secret::Secret;
 
 /// After a failed background refresh, the next one waits this long (the still-valid token keeps serving).
 const REFRESH_RETRY_DELAY: Duration = Duration::from_secs(5);
@@ -33,7 +32,8 @@ pub struct CacheKey([u8; 32]);
 /// The inputs of a [`CacheKey`]: which caller (for OBO), which identity at which resolved endpoint, and
 /// every target parameter sent.
 pub struct KeyParts<'a> {
-    pub subject: Option<&'a Secret>,
+    /// SHA-256 of the subject token (OBO); `None` for app tokens.
+    pub subject: Option<&'a [u8; 32]>,
     pub identity: &'a str,
     pub client_id: &'a str,
     pub token_endpoint: &'a str,
@@ -58,7 +58,7 @@ impl CacheKey {
         match parts.subject {
             Some(subject) => {
                 field(b"obo");
-                field(subject.expose().as_bytes());
+                field(subject);
             }
             None => field(b"app"),
         }
@@ -543,7 +543,11 @@ mod tests {
         }
 
         fn key_for(caller: u8, route: u8) -> CacheKey {
-            let subject = Secret::new(format!("subject-token-of-caller-{caller}"));
+            let subject = aws_lc_rs::digest::digest(
+                &aws_lc_rs::digest::SHA256,
+                format!("subject-token-of-caller-{caller}").as_bytes(),
+            );
+            let subject: [u8; 32] = subject.as_ref().try_into().expect("32 bytes");
             let scopes = vec![format!("api://route-{route}/.default")];
             CacheKey::new(&KeyParts {
                 subject: Some(&subject),
