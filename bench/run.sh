@@ -1,10 +1,37 @@
 #!/usr/bin/env bash
-# Benchmarks on loopback: the release binary, the development IdP and a minimal upstream, driven by the
-# in-repo load generator (examples/bench.rs). Prints a table of ratios measured in the same run.
-#   bench/run.sh --quick   smoke run (seconds; .ci/run calls it so the harness never rots)
-#   bench/run.sh           full run (a few minutes); results go in BENCHMARKS.md by hand
+# Benchmarks on loopback: the release binary, the development IdP and a minimal upstream, against nginx as the
+# reference proxy hop, driven by oha and by the in-repo load generator (examples/bench). Prints a table whose
+# figures are each measured against a baseline of the same run.
+#   bench/run.sh --quick        smoke run, under a minute, needs nothing beyond cargo (.ci/run calls it)
+#   bench/run.sh                full run (about ten minutes); installs nginx (apt) and oha (cargo) if missing
+#   bench/run.sh --soak 30m     steady load at half capacity with rotating caller tokens; errors and RSS drift
+#   --workers N                 TOKIO_WORKER_THREADS of the sidecar and nginx's worker_processes (default 1)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+OHA_VERSION=1.16.0
+full=1
+for arg in "$@"; do
+    case "$arg" in
+        --quick | --soak) full=0 ;;
+    esac
+done
+
+if [ "$full" = 1 ]; then
+    if ! command -v nginx >/dev/null && [ ! -x /usr/sbin/nginx ]; then
+        echo "bench: installing nginx (the reference proxy hop)" >&2
+        sudo=""
+        [ "$(id -u)" = 0 ] || sudo="sudo"
+        $sudo apt-get install -y --no-install-recommends nginx-light >&2 ||
+            { $sudo apt-get update >&2 && $sudo apt-get install -y --no-install-recommends nginx-light >&2; } ||
+            echo "bench: nginx could not be installed; its reference row is skipped" >&2
+    fi
+    if ! command -v oha >/dev/null && [ ! -x "$HOME/.cargo/bin/oha" ]; then
+        echo "bench: installing oha $OHA_VERSION (the load generator)" >&2
+        cargo install --locked --quiet "oha@$OHA_VERSION" >&2 ||
+            echo "bench: oha could not be installed; its rows are skipped" >&2
+    fi
+fi
 
 cargo build --release --locked --quiet --bin obo-sidecar --example bench
 OBO_SIDECAR_BIN=target/release/obo-sidecar exec target/release/examples/bench "$@"

@@ -42,14 +42,30 @@ pub struct Caller {
     pub claims: Arc<CallerClaims>,
 }
 
-/// The claims of a validated caller token that the sidecar uses.
+impl Caller {
+    /// Every claim of the caller's token (for the token API and `forward_claims`). Only what every request
+    /// needs is kept in [`CallerClaims`], so that a validated-token cache entry stays small; the rest is read
+    /// again from the token, whose signature was verified when these same bytes were first seen.
+    pub fn all_claims(&self) -> Map<String, Value> {
+        self.token
+            .expose()
+            .split('.')
+            .nth(1)
+            .and_then(decode_object)
+            .unwrap_or_default()
+    }
+}
+
+/// The claims of a validated caller token that every request needs; the validated-token cache holds these.
 #[derive(Debug, Clone)]
 pub struct CallerClaims {
-    pub sub: Option<String>,
     pub exp: u64,
-    pub scopes: Vec<String>,
-    pub roles: Vec<String>,
-    pub all: Map<String, Value>,
+    /// The `tid` claim, when it is a string (a `{tenantid}` token endpoint is filled from it).
+    pub tid: Option<Box<str>>,
+    /// The delegated scopes, from every `scope_claims` claim; sorted, without duplicates.
+    pub scopes: Box<[Box<str>]>,
+    /// The application roles (`roles_claim`).
+    pub roles: Box<[Box<str>]>,
 }
 
 /// A `{tenantid}` issuer and how its URLs are made.
@@ -70,7 +86,7 @@ pub struct Authenticator {
     /// `{tenantid}` issuers resolved on demand (any GUID tenant), bounded.
     tenants: moka::sync::Cache<String, Arc<IssuerKeys>>,
     policy: jwks::FetchPolicy,
-    validated: moka::sync::Cache<[u8; 32], Arc<CallerClaims>>,
+    validated: moka::sync::Cache<[u8; 32], Arc<CallerClaims>, crate::exchange::cache::DigestHash>,
     audiences: Vec<String>,
     algorithms: Vec<Algorithm>,
     clock_skew: Duration,
@@ -160,7 +176,7 @@ impl Authenticator {
                 .expire_after(ValidatedExpiry {
                     clock_skew: inbound.clock_skew.as_secs(),
                 })
-                .build(),
+                .build_with_hasher(crate::exchange::cache::DigestHash::default()),
             audiences: inbound.audiences.clone(),
             algorithms: inbound.algorithms.clone(),
             clock_skew: inbound.clock_skew,
@@ -265,7 +281,7 @@ impl Authenticator {
             }
         }
         Ok(caller_claims(
-            parsed.claims,
+            &parsed.claims,
             parsed.exp,
             &self.scope_claims,
             &self.roles_claim,
@@ -404,12 +420,13 @@ pub fn authorize(claims: &CallerClaims, route: &Route) -> Result<(), ProxyError>
     if required_scopes.is_none() && required_roles.is_none() {
         return Ok(());
     }
-    let scope_ok = required_scopes
-        .as_ref()
-        .is_some_and(|need| need.iter().any(|s| claims.scopes.contains(s)));
+    let scope_ok = required_scopes.as_ref().is_some_and(|need| {
+        need.iter()
+            .any(|s| claims.scopes.iter().any(|c| **c == **s))
+    });
     let role_ok = required_roles
         .as_ref()
-        .is_some_and(|need| need.iter().any(|r| claims.roles.contains(r)));
+        .is_some_and(|need| need.iter().any(|r| claims.roles.iter().any(|c| **c == **r)));
     if scope_ok || role_ok {
         return Ok(());
     }
@@ -574,38 +591,37 @@ impl<'de> Visitor<'de> for UniqueObject {
 }
 
 fn caller_claims(
-    all: Map<String, Value>,
+    all: &Map<String, Value>,
     exp: u64,
     scope_claims: &[String],
     roles_claim: &str,
 ) -> CallerClaims {
-    let strings = |v: Option<&Value>| -> Vec<String> {
+    let strings = |v: Option<&Value>| -> Vec<Box<str>> {
         match v {
             Some(Value::String(s)) => s
                 .split(' ')
                 .filter(|s| !s.is_empty())
-                .map(str::to_owned)
+                .map(Box::from)
                 .collect(),
             Some(Value::Array(items)) => items
                 .iter()
                 .filter_map(Value::as_str)
-                .map(str::to_owned)
+                .map(Box::from)
                 .collect(),
             _ => Vec::new(),
         }
     };
-    let mut scopes: Vec<String> = scope_claims
+    let mut scopes: Vec<Box<str>> = scope_claims
         .iter()
         .flat_map(|c| strings(all.get(c)))
         .collect();
     scopes.sort_unstable();
     scopes.dedup();
     CallerClaims {
-        sub: all.get("sub").and_then(Value::as_str).map(str::to_owned),
         exp,
-        scopes,
-        roles: strings(all.get(roles_claim)),
-        all,
+        tid: all.get("tid").and_then(Value::as_str).map(Box::from),
+        scopes: scopes.into_boxed_slice(),
+        roles: strings(all.get(roles_claim)).into_boxed_slice(),
     }
 }
 
@@ -735,7 +751,7 @@ mod tests {
         let mut all = Map::new();
         all.insert("scp".into(), Value::from(scp));
         all.insert("roles".into(), Value::from(roles.to_vec()));
-        caller_claims(all, 0, &["scp".to_owned()], "roles")
+        caller_claims(&all, 0, &["scp".to_owned()], "roles")
     }
 
     #[test]

@@ -371,9 +371,8 @@ fn resolve_tenant<'a>(
             "a {tenantid} token endpoint needs a validated caller",
         ))?
         .claims
-        .all
-        .get("tid")
-        .and_then(Value::as_str)
+        .tid
+        .as_deref()
         .filter(|tid| is_guid(tid))
         .ok_or(ProxyError::InvalidToken(
             "token has no valid tenant id (tid)",

@@ -10,7 +10,7 @@ use http::{HeaderValue, Request, Response, StatusCode, header};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 
-use crate::auth::{Authenticator, Caller, CallerClaims, authorize};
+use crate::auth::{Authenticator, Caller, authorize};
 use crate::config::{CallerAuth, Config, Route, TokenKind};
 use crate::error::{Fault, ProxyError};
 use crate::exchange::Exchanger;
@@ -41,15 +41,18 @@ pub struct Proxy {
     max_header_bytes: usize,
     idle_timeout: std::time::Duration,
     metrics: Arc<Metrics>,
-    /// Per-route metric handles, resolved once per configuration (no label building per request).
-    route_metrics: std::collections::HashMap<String, RouteMetrics>,
-    /// Per-route request headers never forwarded, computed once per configuration.
-    strip_lists: std::collections::HashMap<String, Vec<String>>,
+    /// Per-route metric handles, resolved once per configuration (no label building per request), in the
+    /// order of `routes`.
+    route_metrics: Vec<RouteMetrics>,
+    validate_metrics: RouteMetrics,
+    /// Per-route request headers never forwarded, computed once per configuration, in the order of `routes`.
+    strip_lists: Vec<Vec<String>>,
 }
 
 /// How a request ended, for the access log.
 struct Outcome<'a> {
     route: Option<&'a str>,
+    metrics: Option<&'a RouteMetrics>,
     cache: &'static str,
     idp_call: bool,
     upstream_error: Option<UpstreamErrorKind>,
@@ -68,19 +71,13 @@ impl Proxy {
         routes.sort_by_key(|r| {
             std::cmp::Reverse((r.match_prefix.len(), r.host.is_some(), r.methods.is_some()))
         });
-        let route_metrics = routes
-            .iter()
-            .map(|r| (r.name.clone(), metrics.route(&r.name)))
-            .chain([(VALIDATE_ROUTE.to_owned(), metrics.route(VALIDATE_ROUTE))])
-            .collect();
-        let strip_lists = routes
-            .iter()
-            .map(|r| (r.name.clone(), forward::request_strip_list(r)))
-            .collect();
+        let route_metrics = routes.iter().map(|r| metrics.route(&r.name)).collect();
+        let strip_lists = routes.iter().map(forward::request_strip_list).collect();
         Proxy {
             strip_lists,
             metrics: Arc::clone(metrics),
             route_metrics,
+            validate_metrics: metrics.route(VALIDATE_ROUTE),
             inbound_route: inbound_route(config),
             max_header_bytes: config.listen.max_header_bytes,
             idle_timeout: config.listen.idle_timeout,
@@ -107,6 +104,7 @@ impl Proxy {
         let request_id = request_id(&request);
         let mut outcome = Outcome {
             route: None,
+            metrics: None,
             cache: "-",
             idp_call: false,
             upstream_error: None,
@@ -122,7 +120,7 @@ impl Proxy {
             .headers_mut()
             .insert("x-request-id", request_id.clone());
         let status = response.status().as_u16();
-        match outcome.route.and_then(|name| self.route_metrics.get(name)) {
+        match outcome.metrics {
             Some(route) => {
                 route.record_request(status, started.elapsed());
                 if let Some(kind) = outcome.upstream_error {
@@ -171,11 +169,16 @@ impl Proxy {
                 .token_api(&request, &path[prefix.len()..], outcome)
                 .await;
         }
-        let host = request_host(&request);
-        let route = self
+        let host = if self.routes.iter().any(|r| r.host.is_some()) {
+            request_host(&request)
+        } else {
+            None
+        };
+        let (index, route) = self
             .routes
             .iter()
-            .find(|r| {
+            .enumerate()
+            .find(|(_, r)| {
                 forward::prefix_matches(&r.match_prefix, &path)
                     && r.host.as_deref().is_none_or(|h| Some(h) == host.as_deref())
                     && r.methods
@@ -184,17 +187,18 @@ impl Proxy {
             })
             .ok_or(ProxyError::NoRoute)?;
         outcome.route = Some(&route.name);
+        outcome.metrics = self.route_metrics.get(index);
         let deadline = tokio::time::Instant::now() + route.timeout;
         let caller = self.caller(&request, route, deadline).await?;
         let acquired =
             tokio::time::timeout_at(deadline, self.exchanger.acquire(route, caller.as_ref()))
                 .await
                 .map_err(|_| ProxyError::TokenDeadline)??;
-        self.record_lookup(route, acquired.lookup, outcome);
-        let claim_headers = caller
-            .as_ref()
-            .map(|c| claim_headers(route, &c.claims))
-            .unwrap_or_default();
+        record_lookup(route, acquired.lookup, outcome);
+        let claim_headers = match &caller {
+            Some(caller) if !route.forward_claims.is_empty() => claim_headers(route, caller),
+            _ => Vec::new(),
+        };
         let uri = forward::upstream_uri(route, &path, request.uri().query())?;
         let upgrade = forward::requested_upgrade(&request).filter(|_| !route.http2);
         let mut request = request;
@@ -209,7 +213,7 @@ impl Proxy {
                 claim_headers,
                 request_id: request_id.clone(),
                 upgrade,
-                strip: self.strip_lists.get(&route.name).map_or(&[], Vec::as_slice),
+                strip: self.strip_lists.get(index).map_or(&[], Vec::as_slice),
             },
         );
         let client = self
@@ -276,25 +280,6 @@ impl Proxy {
         Ok(response.map(Either::Left))
     }
 
-    fn record_lookup(&self, route: &Route, lookup: Option<Lookup>, outcome: &mut Outcome<'_>) {
-        let Some(lookup) = lookup else { return };
-        outcome.cache = lookup.as_str();
-        outcome.idp_call = lookup == Lookup::Miss;
-        let kind = match route.token {
-            TokenKind::Obo => CacheKind::Obo,
-            TokenKind::App => CacheKind::App,
-            TokenKind::Passthrough | TokenKind::None => CacheKind::Passthrough,
-        };
-        let result = match lookup {
-            Lookup::Hit => CacheResult::Hit,
-            Lookup::Stale => CacheResult::Stale,
-            Lookup::Miss => CacheResult::Miss,
-        };
-        if let Some(metrics) = self.route_metrics.get(&route.name) {
-            metrics.record_cache(kind, result);
-        }
-    }
-
     /// The validated caller of `route` (none for `caller_auth = "none"`), its policy applied.
     async fn caller(
         &self,
@@ -328,28 +313,31 @@ impl Proxy {
         }
         if rest == b"/validate" {
             outcome.route = Some(VALIDATE_ROUTE);
+            outcome.metrics = Some(&self.validate_metrics);
             let deadline = tokio::time::Instant::now() + self.inbound_route.timeout;
             let caller = self.caller(request, &self.inbound_route, deadline).await?;
-            let claims = caller.map(|c| serde_json::Value::Object(c.claims.all.clone()));
+            let claims = caller.map(|c| serde_json::Value::Object(c.all_claims()));
             return Ok(api_response(&serde_json::json!({ "claims": claims })));
         }
         let name = rest
             .strip_prefix(b"/authorization-header/")
             .and_then(|name| std::str::from_utf8(name).ok())
             .ok_or(ProxyError::NoRoute)?;
-        let route = self
+        let (index, route) = self
             .routes
             .iter()
-            .find(|r| r.name == name && r.token_api)
+            .enumerate()
+            .find(|(_, r)| r.name == name && r.token_api)
             .ok_or(ProxyError::NoRoute)?;
         outcome.route = Some(&route.name);
+        outcome.metrics = self.route_metrics.get(index);
         let deadline = tokio::time::Instant::now() + route.timeout;
         let caller = self.caller(request, route, deadline).await?;
         let acquired =
             tokio::time::timeout_at(deadline, self.exchanger.acquire(route, caller.as_ref()))
                 .await
                 .map_err(|_| ProxyError::TokenDeadline)??;
-        self.record_lookup(route, acquired.lookup, outcome);
+        record_lookup(route, acquired.lookup, outcome);
         let expires_on = match (&acquired.sent, route.token, &caller) {
             (Some((_, entry)), _, _) => entry.token.expires_on,
             (None, TokenKind::Passthrough, Some(caller)) => caller.claims.exp,
@@ -420,6 +408,26 @@ fn api_response(body: &serde_json::Value) -> Response<ProxyBody> {
     response
 }
 
+/// Notes a token cache lookup in the access log fields and the route's metrics.
+fn record_lookup(route: &Route, lookup: Option<Lookup>, outcome: &mut Outcome<'_>) {
+    let Some(lookup) = lookup else { return };
+    outcome.cache = lookup.as_str();
+    outcome.idp_call = lookup == Lookup::Miss;
+    let kind = match route.token {
+        TokenKind::Obo => CacheKind::Obo,
+        TokenKind::App => CacheKind::App,
+        TokenKind::Passthrough | TokenKind::None => CacheKind::Passthrough,
+    };
+    let result = match lookup {
+        Lookup::Hit => CacheResult::Hit,
+        Lookup::Stale => CacheResult::Stale,
+        Lookup::Miss => CacheResult::Miss,
+    };
+    if let Some(metrics) = outcome.metrics {
+        metrics.record_cache(kind, result);
+    }
+}
+
 /// The caller's `X-Request-Id` when it is short visible ASCII, else a new UUID.
 fn request_id(request: &Request<Incoming>) -> HeaderValue {
     request
@@ -432,7 +440,7 @@ fn request_id(request: &Request<Incoming>) -> HeaderValue {
         })
         .cloned()
         .unwrap_or_else(|| {
-            HeaderValue::from_str(&crate::exchange::client_auth::random_uuid())
+            HeaderValue::from_str(&crate::exchange::client_auth::request_uuid())
                 .unwrap_or_else(|_| HeaderValue::from_static("-"))
         })
 }
@@ -455,7 +463,7 @@ fn request_host(request: &Request<Incoming>) -> Option<String> {
 /// The `forward_claims` headers of `route` from the caller's validated claims. Strings as they are, numbers
 /// and booleans as JSON, arrays of those joined with `,`; a claim that is absent, an object, or not a valid
 /// header value is not sent.
-fn claim_headers(route: &Route, claims: &CallerClaims) -> Vec<(http::HeaderName, HeaderValue)> {
+fn claim_headers(route: &Route, caller: &Caller) -> Vec<(http::HeaderName, HeaderValue)> {
     fn text(value: &serde_json::Value) -> Option<String> {
         match value {
             serde_json::Value::String(s) => Some(s.clone()),
@@ -464,11 +472,12 @@ fn claim_headers(route: &Route, claims: &CallerClaims) -> Vec<(http::HeaderName,
             _ => None,
         }
     }
+    let claims = caller.all_claims();
     route
         .forward_claims
         .iter()
         .filter_map(|(header, claim)| {
-            let value = match claims.all.get(claim)? {
+            let value = match claims.get(claim)? {
                 serde_json::Value::Array(items) => items
                     .iter()
                     .map(text)

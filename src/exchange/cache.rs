@@ -25,6 +25,29 @@ const REFRESH_RETRY_DELAY: Duration = Duration::from_secs(5);
 /// every token cannot turn each request into an IdP call.
 pub const FORGET_INTERVAL: Duration = Duration::from_secs(30);
 
+/// Hashes a key that is already a SHA-256 digest by taking its first eight bytes: the digest is uniformly
+/// spread and nobody can choose it (that would take a preimage), so `SipHash` over it again would only cost
+/// time on every lookup. For the caches keyed by digests: upstream tokens, and validated caller tokens.
+#[derive(Clone, Copy, Default)]
+pub struct DigestHasher(u64);
+
+impl std::hash::Hasher for DigestHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        // `[u8; 32]` hashes as its length then its bytes; the constant length mixes in harmlessly.
+        let mut word = [0u8; 8];
+        let n = bytes.len().min(8);
+        word[..n].copy_from_slice(&bytes[..n]);
+        self.0 ^= u64::from_le_bytes(word);
+    }
+}
+
+/// Builds [`DigestHasher`]s.
+pub type DigestHash = std::hash::BuildHasherDefault<DigestHasher>;
+
 /// SHA-256 over every input that could change the upstream token.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct CacheKey([u8; 32]);
@@ -174,7 +197,7 @@ pub type Fetch =
 
 /// Bounded, expiring, single-flight, refresh-ahead cache of upstream tokens.
 pub struct TokenCache {
-    inner: moka::future::Cache<CacheKey, Arc<Entry>>,
+    inner: moka::future::Cache<CacheKey, Arc<Entry>, DigestHash>,
     forgotten: DashMap<CacheKey, Instant>,
 }
 
@@ -184,7 +207,7 @@ impl TokenCache {
             .max_capacity(max_entries)
             .eviction_policy(EvictionPolicy::lru())
             .expire_after(EntryExpiry)
-            .build();
+            .build_with_hasher(DigestHash::default());
         TokenCache {
             inner,
             forgotten: DashMap::new(),

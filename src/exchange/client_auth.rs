@@ -237,21 +237,40 @@ pub fn random_uuid() -> String {
     let mut bytes = [0u8; 16];
     // The system RNG failing is not recoverable in any useful way; an all-zero id is still well-formed.
     let _ = aws_lc_rs::rand::SystemRandom::new().fill(&mut bytes);
+    uuid_text(bytes)
+}
+
+/// A unique UUID-shaped id for a request (`X-Request-Id`): a random prefix drawn once per process, then a
+/// counter. Unique, not secret, and cheap enough for every request (no random draw, no formatting machinery).
+pub fn request_uuid() -> String {
+    static PREFIX: std::sync::LazyLock<[u8; 8]> = std::sync::LazyLock::new(|| {
+        let mut prefix = [0u8; 8];
+        let _ = aws_lc_rs::rand::SystemRandom::new().fill(&mut prefix);
+        prefix
+    });
+    static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let mut bytes = [0u8; 16];
+    bytes[..8].copy_from_slice(&*PREFIX);
+    let count = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    // The variant bits below take the counter's top two bits: unique for 2^62 requests.
+    bytes[8..].copy_from_slice(&count.to_be_bytes());
+    uuid_text(bytes)
+}
+
+/// `bytes` as a version 4 UUID: `xxxxxxxx-xxxx-4xxx-Yxxx-xxxxxxxxxxxx`.
+fn uuid_text(mut bytes: [u8; 16]) -> String {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
     bytes[6] = (bytes[6] & 0x0f) | 0x40;
     bytes[8] = (bytes[8] & 0x3f) | 0x80;
-    let hex: String = bytes.iter().fold(String::with_capacity(32), |mut hex, b| {
-        use std::fmt::Write as _;
-        let _ = write!(hex, "{b:02x}");
-        hex
-    });
-    format!(
-        "{}-{}-{}-{}-{}",
-        &hex[0..8],
-        &hex[8..12],
-        &hex[12..16],
-        &hex[16..20],
-        &hex[20..32]
-    )
+    let mut text = String::with_capacity(36);
+    for (i, b) in bytes.iter().enumerate() {
+        if matches!(i, 4 | 6 | 8 | 10) {
+            text.push('-');
+        }
+        text.push(char::from(HEX[usize::from(b >> 4)]));
+        text.push(char::from(HEX[usize::from(b & 0x0f)]));
+    }
+    text
 }
 
 /// `Authorization: Basic` per RFC 6749 §2.3.1: id and secret are form-urlencoded before joining.
@@ -274,6 +293,18 @@ mod tests {
         assert_eq!(id.len(), 36);
         assert_eq!(&id[14..15], "4");
         assert_ne!(random_uuid(), id);
+        assert!(id.bytes().enumerate().all(|(i, b)| match i {
+            8 | 13 | 18 | 23 => b == b'-',
+            _ => b.is_ascii_hexdigit() && !b.is_ascii_uppercase(),
+        }));
+    }
+
+    #[test]
+    fn request_ids_are_uuid_shaped_and_distinct() {
+        let ids: Vec<String> = (0..1000).map(|_| request_uuid()).collect();
+        assert!(ids.iter().all(|id| id.len() == 36 && &id[14..15] == "4"));
+        let distinct: std::collections::HashSet<&String> = ids.iter().collect();
+        assert_eq!(distinct.len(), ids.len());
     }
 
     #[test]

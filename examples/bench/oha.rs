@@ -1,0 +1,100 @@
+//! `oha`, the external load generator of the full run: one invocation per scenario, its JSON summary read back.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::Error;
+use crate::servers::find_program;
+
+/// What one `oha` run measured.
+pub struct Summary {
+    pub rps: f64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub non_200: u64,
+}
+
+pub struct Oha {
+    pub binary: PathBuf,
+}
+
+impl Oha {
+    /// `oha` from `OBO_BENCH_OHA`, else from `PATH` or cargo's bin directory; `None` when there is none.
+    pub fn find() -> Option<Oha> {
+        let cargo_bin = std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo/bin/oha"));
+        find_program("OBO_BENCH_OHA", "oha", cargo_bin.as_slice()).map(|binary| Oha { binary })
+    }
+
+    /// `connections` keep-alive HTTP/1.1 connections on `addr{path}` for `duration`, at most `rate` requests
+    /// per second in all when given, with `token` as the bearer token when given.
+    pub fn run(
+        &self,
+        addr: SocketAddr,
+        path: &str,
+        token: Option<&str>,
+        connections: usize,
+        duration: Duration,
+        rate: Option<u64>,
+    ) -> Result<Summary, Error> {
+        let mut command = Command::new(&self.binary);
+        command
+            .args([
+                "--no-tui",
+                "--output-format",
+                "json",
+                "--disable-compression",
+            ])
+            .args(["-c", &connections.to_string()])
+            .args(["-z", &format!("{}ms", duration.as_millis())]);
+        if let Some(rate) = rate {
+            command.args(["-q", &rate.to_string()]);
+        }
+        if let Some(token) = token {
+            command.args(["-H", &format!("Authorization: Bearer {token}")]);
+        }
+        command.arg(format!("http://{addr}{path}"));
+        let output = command.output()?;
+        if !output.status.success() {
+            return Err(format!(
+                "oha failed ({}): {}",
+                output.status,
+                String::from_utf8_lossy(&output.stderr)
+            )
+            .into());
+        }
+        let json: Value = serde_json::from_slice(&output.stdout)?;
+        let ms = |name: &str| {
+            json["latencyPercentiles"][name]
+                .as_f64()
+                .unwrap_or(f64::NAN)
+                * 1000.0
+        };
+        let non_200 = json["statusCodeDistribution"]
+            .as_object()
+            .map_or(0, |codes| {
+                codes
+                    .iter()
+                    .filter(|(code, _)| code.as_str() != "200")
+                    .map(|(_, n)| n.as_u64().unwrap_or(0))
+                    .sum()
+            })
+            + json["errorDistribution"].as_object().map_or(0, |errors| {
+                // Requests still in flight when the time is up are not failures.
+                errors
+                    .iter()
+                    .filter(|(error, _)| error.as_str() != "aborted due to deadline")
+                    .map(|(_, n)| n.as_u64().unwrap_or(0))
+                    .sum()
+            });
+        Ok(Summary {
+            rps: json["summary"]["requestsPerSec"].as_f64().unwrap_or(0.0),
+            p50_ms: ms("p50"),
+            p99_ms: ms("p99"),
+            non_200,
+        })
+    }
+}
