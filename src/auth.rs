@@ -63,9 +63,31 @@ pub struct CallerClaims {
     /// The `tid` claim, when it is a string (a `{tenantid}` token endpoint is filled from it).
     pub tid: Option<Box<str>>,
     /// The delegated scopes, from every `scope_claims` claim; sorted, without duplicates.
-    pub scopes: Box<[Box<str>]>,
+    pub scopes: Words,
     /// The application roles (`roles_claim`).
-    pub roles: Box<[Box<str>]>,
+    pub roles: Words,
+}
+
+/// A set of names (scopes, roles) in one allocation: joined by spaces. A name that itself contains a space
+/// is left out rather than split, so no name can stand for two.
+#[derive(Debug, Clone, Default)]
+pub struct Words(Box<str>);
+
+impl Words {
+    fn new(mut names: Vec<&str>) -> Words {
+        names.retain(|n| !n.is_empty() && !n.contains(' '));
+        names.sort_unstable();
+        names.dedup();
+        Words(names.join(" ").into_boxed_str())
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.0.split(' ').any(|n| n == name)
+    }
 }
 
 /// A `{tenantid}` issuer and how its URLs are made.
@@ -420,13 +442,12 @@ pub fn authorize(claims: &CallerClaims, route: &Route) -> Result<(), ProxyError>
     if required_scopes.is_none() && required_roles.is_none() {
         return Ok(());
     }
-    let scope_ok = required_scopes.as_ref().is_some_and(|need| {
-        need.iter()
-            .any(|s| claims.scopes.iter().any(|c| **c == **s))
-    });
+    let scope_ok = required_scopes
+        .as_ref()
+        .is_some_and(|need| need.iter().any(|s| claims.scopes.contains(s)));
     let role_ok = required_roles
         .as_ref()
-        .is_some_and(|need| need.iter().any(|r| claims.roles.iter().any(|c| **c == **r)));
+        .is_some_and(|need| need.iter().any(|r| claims.roles.contains(r)));
     if scope_ok || role_ok {
         return Ok(());
     }
@@ -596,32 +617,24 @@ fn caller_claims(
     scope_claims: &[String],
     roles_claim: &str,
 ) -> CallerClaims {
-    let strings = |v: Option<&Value>| -> Vec<Box<str>> {
+    // A space-separated string (`scp`), or an array of names.
+    fn strings(v: Option<&Value>) -> Vec<&str> {
         match v {
-            Some(Value::String(s)) => s
-                .split(' ')
-                .filter(|s| !s.is_empty())
-                .map(Box::from)
-                .collect(),
-            Some(Value::Array(items)) => items
-                .iter()
-                .filter_map(Value::as_str)
-                .map(Box::from)
-                .collect(),
+            Some(Value::String(s)) => s.split(' ').collect(),
+            Some(Value::Array(items)) => items.iter().filter_map(Value::as_str).collect(),
             _ => Vec::new(),
         }
-    };
-    let mut scopes: Vec<Box<str>> = scope_claims
-        .iter()
-        .flat_map(|c| strings(all.get(c)))
-        .collect();
-    scopes.sort_unstable();
-    scopes.dedup();
+    }
     CallerClaims {
         exp,
         tid: all.get("tid").and_then(Value::as_str).map(Box::from),
-        scopes: scopes.into_boxed_slice(),
-        roles: strings(all.get(roles_claim)).into_boxed_slice(),
+        scopes: Words::new(
+            scope_claims
+                .iter()
+                .flat_map(|c| strings(all.get(c)))
+                .collect(),
+        ),
+        roles: Words::new(strings(all.get(roles_claim))),
     }
 }
 
@@ -752,6 +765,18 @@ mod tests {
         all.insert("scp".into(), Value::from(scp));
         all.insert("roles".into(), Value::from(roles.to_vec()));
         caller_claims(&all, 0, &["scp".to_owned()], "roles")
+    }
+
+    #[test]
+    fn a_name_with_a_space_is_never_two_names() {
+        let mut all = Map::new();
+        all.insert("roles".into(), Value::from(vec!["Reader Admin", "User"]));
+        all.insert("scp".into(), Value::from("b  a b"));
+        let claims = caller_claims(&all, 0, &["scp".to_owned()], "roles");
+        assert!(claims.roles.contains("User"));
+        assert!(!claims.roles.contains("Admin") && !claims.roles.contains("Reader"));
+        assert!(claims.scopes.contains("a") && claims.scopes.contains("b"));
+        assert!(!claims.scopes.contains(""));
     }
 
     #[test]
