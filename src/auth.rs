@@ -237,7 +237,8 @@ impl Authenticator {
     /// Validates the caller's bearer token from the request headers. A token seen before (same bytes) is
     /// answered from the validated-token cache, with its expiry checked again.
     pub async fn authenticate(&self, headers: &HeaderMap) -> Result<Caller, ProxyError> {
-        let token = bearer_token(headers)?;
+        // The characters are checked only for a token not seen before: the same bytes passed that check.
+        let token = bearer_text(headers)?;
         let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, token.as_bytes());
         let mut key = [0u8; 32];
         key.copy_from_slice(digest.as_ref());
@@ -252,6 +253,7 @@ impl Authenticator {
                 claims,
             });
         }
+        check_b64token(token)?;
         let claims = Arc::new(self.verify(token).await?);
         self.validated.insert(key, Arc::clone(&claims));
         Ok(Caller {
@@ -461,6 +463,35 @@ pub fn authorize(claims: &CallerClaims, route: &Route) -> Result<(), ProxyError>
 /// The one bearer token of the request. The scheme is matched case-insensitively (RFC 9110 §11.1); a request
 /// with no `Authorization`, or another scheme, has no token; two headers, or two tokens in one, are refused.
 pub fn bearer_token(headers: &HeaderMap) -> Result<&str, ProxyError> {
+    let token = bearer_text(headers)?;
+    check_b64token(token)?;
+    Ok(token)
+}
+
+/// RFC 6750 §2.1 b64token: one token, no spaces, no commas.
+fn check_b64token(token: &str) -> Result<(), ProxyError> {
+    const fn table() -> [bool; 256] {
+        let mut table = [false; 256];
+        let mut c = 0;
+        while c < 256 {
+            #[allow(clippy::cast_possible_truncation, reason = "c < 256")]
+            let b = c as u8;
+            table[c] = b.is_ascii_alphanumeric()
+                || matches!(b, b'-' | b'.' | b'_' | b'~' | b'+' | b'/' | b'=');
+            c += 1;
+        }
+        table
+    }
+    const B64TOKEN: [bool; 256] = table();
+    if token.bytes().all(|b| B64TOKEN[usize::from(b)]) {
+        Ok(())
+    } else {
+        Err(ProxyError::InvalidToken("malformed bearer token"))
+    }
+}
+
+/// The text of the one bearer token of the request, before its characters are checked.
+fn bearer_text(headers: &HeaderMap) -> Result<&str, ProxyError> {
     let mut values = headers.get_all(http::header::AUTHORIZATION).iter();
     let Some(value) = values.next() else {
         return Err(ProxyError::MissingToken);
@@ -486,11 +517,6 @@ pub fn bearer_token(headers: &HeaderMap) -> Result<&str, ProxyError> {
     }
     if token.len() > MAX_BEARER_BYTES {
         return Err(ProxyError::InvalidToken("token too large"));
-    }
-    // RFC 6750 §2.1 b64token: one token, no spaces, no commas.
-    let b64token = |c: u8| c.is_ascii_alphanumeric() || b"-._~+/=".contains(&c);
-    if !token.bytes().all(b64token) {
-        return Err(ProxyError::InvalidToken("malformed bearer token"));
     }
     Ok(token)
 }

@@ -53,6 +53,8 @@ pub struct Settings {
     pub transfer_bytes: u64,
     /// Callers whose upstream tokens fill the cache in the memory scenario.
     pub cached_tokens: usize,
+    /// Alternating rounds of the throughput comparisons (their medians are compared).
+    pub rounds: usize,
 }
 
 const USAGE: &str = "usage: bench [--quick | --soak DURATION] [--workers N]";
@@ -93,6 +95,7 @@ impl Settings {
             workers,
             transfer_bytes: if quick { 64 << 20 } else { 1 << 30 },
             cached_tokens: if quick { 2_000 } else { 100_000 },
+            rounds: if quick { 1 } else { 3 },
         })
     }
 }
@@ -138,6 +141,12 @@ impl Report {
         eprintln!("  {} | {} | {}", row[0], row[1], row[2]);
         self.rows.push(row);
     }
+}
+
+/// The median of some measurements.
+fn median(values: &mut [f64]) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values.get(values.len() / 2).copied().unwrap_or(f64::NAN)
 }
 
 fn mb(kib: u64) -> String {
@@ -195,105 +204,13 @@ async fn run(settings: &Settings, binary: &PathBuf, dir: &std::path::Path) -> Re
     let hit_target = Target::new(sidecar.proxy, "/obo/x", &one);
     each_once(&hit_target, 1).await?;
 
-    // Throughput with oha: the upstream alone, nginx's hop (the 1.00 reference), the sidecar on a cache hit.
-    let oha = if full { oha::Oha::find() } else { None };
-    let nginx_binary = if full {
-        servers::find_program(
-            "OBO_BENCH_NGINX",
-            "nginx",
-            &[PathBuf::from("/usr/sbin/nginx")],
-        )
-    } else {
-        None
-    };
-    if let Some(oha) = &oha {
-        let d = settings.duration;
-        let warm = Duration::from_secs(1);
-        oha.run(upstream, "/x", None, c, warm, None)?;
-        let direct = oha.run(upstream, "/x", None, c, d, None)?;
-        let nginx = match &nginx_binary {
-            Some(nginx) => {
-                let (process, addr) =
-                    servers::start_nginx(nginx, upstream, settings.workers, dir).await?;
-                oha.run(addr, "/x", None, c, warm, None)?;
-                let summary = oha.run(addr, "/x", None, c, d, None)?;
-                drop(process);
-                Some(summary)
-            }
-            None => None,
-        };
-        oha.run(sidecar.proxy, "/obo/x", Some(&one[0]), c, warm, None)?;
-        let hit = oha.run(sidecar.proxy, "/obo/x", Some(&one[0]), c, d, None)?;
-        let (reference, reference_name) = match &nginx {
-            Some(n) => (n.rps, "nginx"),
-            None => (direct.rps, "direct"),
-        };
-        let line = |s: &oha::Summary| {
-            format!(
-                "{:.0} rps, p50 {:.2} ms, p99 {:.2} ms{}",
-                s.rps,
-                s.p50_ms,
-                s.p99_ms,
-                if s.non_200 > 0 {
-                    format!(", {} not 200", s.non_200)
-                } else {
-                    String::new()
-                }
-            )
-        };
-        report.row(
-            "oha: direct upstream (no proxy)",
-            line(&direct),
-            format!("{:.2} of {reference_name}", direct.rps / reference),
-        );
-        match &nginx {
-            Some(n) => report.row(
-                format!(
-                    "oha: nginx proxy hop, {} worker(s), keep-alive upstream",
-                    settings.workers
-                ),
-                line(n),
-                "1.00 (reference)",
-            ),
-            None => report.row("oha: nginx proxy hop", "not run: nginx not found", "-"),
-        }
-        report.row(
-            format!(
-                "oha: sidecar, cache hit, one caller (obo), {} worker(s)",
-                settings.workers
-            ),
-            line(&hit),
-            format!("{:.2} of {reference_name}", hit.rps / reference),
-        );
-    } else if full {
-        report.row("oha scenarios", "not run: oha not found", "-");
-    }
-
-    // The same with the in-repo load generator, the yardstick of the breadth scenario below.
-    let (direct, _) = closed_loop(&direct_target, c, settings.duration).await?;
-    report.row(
-        "in-repo load: direct upstream (no proxy)",
-        format!("{direct:.0} rps"),
-        "1.00 (baseline)",
-    );
-    let (hit, mut hit_lat) = closed_loop(&hit_target, c, settings.duration).await?;
-    report.row(
-        "in-repo load: sidecar, cache hit, one caller (obo)",
-        format!(
-            "{hit:.0} rps, p50 {:.2} ms, p99 {:.2} ms",
-            percentile(&mut hit_lat, 0.5),
-            percentile(&mut hit_lat, 0.99)
-        ),
-        format!("{:.2} of direct", hit / direct),
-    );
-
-    // Large bodies: streamed, so the sidecar's memory stays flat.
+    // Large bodies first, while the sidecar's memory is still near idle: streamed, so it stays flat.
     let len = settings.transfer_bytes;
     let before_transfer = sidecar.rss_kib();
     let (direct_up, direct_down) = upload_download(upstream, "", None, len).await?;
     let (up, down) = upload_download(sidecar.proxy, "/obo", Some(&one[0]), len).await?;
     let after_transfer = sidecar.rss_kib();
-    report.row(
+    let transfer_row = (
         format!(
             "{} MiB upload, then download, through the sidecar",
             len >> 20
@@ -313,19 +230,117 @@ async fn run(settings: &Settings, binary: &PathBuf, dir: &std::path::Path) -> Re
         ),
     );
 
-    // Breadth: distinct callers cycling, every one's exchange warmed once first.
+    // Throughput with oha: the upstream alone, then nginx's hop (the 1.00 reference) and the sidecar on a
+    // cache hit in alternation, `rounds` times each; the medians are compared.
+    let oha = if full { oha::Oha::find() } else { None };
+    let nginx_binary = if full {
+        servers::find_program(
+            "OBO_BENCH_NGINX",
+            "nginx",
+            &[PathBuf::from("/usr/sbin/nginx")],
+        )
+    } else {
+        None
+    };
+    if let Some(oha) = &oha {
+        let d = settings.duration;
+        let warm = Duration::from_secs(1);
+        oha.run(upstream, "/x", None, c, warm, None)?;
+        let direct = oha.run(upstream, "/x", None, c, d, None)?;
+        let nginx = match &nginx_binary {
+            Some(nginx) => {
+                Some(servers::start_nginx(nginx, upstream, settings.workers, dir).await?)
+            }
+            None => None,
+        };
+        let (mut nginx_runs, mut hit_runs) = (Vec::new(), Vec::new());
+        for round in 0..settings.rounds {
+            if let Some((_, addr)) = &nginx {
+                if round == 0 {
+                    oha.run(*addr, "/x", None, c, warm, None)?;
+                }
+                nginx_runs.push(oha.run(*addr, "/x", None, c, d, None)?);
+            }
+            if round == 0 {
+                oha.run(sidecar.proxy, "/obo/x", Some(&one[0]), c, warm, None)?;
+            }
+            hit_runs.push(oha.run(sidecar.proxy, "/obo/x", Some(&one[0]), c, d, None)?);
+        }
+        drop(nginx);
+        let nginx = oha::median(nginx_runs);
+        let hit = oha::median(hit_runs).ok_or("no oha run")?;
+        let (reference, reference_name) = match &nginx {
+            Some(n) => (n.rps, "nginx"),
+            None => (direct.rps, "direct"),
+        };
+        report.row(
+            "oha: direct upstream (no proxy)",
+            direct.line(),
+            format!("{:.2} of {reference_name}", direct.rps / reference),
+        );
+        match &nginx {
+            Some(n) => report.row(
+                format!(
+                    "oha: nginx proxy hop, {} worker(s), keep-alive upstream (median of {})",
+                    settings.workers, settings.rounds
+                ),
+                n.line(),
+                "1.00 (reference)",
+            ),
+            None => report.row("oha: nginx proxy hop", "not run: nginx not found", "-"),
+        }
+        report.row(
+            format!(
+                "oha: sidecar, cache hit, one caller (obo), {} worker(s) (median of {})",
+                settings.workers, settings.rounds
+            ),
+            hit.line(),
+            format!("{:.2} of {reference_name}", hit.rps / reference),
+        );
+    } else if full {
+        report.row("oha scenarios", "not run: oha not found", "-");
+    }
+
+    // The in-repo load generator: one caller against many (the caches under breadth), in alternation.
+    let (direct, _) = closed_loop(&direct_target, c, settings.duration).await?;
+    report.row(
+        "in-repo load: direct upstream (no proxy)",
+        format!("{direct:.0} rps"),
+        "1.00 (baseline)",
+    );
     let many = Arc::new(mint(&idp, settings.callers, "breadth").await?);
     let breadth_target = Target::new(sidecar.proxy, "/obo/x", &many);
     let failed = each_once(&breadth_target, c).await?;
-    let (breadth, _) = closed_loop(&breadth_target, c, settings.duration).await?;
+    let (mut hits, mut breadths) = (Vec::new(), Vec::new());
+    let mut hit_lat = Vec::new();
+    for _ in 0..settings.rounds {
+        let (hit, latencies) = closed_loop(&hit_target, c, settings.duration).await?;
+        hits.push(hit);
+        hit_lat = latencies;
+        breadths.push(closed_loop(&breadth_target, c, settings.duration).await?.0);
+    }
+    let (hit, breadth) = (median(&mut hits), median(&mut breadths));
     report.row(
         format!(
-            "in-repo load: sidecar, {} callers cycling",
-            settings.callers
+            "in-repo load: sidecar, cache hit, one caller (obo) (median of {})",
+            settings.rounds
+        ),
+        format!(
+            "{hit:.0} rps, p50 {:.2} ms, p99 {:.2} ms",
+            percentile(&mut hit_lat, 0.5),
+            percentile(&mut hit_lat, 0.99)
+        ),
+        format!("{:.2} of direct", hit / direct),
+    );
+    report.row(
+        format!(
+            "in-repo load: sidecar, {} callers cycling (median of {})",
+            settings.callers, settings.rounds
         ),
         format!("{breadth:.0} rps ({failed} failed warm-ups)"),
         format!("{:.2} of one caller", breadth / hit),
     );
+    report.row(transfer_row.0, transfer_row.1, transfer_row.2);
 
     // Cold path: every request a new caller, so every request is an exchange; against the IdP's own time.
     let cold = mint(&idp, settings.cold_requests, "cold").await?;

@@ -18,6 +18,30 @@ pub struct Summary {
     pub non_200: u64,
 }
 
+impl Summary {
+    /// `N rps, p50 …, p99 …` and any failures.
+    pub fn line(&self) -> String {
+        format!(
+            "{:.0} rps, p50 {:.2} ms, p99 {:.2} ms{}",
+            self.rps,
+            self.p50_ms,
+            self.p99_ms,
+            if self.non_200 > 0 {
+                format!(", {} not 200", self.non_200)
+            } else {
+                String::new()
+            }
+        )
+    }
+}
+
+/// The run of median throughput.
+pub fn median(mut runs: Vec<Summary>) -> Option<Summary> {
+    runs.sort_by(|a, b| a.rps.total_cmp(&b.rps));
+    let middle = runs.len() / 2;
+    runs.into_iter().nth(middle)
+}
+
 pub struct Oha {
     pub binary: PathBuf,
 }
