@@ -240,20 +240,39 @@ pub fn random_uuid() -> String {
     uuid_text(bytes)
 }
 
-/// A unique UUID-shaped id for a request (`X-Request-Id`): a random prefix drawn once per process, then a
-/// counter. Unique, not secret, and cheap enough for every request (no random draw, no formatting machinery).
+/// A unique UUID-shaped id for a request (`X-Request-Id`), cheap enough for every request: no random draw
+/// and no formatting machinery. Random keys are drawn once per process; each id is then a counter passed
+/// through a keyed bijection of 64 bits (`splitmix64`'s finalizer), so ids never repeat within a process, and
+/// a caller who sees two of them cannot read off how many requests came between. Not a secret: only unique.
 pub fn request_uuid() -> String {
-    static PREFIX: std::sync::LazyLock<[u8; 8]> = std::sync::LazyLock::new(|| {
-        let mut prefix = [0u8; 8];
-        let _ = aws_lc_rs::rand::SystemRandom::new().fill(&mut prefix);
-        prefix
+    static KEYS: std::sync::LazyLock<([u8; 8], u64, u64)> = std::sync::LazyLock::new(|| {
+        let mut random = [0u8; 24];
+        let _ = aws_lc_rs::rand::SystemRandom::new().fill(&mut random);
+        let word = |i: usize| {
+            let mut w = [0u8; 8];
+            w.copy_from_slice(&random[i..i + 8]);
+            w
+        };
+        (
+            word(0),
+            u64::from_le_bytes(word(8)),
+            u64::from_le_bytes(word(16)),
+        )
     });
     static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let (prefix, add, xor) = *KEYS;
+    let mut z = COUNTER
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        .wrapping_add(add);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    let mixed = ((z ^ (z >> 31)) ^ xor).to_be_bytes();
+    // The 64 mixed bits go where a version 4 UUID has no fixed bits: byte 7 and bytes 9–15.
     let mut bytes = [0u8; 16];
-    bytes[..8].copy_from_slice(&*PREFIX);
-    let count = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    // The variant bits below take the counter's top two bits: unique for 2^62 requests.
-    bytes[8..].copy_from_slice(&count.to_be_bytes());
+    bytes[..8].copy_from_slice(&prefix);
+    bytes[8] = prefix[7];
+    bytes[7] = mixed[0];
+    bytes[9..].copy_from_slice(&mixed[1..]);
     uuid_text(bytes)
 }
 
