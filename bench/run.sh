@@ -2,7 +2,8 @@
 # Benchmarks on loopback: the release binary, the development IdP and a minimal upstream, against nginx as the
 # reference proxy hop, driven by oha and by the in-repo load generator (examples/bench). Prints a table whose
 # figures are each measured against a baseline of the same run.
-#   bench/run.sh --quick        smoke run, under a minute, needs nothing beyond cargo (.ci/run calls it)
+#   bench/run.sh --quick        smoke run of the debug build, under a minute, needs nothing beyond cargo
+#                               (.ci/run calls it; its figures are not the product's)
 #   bench/run.sh                full run (about ten minutes); installs nginx (apt) and oha (cargo) if missing
 #   bench/run.sh --soak 30m     steady load at half capacity with rotating caller tokens; errors and RSS drift
 #   --workers N                 TOKIO_WORKER_THREADS of the sidecar and nginx's worker_processes (default 1)
@@ -33,5 +34,14 @@ if [ "$full" = 1 ]; then
     fi
 fi
 
-cargo build --release --locked --quiet --bin obo-sidecar --example bench
-OBO_SIDECAR_BIN=target/release/obo-sidecar exec target/release/examples/bench "$@"
+# The smoke run uses the debug build that the tests already made: it checks the harness, not the figures.
+profile=release
+for arg in "$@"; do
+    [ "$arg" = --quick ] && profile=debug
+done
+if [ "$profile" = release ]; then
+    cargo build --release --locked --quiet --bin obo-sidecar --example bench
+else
+    cargo build --locked --quiet --bin obo-sidecar --example bench
+fi
+OBO_SIDECAR_BIN="target/$profile/obo-sidecar" exec "target/$profile/examples/bench" "$@"

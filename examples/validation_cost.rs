@@ -36,7 +36,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let config = Config::parse(&text, &|_| None)?;
     let http = obo_sidecar::tls::idp_client(&[], std::time::Duration::from_secs(5))?;
     let metrics = std::sync::Arc::new(obo_sidecar::telemetry::Metrics::new());
-    let authenticator = Authenticator::new(&config.inbound, &http, metrics)?;
+    let authenticator = Authenticator::new(&config.inbound, 100_000, &http, metrics)?;
     let _tasks = authenticator.start();
     authenticator.ready().await;
 

@@ -29,9 +29,6 @@ pub const MAX_BEARER_BYTES: usize = 16 * 1024;
 
 /// Resolved `{tenantid}` issuers held at once; beyond it the least recently used tenant's keys are dropped.
 pub const MAX_TENANT_ISSUERS: u64 = 1024;
-/// Validated tokens remembered (by SHA-256) so a repeat caller costs a hash and a lookup, not a signature
-/// verification. 100 000 entries of a few hundred bytes each.
-pub const MAX_VALIDATED_TOKENS: u64 = 100_000;
 
 /// A validated caller.
 pub struct Caller {
@@ -86,7 +83,7 @@ impl Words {
     }
 
     pub fn contains(&self, name: &str) -> bool {
-        self.0.split(' ').any(|n| n == name)
+        !name.is_empty() && self.0.split(' ').any(|n| n == name)
     }
 }
 
@@ -150,9 +147,11 @@ fn fill(template: &str, tenant: &str) -> String {
 }
 
 impl Authenticator {
-    /// Builds the validator; [`Authenticator::start`] begins fetching keys.
+    /// Builds the validator; [`Authenticator::start`] begins fetching keys. The validated-token cache holds
+    /// up to `validated_capacity` callers (`cache.max_entries`, like the upstream-token cache).
     pub fn new(
         inbound: &Inbound,
+        validated_capacity: u64,
         http: &reqwest::Client,
         metrics: Arc<crate::telemetry::Metrics>,
     ) -> Result<Self, url::ParseError> {
@@ -194,7 +193,7 @@ impl Authenticator {
                 .build(),
             policy,
             validated: moka::sync::Cache::builder()
-                .max_capacity(MAX_VALIDATED_TOKENS)
+                .max_capacity(validated_capacity)
                 .expire_after(ValidatedExpiry {
                     clock_skew: inbound.clock_skew.as_secs(),
                 })

@@ -886,9 +886,22 @@ fn read_listen(table: Option<&Table>, p: &mut Problems) -> Option<Listen> {
 }
 
 fn read_policy(f: &Fields<'_>, p: &mut Problems) -> Policy {
+    let mut names = |key: &str| {
+        let names = f.strings(key, p)?;
+        for (i, name) in names.iter().enumerate() {
+            // Scopes are space-separated in tokens (RFC 6749 §3.3): a name with a space could never match.
+            if name.contains(' ') {
+                p.add(
+                    &format!("{}[{i}]", f.at(key)),
+                    "a scope or role name cannot contain a space",
+                );
+            }
+        }
+        Some(names)
+    };
     Policy {
-        required_scopes: f.strings("required_scopes", p),
-        required_roles: f.strings("required_roles", p),
+        required_scopes: names("required_scopes"),
+        required_roles: names("required_roles"),
     }
 }
 
@@ -1904,6 +1917,21 @@ scopes = ["https://graph.example.com/.default"]
                 .identity_for(&config.routes[0])
                 .map(|i| i.name.as_str()),
             Some("default")
+        );
+    }
+
+    #[test]
+    fn a_scope_or_role_name_with_a_space_is_refused() {
+        let text = GOOD.replace(
+            "scopes = [\"https://graph.example.com/.default\"]",
+            "scopes = [\"https://graph.example.com/.default\"]\nrequired_roles = [\"Realm Admin\"]",
+        );
+        assert_eq!(
+            problems(&text),
+            vec![
+                "routes[0].required_roles[0]: a scope or role name cannot contain a space"
+                    .to_owned()
+            ]
         );
     }
 

@@ -202,6 +202,7 @@ fn build_authenticator(
     let http = tls::idp_client(&roots, config::DEFAULT_IDP_TIMEOUT)?;
     Ok(Arc::new(Authenticator::new(
         &config.inbound,
+        config.cache.max_entries,
         &http,
         Arc::clone(metrics),
     )?))

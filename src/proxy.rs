@@ -45,6 +45,8 @@ pub struct Proxy {
     /// order of `routes`.
     route_metrics: Vec<RouteMetrics>,
     validate_metrics: RouteMetrics,
+    /// Some route matches on `host`: only then is the request's `Host` parsed.
+    match_host: bool,
     /// Per-route request headers never forwarded, computed once per configuration, in the order of `routes`.
     strip_lists: Vec<Vec<String>>,
 }
@@ -78,6 +80,7 @@ impl Proxy {
             metrics: Arc::clone(metrics),
             route_metrics,
             validate_metrics: metrics.route(VALIDATE_ROUTE),
+            match_host: routes.iter().any(|r| r.host.is_some()),
             inbound_route: inbound_route(config),
             max_header_bytes: config.listen.max_header_bytes,
             idle_timeout: config.listen.idle_timeout,
@@ -169,7 +172,7 @@ impl Proxy {
                 .token_api(&request, &path[prefix.len()..], outcome)
                 .await;
         }
-        let host = if self.routes.iter().any(|r| r.host.is_some()) {
+        let host = if self.match_host {
             request_host(&request)
         } else {
             None

@@ -9,6 +9,7 @@
 //! ```
 //! `--quick` is a smoke run of seconds that needs nothing beyond cargo; `--soak 30m` holds a steady load.
 
+mod bare;
 mod load;
 mod oha;
 mod servers;
@@ -155,8 +156,17 @@ fn mb(kib: u64) -> String {
     format!("{mb:.1} MB")
 }
 
-#[tokio::main]
-async fn main() -> Result<(), Error> {
+fn main() -> Result<(), Error> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if let [flag, port, upstream, workers] = args.as_slice()
+        && flag == "--bare-hop"
+    {
+        return bare::serve(port.parse()?, upstream.parse()?, workers.parse()?);
+    }
+    tokio::runtime::Runtime::new()?.block_on(harness())
+}
+
+async fn harness() -> Result<(), Error> {
     let settings = Settings::from_args()?;
     obo_sidecar::tls::install_crypto_provider();
     let binary = PathBuf::from(
@@ -253,7 +263,8 @@ async fn run(settings: &Settings, binary: &PathBuf, dir: &std::path::Path) -> Re
             }
             None => None,
         };
-        let (mut nginx_runs, mut hit_runs) = (Vec::new(), Vec::new());
+        let (_bare_process, bare) = servers::start_bare_hop(upstream, settings.workers).await?;
+        let (mut nginx_runs, mut bare_runs, mut hit_runs) = (Vec::new(), Vec::new(), Vec::new());
         for round in 0..settings.rounds {
             if let Some((_, addr)) = &nginx {
                 if round == 0 {
@@ -262,12 +273,17 @@ async fn run(settings: &Settings, binary: &PathBuf, dir: &std::path::Path) -> Re
                 nginx_runs.push(oha.run(*addr, "/x", None, c, d, None)?);
             }
             if round == 0 {
+                oha.run(bare, "/x", None, c, warm, None)?;
+            }
+            bare_runs.push(oha.run(bare, "/x", None, c, d, None)?);
+            if round == 0 {
                 oha.run(sidecar.proxy, "/obo/x", Some(&one[0]), c, warm, None)?;
             }
             hit_runs.push(oha.run(sidecar.proxy, "/obo/x", Some(&one[0]), c, d, None)?);
         }
         drop(nginx);
         let nginx = oha::median(nginx_runs);
+        let bare = oha::median(bare_runs).ok_or("no oha run")?;
         let hit = oha::median(hit_runs).ok_or("no oha run")?;
         let (reference, reference_name) = match &nginx {
             Some(n) => (n.rps, "nginx"),
@@ -291,11 +307,23 @@ async fn run(settings: &Settings, binary: &PathBuf, dir: &std::path::Path) -> Re
         }
         report.row(
             format!(
+                "oha: bare hyper proxy hop on the sidecar's stack, {} worker(s) (median of {})",
+                settings.workers, settings.rounds
+            ),
+            bare.line(),
+            format!("{:.2} of {reference_name}", bare.rps / reference),
+        );
+        report.row(
+            format!(
                 "oha: sidecar, cache hit, one caller (obo), {} worker(s) (median of {})",
                 settings.workers, settings.rounds
             ),
             hit.line(),
-            format!("{:.2} of {reference_name}", hit.rps / reference),
+            format!(
+                "{:.2} of {reference_name}; {:.2} of the bare hop",
+                hit.rps / reference,
+                hit.rps / bare.rps
+            ),
         );
     } else if full {
         report.row("oha scenarios", "not run: oha not found", "-");
@@ -313,11 +341,35 @@ async fn run(settings: &Settings, binary: &PathBuf, dir: &std::path::Path) -> Re
     let failed = each_once(&breadth_target, c).await?;
     let (mut hits, mut breadths) = (Vec::new(), Vec::new());
     let mut hit_lat = Vec::new();
-    for _ in 0..settings.rounds {
+    for round in 0..settings.rounds {
+        // OBO_BENCH_PERF=DIR: a `perf record` of the sidecar during the first round of each, for the profile
+        // behind the breadth ratio (the sidecar built with `--profile profiling` as OBO_SIDECAR_BIN).
+        let perf = |name: &str| {
+            let dir = std::env::var_os("OBO_BENCH_PERF").filter(|_| round == 0)?;
+            std::process::Command::new("perf")
+                .args([
+                    "record",
+                    "-F",
+                    "2000",
+                    "-p",
+                    &sidecar.pid().to_string(),
+                    "-o",
+                ])
+                .arg(PathBuf::from(dir).join(format!("perf-{name}.data")))
+                .args(["--", "sleep", &settings.duration.as_secs().to_string()])
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .ok()
+        };
+        let recording = perf("hit");
         let (hit, latencies) = closed_loop(&hit_target, c, settings.duration).await?;
+        recording.map(|mut p| p.wait());
         hits.push(hit);
         hit_lat = latencies;
+        let recording = perf("breadth");
         breadths.push(closed_loop(&breadth_target, c, settings.duration).await?.0);
+        recording.map(|mut p| p.wait());
     }
     let (hit, breadth) = (median(&mut hits), median(&mut breadths));
     report.row(
@@ -326,7 +378,7 @@ async fn run(settings: &Settings, binary: &PathBuf, dir: &std::path::Path) -> Re
             settings.rounds
         ),
         format!(
-            "{hit:.0} rps, p50 {:.2} ms, p99 {:.2} ms",
+            "{hit:.0} rps; last round p50 {:.2} ms, p99 {:.2} ms",
             percentile(&mut hit_lat, 0.5),
             percentile(&mut hit_lat, 0.99)
         ),
@@ -501,19 +553,26 @@ async fn run(settings: &Settings, binary: &PathBuf, dir: &std::path::Path) -> Re
     report.row(
         "idle, size, start",
         format!(
-            "idle RSS {}; after {} callers {}",
+            "idle RSS {}; after the breadth scenario ({} callers) {}",
             mb(idle_rss),
             settings.callers,
             mb(before_fill)
         ),
         format!(
-            "binary {:.1} MB (stripped); start to ready {} ms",
+            "binary {:.1} MB ({}); start to ready {} ms",
             binary_size as f64 / 1_000_000.0,
+            binary.display(),
             sidecar.started_to_ready.as_millis()
         ),
     );
 
     let mut out = std::io::stdout().lock();
+    if settings.mode == Mode::Quick {
+        writeln!(
+            out,
+            "Smoke run (--quick): short, small, and usually of the debug build; it checks the harness, not the figures."
+        )?;
+    }
     writeln!(out, "| scenario | measured | ratio / figure |")?;
     writeln!(out, "|---|---|---|")?;
     for [scenario, measured, figure] in report.rows {

@@ -81,7 +81,8 @@ impl Oha {
             command.args(["-H", &format!("Authorization: Bearer {token}")]);
         }
         command.arg(format!("http://{addr}{path}"));
-        let output = command.output()?;
+        // oha runs for seconds: off the harness's async workers, which serve the in-process upstream.
+        let output = tokio::task::block_in_place(|| command.output())?;
         if !output.status.success() {
             return Err(format!(
                 "oha failed ({}): {}",

@@ -157,6 +157,10 @@ pub struct Sidecar {
 }
 
 impl Sidecar {
+    pub fn pid(&self) -> u32 {
+        self.process.child.id()
+    }
+
     pub fn rss_kib(&self) -> u64 {
         memory_kib(self.process.child.id(), "VmRSS:")
     }
@@ -238,6 +242,40 @@ scopes = ["api://downstream/.default"]
     Err("the sidecar did not become ready in 10 s".into())
 }
 
+/// The bare hyper hop ([`crate::bare`]): this same program started again with `--bare-hop`.
+pub async fn start_bare_hop(
+    upstream: SocketAddr,
+    workers: usize,
+) -> Result<(Process, SocketAddr), Error> {
+    let port = free_port()?;
+    let child = Command::new(std::env::current_exe()?)
+        .args([
+            "--bare-hop".to_owned(),
+            port.to_string(),
+            upstream.to_string(),
+            workers.to_string(),
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?;
+    let process = Process { child };
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    wait_listening(addr, "the bare hop").await?;
+    Ok((process, addr))
+}
+
+/// Waits until something accepts connections on `addr`.
+async fn wait_listening(addr: SocketAddr, what: &str) -> Result<(), Error> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        if TcpStream::connect(addr).await.is_ok() {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    Err(format!("{what} did not listen on {addr} in 10 s").into())
+}
+
 /// nginx as a plain reverse-proxy hop to `upstream` (keep-alive to the upstream, no access log), with
 /// `workers` worker processes; its address.
 pub async fn start_nginx(
@@ -298,16 +336,7 @@ http {{
         .stderr(Stdio::null())
         .spawn()?;
     let process = Process { child };
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while Instant::now() < deadline {
-        if TcpStream::connect(listen).await.is_ok() {
-            return Ok((process, listen));
-        }
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
-    Err(format!(
-        "nginx did not listen in 10 s; see {}",
-        prefix.join("error.log").display()
-    )
-    .into())
+    let what = format!("nginx (see {})", prefix.join("error.log").display());
+    wait_listening(listen, &what).await?;
+    Ok((process, listen))
 }

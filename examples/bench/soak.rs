@@ -170,12 +170,14 @@ pub async fn run(
     )?;
     writeln!(
         out,
-        "| sidecar RSS | {:.1} MB at {} s, {:.1} MB at the end, peak {:.1} MB: drift {:+.1} % |",
+        "| sidecar RSS | {:.1} MB as the load started; {:.1} MB at {} s, {:.1} MB at the end, peak {:.1} MB: drift {:+.1} % from {} s |",
+        samples[0].1 as f64 * 1024.0 / 1e6,
         start as f64 * 1024.0 / 1e6,
         steady_from.as_secs(),
         end as f64 * 1024.0 / 1e6,
         sidecar.peak_kib() as f64 * 1024.0 / 1e6,
-        (end as f64 - start as f64) / start.max(1) as f64 * 100.0
+        (end as f64 - start as f64) / start.max(1) as f64 * 100.0,
+        steady_from.as_secs()
     )?;
     Ok(())
 }

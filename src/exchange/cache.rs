@@ -26,8 +26,10 @@ const REFRESH_RETRY_DELAY: Duration = Duration::from_secs(5);
 pub const FORGET_INTERVAL: Duration = Duration::from_secs(30);
 
 /// Hashes a key that is already a SHA-256 digest by taking its first eight bytes: the digest is uniformly
-/// spread and nobody can choose it (that would take a preimage), so `SipHash` over it again would only cost
-/// time on every lookup. For the caches keyed by digests: upstream tokens, and validated caller tokens.
+/// spread, so `SipHash` over it again would only cost time on every lookup. Flooding one hash bucket would
+/// take many entries whose digests share a prefix, and an entry only gets in after a verified signature or
+/// an IdP exchange, so no caller can plant them cheaply. For the caches keyed by digests: upstream tokens,
+/// and validated caller tokens.
 #[derive(Clone, Copy, Default)]
 pub struct DigestHasher(u64);
 

@@ -242,8 +242,8 @@ pub fn random_uuid() -> String {
 
 /// A unique UUID-shaped id for a request (`X-Request-Id`), cheap enough for every request: no random draw
 /// and no formatting machinery. Random keys are drawn once per process; each id is then a counter passed
-/// through a keyed bijection of 64 bits (`splitmix64`'s finalizer), so ids never repeat within a process, and
-/// a caller who sees two of them cannot read off how many requests came between. Not a secret: only unique.
+/// through a keyed bijection of 64 bits (`splitmix64`'s finalizer), so ids never repeat within a process and
+/// do not show a plain count of requests. Not a secret, and not a cryptographic permutation: only unique.
 pub fn request_uuid() -> String {
     static KEYS: std::sync::LazyLock<([u8; 8], u64, u64)> = std::sync::LazyLock::new(|| {
         let mut random = [0u8; 24];
