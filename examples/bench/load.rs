@@ -34,15 +34,20 @@ impl Target {
     }
 
     fn request(&self, i: usize) -> Result<Request<Empty<Bytes>>, Error> {
-        let mut request = Request::get(&self.path).header(header::HOST, "bench");
-        if !self.tokens.is_empty() {
-            request = request.header(
-                header::AUTHORIZATION,
-                format!("Bearer {}", self.tokens[i % self.tokens.len()]),
-            );
-        }
-        Ok(request.body(Empty::<Bytes>::new())?)
+        get(&self.path, &self.tokens, i)
     }
+}
+
+/// `GET path` with the `i`-th of `tokens` (round robin) as the bearer token; none when `tokens` is empty.
+fn get(path: &str, tokens: &[String], i: usize) -> Result<Request<Empty<Bytes>>, Error> {
+    let mut request = Request::get(path).header(header::HOST, "bench");
+    if !tokens.is_empty() {
+        request = request.header(
+            header::AUTHORIZATION,
+            format!("Bearer {}", tokens[i % tokens.len()]),
+        );
+    }
+    Ok(request.body(Empty::<Bytes>::new())?)
 }
 
 /// A keep-alive HTTP/1.1 connection to `addr`.
@@ -172,17 +177,13 @@ pub async fn paced(
             let mut i = c;
             while Instant::now() < deadline {
                 ticks.tick().await;
-                let target = Target {
-                    addr,
-                    path: path.clone(),
-                    tokens: tokens.load_full(),
-                };
                 i += connections;
+                let request = get(&path, &tokens.load(), i)?;
                 let started = Instant::now();
                 let outcome = match sender.as_mut() {
-                    Some(s) => exchange(s, target.request(i)?).await,
+                    Some(s) => exchange(s, request).await,
                     None => match connect(addr).await {
-                        Ok(s) => exchange(sender.insert(s), target.request(i)?).await,
+                        Ok(s) => exchange(sender.insert(s), request).await,
                         Err(e) => Err(e),
                     },
                 };

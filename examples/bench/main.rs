@@ -101,6 +101,15 @@ impl Settings {
     }
 }
 
+/// A caller token for `sub` with the delegated scope the bench route requires, living `lifetime`.
+pub fn caller_token(idp: &DevIdp, sub: String, lifetime: Duration) -> String {
+    idp.mint(&CallerClaims {
+        scp: Some("access_as_user".into()),
+        lifetime,
+        ..CallerClaims::user(sub)
+    })
+}
+
 /// Caller tokens `{prefix}-0` … `{prefix}-{n-1}`, signed on every core.
 async fn mint(idp: &Arc<DevIdp>, n: usize, prefix: &str) -> Result<Vec<String>, Error> {
     let threads = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
@@ -112,10 +121,11 @@ async fn mint(idp: &Arc<DevIdp>, n: usize, prefix: &str) -> Result<Vec<String>, 
         tasks.push(tokio::task::spawn_blocking(move || {
             (start..(start + chunk).min(n))
                 .map(|i| {
-                    idp.mint(&CallerClaims {
-                        scp: Some("access_as_user".into()),
-                        ..CallerClaims::user(format!("{prefix}-{i}"))
-                    })
+                    caller_token(
+                        &idp,
+                        format!("{prefix}-{i}"),
+                        CallerClaims::default().lifetime,
+                    )
                 })
                 .collect::<Vec<_>>()
         }));

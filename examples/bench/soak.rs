@@ -8,7 +8,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
-use obo_sidecar::dev_idp::{CallerClaims, DevIdp};
+use obo_sidecar::dev_idp::DevIdp;
 
 use crate::load::{self, Tally, Target};
 use crate::servers::Sidecar;
@@ -26,11 +26,7 @@ pub fn caller_token_lifetime(duration: Duration) -> Duration {
 pub const UPSTREAM_TOKEN_LIFETIME: Duration = Duration::from_secs(120);
 
 fn mint(idp: &DevIdp, caller: usize, generation: u64, lifetime: Duration) -> String {
-    idp.mint(&CallerClaims {
-        scp: Some("access_as_user".into()),
-        lifetime,
-        ..CallerClaims::user(format!("soak-{caller}-{generation}"))
-    })
+    crate::caller_token(idp, format!("soak-{caller}-{generation}"), lifetime)
 }
 
 #[allow(
