@@ -1725,6 +1725,11 @@ fn read_route(
     );
     if token_api && caller_auth == CallerAuth::None {
         p.add(&f.at("token_api"), "the token API needs a validated caller");
+    } else if token_api && token == Some(TokenKind::None) {
+        p.add(
+            &f.at("token_api"),
+            "a route with token = \"none\" has no Authorization header to hand out",
+        );
     }
     let http2 = f.boolean("http2", false, p);
     let connect_timeout = f.bounded_duration(
@@ -1799,22 +1804,6 @@ fn read_methods(f: &Fields<'_>, p: &mut Problems) -> Option<Vec<http::Method>> {
     Some(methods)
 }
 
-/// Headers the sidecar owns: never set from a claim.
-const RESERVED_HEADERS: &[&str] = &[
-    "authorization",
-    "host",
-    "connection",
-    "content-length",
-    "transfer-encoding",
-    "te",
-    "upgrade",
-    "forwarded",
-    "x-forwarded-for",
-    "x-forwarded-proto",
-    "x-forwarded-host",
-    "x-real-ip",
-];
-
 fn read_forward_claims(f: &Fields<'_>, p: &mut Problems) -> Vec<(http::HeaderName, String)> {
     let Some(table) = f.table("forward_claims", p) else {
         return Vec::new();
@@ -1830,7 +1819,7 @@ fn read_forward_claims(f: &Fields<'_>, p: &mut Problems) -> Vec<(http::HeaderNam
             p.add(&at, "not a valid header name");
             continue;
         };
-        if RESERVED_HEADERS.contains(&name.as_str().replace('_', "-").as_str()) {
+        if crate::forward::sidecar_owns(name.as_str()) {
             p.add(&at, "this header is set by the sidecar itself");
             continue;
         }
@@ -1917,6 +1906,31 @@ scopes = ["https://graph.example.com/.default"]
                 .identity_for(&config.routes[0])
                 .map(|i| i.name.as_str()),
             Some("default")
+        );
+    }
+
+    #[test]
+    fn claims_cannot_set_sidecar_headers_and_none_routes_have_no_token_api() {
+        let claims = GOOD.replace(
+            "token = \"obo\"",
+            "token = \"obo\"\nforward_claims = { \"X_Request-Id\" = \"sub\", \"keep-alive\" = \"oid\" }",
+        );
+        let refused = problems(&claims);
+        assert_eq!(refused.len(), 2, "{refused:?}");
+        assert!(
+            refused
+                .iter()
+                .all(|p| p.ends_with("this header is set by the sidecar itself"))
+        );
+        let none = GOOD
+            .replace("token = \"obo\"", "token = \"none\"\ntoken_api = true")
+            .replace("scopes = [\"https://graph.example.com/.default\"]", "");
+        assert_eq!(
+            problems(&none),
+            vec![
+                "routes[0].token_api: a route with token = \"none\" has no Authorization header to hand out"
+                    .to_owned()
+            ]
         );
     }
 

@@ -203,7 +203,7 @@ fn header_str<'a>(request: &'a Request<Incoming>, name: &str) -> Option<&'a str>
 }
 
 async fn echo(request: Request<Incoming>) -> Response<Body> {
-    if wants_websocket(&request) {
+    if crate::forward::requested_upgrade(&request).is_some() {
         return upgrade(request);
     }
     if let Some(delay) = header_str(&request, DELAY_HEADER) {
@@ -283,25 +283,6 @@ async fn echo(request: Request<Incoming>) -> Response<Body> {
             "body_bytes": body_bytes,
         }),
     )
-}
-
-/// Whether `request` is an HTTP/1.1 WebSocket handshake: `Connection` lists `upgrade` and `Upgrade` is
-/// `websocket`.
-fn wants_websocket(request: &Request<Incoming>) -> bool {
-    let connection_upgrade = request
-        .headers()
-        .get_all(header::CONNECTION)
-        .iter()
-        .any(|value| {
-            value
-                .as_bytes()
-                .split(|b| *b == b',')
-                .any(|token| token.trim_ascii().eq_ignore_ascii_case(b"upgrade"))
-        });
-    request.version() == http::Version::HTTP_11
-        && connection_upgrade
-        && header_str(request, header::UPGRADE.as_str())
-            .is_some_and(|protocol| protocol.eq_ignore_ascii_case("websocket"))
 }
 
 /// `Sec-WebSocket-Accept` for `key` (RFC 6455 §4.2.2): base64 of the SHA-1 of the key and the GUID.

@@ -695,7 +695,7 @@ fn redacted_answer(body: &[u8], identity: &Identity) -> String {
     if let Credential::Secret(secret) = &identity.credential {
         description = description.replace(secret.expose(), "[redacted]");
     }
-    let description: String = description.chars().take(MAX_LOGGED_DESCRIPTION).collect();
+    // JWT-shaped words too: a token cut at the length limit would no longer look like one.
     let description = description
         .split(|c: char| c.is_whitespace())
         .map(|word| {
@@ -707,6 +707,7 @@ fn redacted_answer(body: &[u8], identity: &Identity) -> String {
         })
         .collect::<Vec<_>>()
         .join(" ");
+    let description: String = description.chars().take(MAX_LOGGED_DESCRIPTION).collect();
     format!(
         "error={} suberror={} codes={:?} description={description:?}",
         answer.error.chars().take(64).collect::<String>(),
@@ -921,5 +922,42 @@ mod tests {
             "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJhbGljZSJ9.c2lnbmF0dXJlLXBhcnQ"
         ));
         assert!(!looks_like_jwt("AADSTS50013:"));
+    }
+
+    #[test]
+    fn a_jwt_at_the_length_limit_is_redacted_whole() {
+        let config = crate::config::Config::parse(
+            r#"
+[inbound]
+issuers = ["https://idp.example/"]
+audiences = ["api://a"]
+[identity]
+token_endpoint = "https://idp.example/token"
+client_id = "a"
+client_secret = { env = "S" }
+[[routes]]
+name = "r"
+path_prefix = "/r/"
+upstream = "https://up.example/"
+token = "app"
+scopes = ["api://b/.default"]
+"#,
+            &|name| (name == "S").then(|| "s3cret".to_owned()),
+        )
+        .expect("valid");
+        let identity = &config.identities["default"];
+        let jwt = format!(
+            "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJhbGljZSJ9.{}",
+            "c2ln".repeat(200)
+        );
+        // The token straddles the cut: shortening first would leave a prefix that no longer looks like a JWT.
+        let padding = "x".repeat(MAX_LOGGED_DESCRIPTION - 20);
+        let body = serde_json::json!({
+            "error": "invalid_grant",
+            "error_description": format!("{padding} {jwt}"),
+        });
+        let logged = redacted_answer(body.to_string().as_bytes(), identity);
+        assert!(logged.contains("[redacted]"), "{logged}");
+        assert!(!logged.contains("eyJhbGci"), "{logged}");
     }
 }

@@ -218,6 +218,16 @@ const CALLER_NEVER: &[&str] = &[
     "x-forwarded-host",
 ];
 
+/// Whether the sidecar owns request header `name` (lowercase): hop-by-hop, set by the sidecar itself, or
+/// never trusted from the caller. `forward_claims` may not name one (`_` read as `-`).
+pub fn sidecar_owns(name: &str) -> bool {
+    let name = name.replace('_', "-");
+    let name = name.as_str();
+    HOP_BY_HOP.contains(&name)
+        || CALLER_NEVER.contains(&name)
+        || matches!(name, "x-request-id" | "content-length")
+}
+
 /// `X_Forwarded-For` and `x-forwarded-for` are the same header to many upstream frameworks (CGI maps `-`
 /// to `_`): compare names with `_` read as `-`.
 fn canonical(name: &HeaderName) -> std::borrow::Cow<'_, str> {

@@ -132,13 +132,17 @@ impl Sidecar {
     /// Swaps in a new configuration: routes, identities and validation change atomically; connections and
     /// in-flight requests keep the generation they started with. Listener settings (addresses, TLS files,
     /// limits) and `cache.max_entries` need a restart; a change to them is logged and ignored.
-    pub fn reload(&self, config: Config) -> Result<(), StartError> {
+    pub fn reload(&self, mut config: Config) -> Result<(), StartError> {
         let old = self.shared.config.load_full();
         if old.listen != config.listen || old.cache.max_entries != config.cache.max_entries {
             tracing::warn!(
                 "[listen] and cache.max_entries changes take effect at the next restart"
             );
         }
+        // Kept as they started, all of them, so the running process matches the warning (and the next reload
+        // warns again while the file still differs).
+        config.listen = old.listen.clone();
+        config.cache.max_entries = old.cache.max_entries;
         // Route policy lives in the routes; only a change to what validates tokens needs new key sets.
         let same_validation = config::Inbound {
             policy: config.inbound.policy.clone(),
