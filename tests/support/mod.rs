@@ -6,6 +6,8 @@
     reason = "a harness failure is a test failure"
 )]
 
+pub mod exposition;
+
 use std::net::SocketAddr;
 
 use obo_sidecar::config::Config;
