@@ -101,7 +101,8 @@ pub struct Authenticator {
     /// The tenant of each fixed issuer made from a `{tenantid}` template.
     fixed_tenants: HashMap<String, String>,
     templates: Vec<IssuerTemplate>,
-    allowed_tenants: Vec<String>,
+    /// `allowed_tenants` is set: only the fixed issuers made from it are accepted, no tenant on demand.
+    tenants_listed: bool,
     /// `{tenantid}` issuers resolved on demand (any GUID tenant), bounded.
     tenants: moka::sync::Cache<String, Arc<IssuerKeys>>,
     policy: jwks::FetchPolicy,
@@ -186,7 +187,7 @@ impl Authenticator {
             fixed,
             fixed_tenants,
             templates,
-            allowed_tenants: inbound.allowed_tenants.clone(),
+            tenants_listed: !inbound.allowed_tenants.is_empty(),
             tenants: moka::sync::Cache::builder()
                 .max_capacity(MAX_TENANT_ISSUERS)
                 .eviction_policy(moka::policy::EvictionPolicy::lru())
@@ -332,17 +333,15 @@ impl Authenticator {
         if self.templates.is_empty() {
             return Err(ProxyError::InvalidToken("issuer not accepted"));
         }
+        // With `allowed_tenants`, every allowed tenant's issuer is a fixed one (above): any other is refused.
+        if self.tenants_listed {
+            return Err(ProxyError::InvalidToken("tenant not accepted"));
+        }
         let tenant = parsed
             .claims
             .get("tid")
             .and_then(Value::as_str)
-            .filter(|tid| {
-                if self.allowed_tenants.is_empty() {
-                    crate::exchange::is_guid(tid)
-                } else {
-                    self.allowed_tenants.iter().any(|t| t == tid)
-                }
-            })
+            .filter(|tid| crate::exchange::is_guid(tid))
             .ok_or(ProxyError::InvalidToken("tenant not accepted"))?;
         let template = self
             .templates

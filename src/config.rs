@@ -949,15 +949,18 @@ fn read_inbound(table: &Table, p: &mut Problems) -> Inbound {
             }
         }
     }
-    let allowed_tenants = f.strings("allowed_tenants", p).unwrap_or_default();
+    // Tenant ids as Entra writes them in `tid` and in issuers: lowercase GUIDs.
+    let allowed_tenants: Vec<String> = f
+        .strings("allowed_tenants", p)
+        .unwrap_or_default()
+        .iter()
+        .map(|t| t.to_ascii_lowercase())
+        .collect();
     for (i, tenant) in allowed_tenants.iter().enumerate() {
-        if !tenant
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.')
-        {
+        if !crate::exchange::is_guid(tenant) {
             p.add(
                 &format!("{}[{i}]", f.at("allowed_tenants")),
-                "a tenant id is letters, digits, '-' and '.'",
+                "a tenant id is a GUID (xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx), as in the tokens' tid",
             );
         }
     }

@@ -23,6 +23,7 @@
 //!
 //! Tokens, client secrets and assertions are never logged.
 
+use crate::exchange::is_guid;
 use std::collections::{HashMap, VecDeque};
 use std::fmt::{self, Write as _};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -916,16 +917,6 @@ struct Authority {
     issuer: String,
     token_endpoint: String,
     tenant: Option<String>,
-}
-
-/// Whether `segment` is a GUID in its 8-4-4-4-12 hexadecimal form (either case), as Entra tenant ids are.
-fn is_guid(segment: &str) -> bool {
-    let groups: Vec<&str> = segment.split('-').collect();
-    groups.len() == 5
-        && groups
-            .iter()
-            .zip([8, 4, 4, 4, 12])
-            .all(|(group, len)| group.len() == len && group.bytes().all(|b| b.is_ascii_hexdigit()))
 }
 
 type Body = Full<Bytes>;

@@ -329,7 +329,7 @@ pub const CONFIG_POLL_INTERVAL: std::time::Duration = std::time::Duration::from_
 /// Kubernetes `ConfigMap` update also changes through its `..data` symlink). A configuration with problems is
 /// rejected whole: every problem is logged and the running one stays. Runs until dropped.
 pub async fn watch_config(sidecar: &Sidecar, path: &Path) {
-    let modified = |path: &Path| std::fs::metadata(path).and_then(|m| m.modified()).ok();
+    let modified = tls::modified;
     let mut seen = modified(path);
     #[cfg(unix)]
     let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();

@@ -182,11 +182,12 @@ impl ReloadingServerConfig {
     ) -> Vec<Option<std::time::SystemTime>> {
         [Some(&files.0), Some(&files.1), files.2.as_ref()]
             .into_iter()
-            .map(|path| path.and_then(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok()))
+            .map(|path| path.and_then(|p| modified(p)))
             .collect()
     }
 
-    /// The configuration to use for the next handshake.
+    /// The configuration to use for the next handshake. At most once a second (and never while another
+    /// handshake is checking) it compares the files' modification times, and reloads them when they changed.
     pub fn current(&self) -> Arc<rustls::ServerConfig> {
         if let Ok(mut seen) = self.seen.try_lock()
             && seen.0.elapsed() >= Duration::from_secs(1)
@@ -207,4 +208,10 @@ impl ReloadingServerConfig {
         }
         self.current.load_full()
     }
+}
+
+/// A file's modification time (`None` when it cannot be read): what the certificate and configuration
+/// watchers compare.
+pub(crate) fn modified(path: &std::path::Path) -> Option<std::time::SystemTime> {
+    std::fs::metadata(path).and_then(|m| m.modified()).ok()
 }
