@@ -1493,7 +1493,8 @@ fn read_routes(top: &Fields<'_>, context: &RouteContext<'_>, p: &mut Problems) -
                 })
                 .unwrap_or_default();
             methods.sort();
-            let selector = format!("{normalized} {host:?} {methods:?}");
+            // Prefixes match case-insensitively: `/Admin` and `/admin` are one prefix.
+            let selector = format!("{} {host:?} {methods:?}", crate::route::fold(&normalized));
             if let Some(other) = prefixes.insert(selector, name.unwrap_or("?").to_owned()) {
                 p.add(
                     &format!("{at}.path_prefix"),
@@ -1840,11 +1841,12 @@ fn normalize_prefix(prefix: &str) -> Result<String, String> {
     if !prefix.starts_with('/') {
         return Err(format!("{prefix:?} must start with '/'"));
     }
-    if prefix.contains(['%', '?', '#', '\\'])
+    if prefix.contains(['%', '?', '#', '\\', ';'])
+        || prefix.chars().any(char::is_control)
         || prefix.split('/').any(|seg| seg == "." || seg == "..")
     {
         return Err(format!(
-            "{prefix:?} must be a plain, normalized path (no '%', '?', '#', '\\', '.' or '..')"
+            "{prefix:?} must be a plain, normalized path (no '%', '?', '#', '\\', ';', '.' or '..')"
         ));
     }
     if prefix.contains("//") {

@@ -15,6 +15,7 @@ use percent_encoding::{AsciiSet, NON_ALPHANUMERIC};
 
 use crate::config::Route;
 use crate::error::ProxyError;
+use crate::route::RequestPath;
 
 /// The pooled HTTP/1.1 client to upstreams.
 pub type UpstreamClient = Client<HttpsConnector<HttpConnector>, Incoming>;
@@ -95,83 +96,15 @@ const PATH_ENCODE: &AsciiSet = &NON_ALPHANUMERIC
     .remove(b'@')
     .remove(b'/');
 
-/// The request path, percent-decoded once and normalized: `.` and `..` resolved, `//` merged, a trailing
-/// `/` kept. Refuses an encoded `/` or `\`, a raw `\`, a NUL, malformed escapes and a `..` above the root.
-pub fn normalize_path(raw: &str) -> Result<Vec<u8>, ProxyError> {
-    if !raw.starts_with('/') {
-        return Err(ProxyError::BadRequest(
-            "request target is not an absolute path",
-        ));
-    }
-    let bytes = raw.as_bytes();
-    let mut decoded = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let b = bytes[i];
-        match b {
-            b'%' => {
-                let hex = |c: u8| (c as char).to_digit(16);
-                let (Some(hi), Some(lo)) = (
-                    bytes.get(i + 1).copied().and_then(hex),
-                    bytes.get(i + 2).copied().and_then(hex),
-                ) else {
-                    return Err(ProxyError::BadRequest("malformed percent-encoding in path"));
-                };
-                // Two hex digits fit a byte.
-                let byte = u8::try_from(hi * 16 + lo)
-                    .map_err(|_| ProxyError::BadRequest("malformed percent-encoding in path"))?;
-                match byte {
-                    b'/' | b'\\' => {
-                        return Err(ProxyError::BadRequest("encoded '/' or '\\' in path"));
-                    }
-                    0 => return Err(ProxyError::BadRequest("NUL in path")),
-                    _ => decoded.push(byte),
-                }
-                i += 3;
-            }
-            b'\\' => return Err(ProxyError::BadRequest("'\\' in path")),
-            0 => return Err(ProxyError::BadRequest("NUL in path")),
-            _ => {
-                decoded.push(b);
-                i += 1;
-            }
-        }
-    }
-    let mut segments: Vec<&[u8]> = Vec::new();
-    let mut trailing = false;
-    for segment in decoded[1..].split(|b| *b == b'/') {
-        trailing = matches!(segment, b"" | b"." | b"..");
-        match segment {
-            b"" | b"." => {}
-            b".." => {
-                if segments.pop().is_none() {
-                    return Err(ProxyError::BadRequest("path climbs above the root"));
-                }
-            }
-            other => segments.push(other),
-        }
-    }
-    let mut path = Vec::with_capacity(decoded.len());
-    for segment in &segments {
-        path.push(b'/');
-        path.extend_from_slice(segment);
-    }
-    if path.is_empty() || trailing {
-        path.push(b'/');
-    }
-    Ok(path)
-}
-
-/// Whether `prefix` (normalized, no trailing `/`) matches `path` at a segment boundary.
-pub fn prefix_matches(prefix: &str, path: &[u8]) -> bool {
-    let prefix = prefix.as_bytes();
-    path.starts_with(prefix) && (path.len() == prefix.len() || path[prefix.len()] == b'/')
-}
-
-/// The upstream URI: the route's prefix replaced by the upstream URL's path, the remainder re-encoded,
-/// the query passed on unchanged.
-pub fn upstream_uri(route: &Route, path: &[u8], query: Option<&str>) -> Result<Uri, ProxyError> {
-    let remainder = &path[route.match_prefix.len()..];
+/// The upstream URI: the route's prefix (its first `prefix_segments` segments) replaced by the upstream URL's
+/// path, the rest of the normalized path re-encoded, the query passed on unchanged.
+pub fn upstream_uri(
+    route: &Route,
+    path: &RequestPath,
+    prefix_segments: usize,
+    query: Option<&str>,
+) -> Result<Uri, ProxyError> {
+    let remainder = path.after(prefix_segments);
     let base = route.upstream.path();
     let mut target =
         String::with_capacity(base.len() + remainder.len() + query.map_or(0, str::len) + 1);
@@ -216,16 +149,47 @@ const CALLER_NEVER: &[&str] = &[
     "x-forwarded-for",
     "x-forwarded-proto",
     "x-forwarded-host",
+    "x-request-id",
 ];
 
-/// Whether the sidecar owns request header `name` (lowercase): hop-by-hop, set by the sidecar itself, or
-/// never trusted from the caller. `forward_claims` may not name one (`_` read as `-`).
+/// Request headers that make an upstream framework rewrite the request after the sidecar's policy check
+/// (SPEC §4): a method override turns an allowed `GET` into a `DELETE` (ASP.NET Core, Express, Rails,
+/// Laravel), `X-Original-URL`/`X-Rewrite-URL` re-route it (IIS URL Rewrite, Symfony, older Spring), and the
+/// `X-Forwarded-*` variants below change the scheme, port or base path an upstream believes it was called
+/// with (Spring's `ForwardedHeaderFilter`, ASP.NET Core `UsePathBase`, Tomcat's `RemoteIpValve`). The SPEC
+/// list, then the names the ingresses of SPEC §16 and other proxies use for the same thing.
+const REWRITING: &[&str] = &[
+    "x-http-method-override",
+    "x-http-method",
+    "x-method-override",
+    "x-original-url",
+    "x-rewrite-url",
+    "x-forwarded-prefix",
+    "x-forwarded-port",
+    "x-forwarded-server",
+    "x-forwarded-ssl",
+    "front-end-https",
+    "x-original-uri",
+    "x-original-method",
+    "x-original-host",
+    "x-forwarded-uri",
+    "x-forwarded-path",
+    "x-forwarded-method",
+    "x-forwarded-scheme",
+    "x-forwarded-protocol",
+    "x-url-scheme",
+];
+
+/// Whether the sidecar owns request header `name` (lowercase): hop-by-hop, set by the sidecar itself, never
+/// trusted from the caller, or able to rewrite the request upstream. `forward_claims` may not name one (`_`
+/// read as `-`).
 pub fn sidecar_owns(name: &str) -> bool {
     let name = name.replace('_', "-");
     let name = name.as_str();
     HOP_BY_HOP.contains(&name)
         || CALLER_NEVER.contains(&name)
-        || matches!(name, "x-request-id" | "content-length")
+        || REWRITING.contains(&name)
+        || name == "content-length"
 }
 
 /// `X_Forwarded-For` and `x-forwarded-for` are the same header to many upstream frameworks (CGI maps `-`
@@ -296,17 +260,31 @@ pub struct Outgoing<'a> {
 }
 
 /// Every request header name (canonical: lowercase, `_` read as `-`) never forwarded on `route`: the
-/// spoofable and sidecar-owned headers, the route's `forward_claims` targets and `remove_request_headers`.
-pub fn request_strip_list(route: &Route) -> Vec<String> {
-    let mut names: Vec<String> = CALLER_NEVER.iter().map(|n| (*n).to_owned()).collect();
-    names.push("x-request-id".to_owned());
-    names.extend(
-        route
-            .forward_claims
-            .iter()
-            .map(|(name, _)| name.as_str().replace('_', "-")),
-    );
+/// spoofable, request-rewriting and sidecar-owned headers, the route's `remove_request_headers`, and the
+/// `forward_claims` names of **every** route (`claim_names`): an upstream may trust a claim header only if no
+/// caller can send it on any route, a catch-all included.
+pub fn request_strip_list(route: &Route, claim_names: &[String]) -> Vec<String> {
+    let mut names: Vec<String> = CALLER_NEVER
+        .iter()
+        .chain(REWRITING)
+        .map(|n| (*n).to_owned())
+        .collect();
+    names.extend(claim_names.iter().cloned());
     names.extend(route.remove_request_headers.iter().cloned());
+    names.sort_unstable();
+    names.dedup();
+    names
+}
+
+/// The `forward_claims` header names of every route, canonical (lowercase, `_` read as `-`).
+pub fn claim_header_names(routes: &[Route]) -> Vec<String> {
+    let mut names: Vec<String> = routes
+        .iter()
+        .flat_map(|r| &r.forward_claims)
+        .map(|(name, _)| name.as_str().replace('_', "-"))
+        .collect();
+    names.sort_unstable();
+    names.dedup();
     names
 }
 
@@ -399,72 +377,49 @@ pub fn requested_upgrade(request: &Request<Incoming>) -> Option<HeaderValue> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn norm(p: &str) -> Result<String, u16> {
-        normalize_path(p)
-            .map(|b| String::from_utf8_lossy(&b).into_owned())
-            .map_err(|e| e.status().as_u16())
-    }
-
-    #[test]
-    fn paths_normalize_per_spec() {
-        assert_eq!(norm("/graph/v1.0/me"), Ok("/graph/v1.0/me".into()));
-        assert_eq!(norm("//graph///x"), Ok("/graph/x".into()));
-        assert_eq!(norm("/a/./b/../c/"), Ok("/a/c/".into()));
-        assert_eq!(norm("/a/b/.."), Ok("/a/".into()));
-        assert_eq!(norm("/a/%2e%2e/b"), Ok("/b".into()));
-        assert_eq!(norm("/graph/%252e%252e/x"), Ok("/graph/%2e%2e/x".into()));
-        assert_eq!(norm("/"), Ok("/".into()));
-        assert_eq!(norm("/%41"), Ok("/A".into()));
-    }
-
-    #[test]
-    fn dangerous_paths_are_400() {
-        for p in [
-            "/a%2Fb", "/a%2fb", "/a%5Cb", "/a\\b", "/a%00", "/..", "/a/../..", "/%zz", "/%4", "*",
-        ] {
-            assert_eq!(norm(p), Err(400), "{p}");
-        }
-    }
-
-    #[test]
-    fn prefixes_match_at_segment_boundaries() {
-        assert!(prefix_matches("/graph", b"/graph"));
-        assert!(prefix_matches("/graph", b"/graph/x"));
-        assert!(!prefix_matches("/graph", b"/graphql"));
-        assert!(prefix_matches("", b"/anything"));
-    }
+    use crate::route::Prefix;
 
     fn route(prefix: &str, upstream: &str) -> Route {
         Route::for_tests(prefix, upstream, crate::config::TokenKind::None)
     }
 
+    fn mapped(r: &Route, p: &str, q: Option<&str>) -> String {
+        let prefix = Prefix::new(&r.match_prefix);
+        let path = RequestPath::parse(p).expect("path");
+        assert!(prefix.matches(&path), "{p}");
+        upstream_uri(r, &path, prefix.len(), q)
+            .expect("uri")
+            .to_string()
+    }
+
     #[test]
     fn prefix_is_replaced_by_upstream_path_and_remainder_reencoded() {
         let r = route("/graph/", "https://graph.example.com/");
-        let uri = |p: &str, q| {
-            upstream_uri(&r, &normalize_path(p).expect("path"), q)
-                .expect("uri")
-                .to_string()
-        };
         assert_eq!(
-            uri("/graph/v1.0/me", Some("a=1&b")),
+            mapped(&r, "/graph/v1.0/me", Some("a=1&b")),
             "https://graph.example.com/v1.0/me?a=1&b"
         );
-        assert_eq!(uri("/graph", None), "https://graph.example.com/");
+        assert_eq!(mapped(&r, "/graph", None), "https://graph.example.com/");
         assert_eq!(
-            uri("/graph/%252e%252e/x", None),
+            mapped(&r, "/graph/%252e%252e/x", None),
             "https://graph.example.com/%252e%252e/x"
         );
-        assert_eq!(uri("/graph/a%20b", None), "https://graph.example.com/a%20b");
+        assert_eq!(
+            mapped(&r, "/graph/a%20b", None),
+            "https://graph.example.com/a%20b"
+        );
+        // Case and the prefix's parameters go with the prefix; the rest keeps its parameters.
+        assert_eq!(
+            mapped(&r, "/GRAPH;v=1/me;x=2", None),
+            "https://graph.example.com/me;x=2"
+        );
         let r = route("/api", "http://127.0.0.1:8080/base/");
-        let uri = |p: &str| {
-            upstream_uri(&r, &normalize_path(p).expect("path"), None)
-                .expect("uri")
-                .to_string()
-        };
-        assert_eq!(uri("/api/x"), "http://127.0.0.1:8080/base/x");
-        assert_eq!(uri("/api"), "http://127.0.0.1:8080/base/");
+        assert_eq!(mapped(&r, "/api/x", None), "http://127.0.0.1:8080/base/x");
+        assert_eq!(mapped(&r, "/api", None), "http://127.0.0.1:8080/base/");
+        assert_eq!(
+            mapped(&r, "/api/a%3Bb/x", None),
+            "http://127.0.0.1:8080/base/a;b/x"
+        );
     }
 
     #[test]
@@ -478,6 +433,8 @@ mod tests {
             ("x_forwarded_for", "6.6.6.6"),
             ("x-real-ip", "6.6.6.6"),
             ("proxy-authorization", "Basic x"),
+            ("x-http-method-override", "DELETE"),
+            ("x_original_url", "/admin"),
             ("te", "trailers"),
             ("accept", "application/json"),
         ] {
@@ -494,7 +451,8 @@ mod tests {
             HeaderName::from_static("x-other"),
             HeaderValue::from_static("1"),
         );
-        strip(&mut h, CALLER_NEVER, true);
+        let list = request_strip_list(&route("/", "http://127.0.0.1/"), &[]);
+        strip(&mut h, &list, true);
         let mut left: Vec<&str> = h.keys().map(HeaderName::as_str).collect();
         left.sort_unstable();
         assert_eq!(left, vec!["accept", "te"]);
@@ -504,27 +462,40 @@ mod tests {
         assert!(h.is_empty());
     }
 
+    #[test]
+    fn every_routes_claim_headers_are_stripped_on_every_route() {
+        let mut claims = route("/legacy/", "http://127.0.0.1/");
+        claims.forward_claims = vec![(
+            HeaderName::from_static("x-caller-roles"),
+            "roles".to_owned(),
+        )];
+        let other = route("/", "http://127.0.0.1/");
+        let names = claim_header_names(&[claims, other.clone()]);
+        let mut h = HeaderMap::new();
+        h.insert("X-Caller-Roles", HeaderValue::from_static("Admin"));
+        h.insert("x_caller_roles", HeaderValue::from_static("Admin"));
+        strip(&mut h, &request_strip_list(&other, &names), true);
+        assert!(h.is_empty(), "{h:?}");
+    }
+
     mod no_panic {
         use super::*;
         use proptest::prelude::*;
 
         proptest! {
-            /// Any request path: normalization answers, never panics; what it accepts is absolute, has no
-            /// empty, `.` or `..` segment, and maps to a valid upstream URI under every prefix.
+            /// Any request path: what normalization accepts maps to a valid upstream URI under every
+            /// prefix it matches.
             #[test]
-            fn normalization_and_mapping_never_panic(
-                path in "(/|%2[eEfF]|%5[cC]|%00|%[0-9a-fA-F]{2}|\\.\\.?|[a-z;=]{1,3}|//){0,12}",
+            fn mapping_never_panics(
+                path in "(/|%2[eEfF]|%3[bB]|%[0-9a-fA-F]{2}|\\.\\.?|[a-zA-Z;=]{1,3}|//){0,12}",
                 prefix in prop_oneof![Just("/"), Just("/a"), Just("/a/b/"), Just("/.x")],
                 query in proptest::option::of("[a-z=&%0-9]{0,12}"),
             ) {
-                if let Ok(normalized) = normalize_path(&path) {
-                    prop_assert!(normalized.starts_with(b"/"));
-                    let text = String::from_utf8_lossy(&normalized).into_owned();
-                    prop_assert!(!text.contains("//"));
-                    prop_assert!(text.split('/').all(|s| s != "." && s != ".."));
+                if let Ok(normalized) = RequestPath::parse(&path) {
                     let r = route(prefix, "http://127.0.0.1:1/base/");
-                    if prefix_matches(&r.match_prefix, &normalized) {
-                        let uri = upstream_uri(&r, &normalized, query.as_deref());
+                    let prefix = Prefix::new(&r.match_prefix);
+                    if prefix.matches(&normalized) {
+                        let uri = upstream_uri(&r, &normalized, prefix.len(), query.as_deref());
                         prop_assert!(uri.is_ok() || query.is_some());
                     }
                 }

@@ -21,6 +21,7 @@ pub mod error;
 pub mod exchange;
 pub mod forward;
 pub mod proxy;
+pub mod route;
 pub mod secret;
 pub mod server;
 pub mod telemetry;

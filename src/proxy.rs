@@ -16,6 +16,7 @@ use crate::error::{Fault, ProxyError};
 use crate::exchange::Exchanger;
 use crate::exchange::cache::Lookup;
 use crate::forward::{self, Outgoing, UpstreamClients};
+use crate::route::{Prefix, RequestPath};
 use crate::server::Peer;
 use crate::telemetry::{CacheKind, CacheResult, Metrics, RouteMetrics, UpstreamErrorKind};
 
@@ -28,27 +29,32 @@ const VALIDATE_ROUTE: &str = "token-api:validate";
 /// A caller-supplied `X-Request-Id` longer than this, or with other than visible ASCII, is replaced.
 const MAX_REQUEST_ID_BYTES: usize = 128;
 
+/// One route with what serving it needs, resolved once per configuration: its matcher, metric handles,
+/// header strip list and upstream client.
+struct RouteEntry {
+    route: Route,
+    prefix: Prefix,
+    metrics: RouteMetrics,
+    /// Request headers never forwarded on this route ([`forward::request_strip_list`]).
+    strip: Vec<String>,
+}
+
 /// The request path of one configuration generation, shared by every connection.
 pub struct Proxy {
-    /// Longest `match_prefix` first, so the first match is the longest.
-    routes: Vec<Route>,
+    /// Most prefix segments first, so the first match is the longest.
+    routes: Vec<RouteEntry>,
     authenticator: Arc<Authenticator>,
     exchanger: Exchanger,
     clients: UpstreamClients,
-    api_prefix: Option<String>,
+    api_prefix: Option<Prefix>,
     /// `[inbound]`'s policy, for `GET {api_prefix}/validate`.
     inbound_route: Route,
     max_header_bytes: usize,
     idle_timeout: std::time::Duration,
     metrics: Arc<Metrics>,
-    /// Per-route metric handles, resolved once per configuration (no label building per request), in the
-    /// order of `routes`.
-    route_metrics: Vec<RouteMetrics>,
     validate_metrics: RouteMetrics,
     /// Some route matches on `host`: only then is the request's `Host` parsed.
     match_host: bool,
-    /// Per-route request headers never forwarded, computed once per configuration, in the order of `routes`.
-    strip_lists: Vec<Vec<String>>,
 }
 
 /// How a request ended, for the access log.
@@ -68,19 +74,29 @@ impl Proxy {
         clients: UpstreamClients,
         metrics: &Arc<Metrics>,
     ) -> Self {
-        let mut routes = config.routes.clone();
+        let claim_names = forward::claim_header_names(&config.routes);
+        let mut routes: Vec<RouteEntry> = config
+            .routes
+            .iter()
+            .map(|route| RouteEntry {
+                prefix: Prefix::new(&route.match_prefix),
+                metrics: metrics.route(&route.name),
+                strip: forward::request_strip_list(route, &claim_names),
+                route: route.clone(),
+            })
+            .collect();
         // Longest prefix first; for one prefix, routes that also name a host or methods first.
-        routes.sort_by_key(|r| {
-            std::cmp::Reverse((r.match_prefix.len(), r.host.is_some(), r.methods.is_some()))
+        routes.sort_by_key(|e| {
+            std::cmp::Reverse((
+                e.prefix.len(),
+                e.route.host.is_some(),
+                e.route.methods.is_some(),
+            ))
         });
-        let route_metrics = routes.iter().map(|r| metrics.route(&r.name)).collect();
-        let strip_lists = routes.iter().map(forward::request_strip_list).collect();
         Proxy {
-            strip_lists,
             metrics: Arc::clone(metrics),
-            route_metrics,
             validate_metrics: metrics.route(VALIDATE_ROUTE),
-            match_host: routes.iter().any(|r| r.host.is_some()),
+            match_host: routes.iter().any(|e| e.route.host.is_some()),
             inbound_route: inbound_route(config),
             max_header_bytes: config.listen.max_header_bytes,
             idle_timeout: config.listen.idle_timeout,
@@ -88,7 +104,7 @@ impl Proxy {
             authenticator,
             exchanger,
             clients,
-            api_prefix: config.listen.api_prefix.clone(),
+            api_prefix: config.listen.api_prefix.as_deref().map(Prefix::new),
         }
     }
 
@@ -164,33 +180,29 @@ impl Proxy {
         if header_bytes > self.max_header_bytes {
             return Err(ProxyError::HeadersTooLarge);
         }
-        let path = forward::normalize_path(request.uri().path())?;
+        let host = request_host(&request)?;
+        let path = RequestPath::parse(request.uri().path())?;
         if let Some(prefix) = &self.api_prefix
-            && forward::prefix_matches(prefix, &path)
+            && prefix.matches(&path)
         {
-            return self
-                .token_api(&request, &path[prefix.len()..], outcome)
-                .await;
+            return self.token_api(&request, prefix, &path, outcome).await;
         }
-        let host = if self.match_host {
-            request_host(&request)
-        } else {
-            None
-        };
-        let (index, route) = self
+        let host = if self.match_host { host } else { None };
+        let entry = self
             .routes
             .iter()
-            .enumerate()
-            .find(|(_, r)| {
-                forward::prefix_matches(&r.match_prefix, &path)
+            .find(|e| {
+                let r = &e.route;
+                e.prefix.matches(&path)
                     && r.host.as_deref().is_none_or(|h| Some(h) == host.as_deref())
                     && r.methods
                         .as_ref()
                         .is_none_or(|m| m.contains(request.method()))
             })
             .ok_or(ProxyError::NoRoute)?;
+        let route = &entry.route;
         outcome.route = Some(&route.name);
-        outcome.metrics = self.route_metrics.get(index);
+        outcome.metrics = Some(&entry.metrics);
         let deadline = tokio::time::Instant::now() + route.timeout;
         let caller = self.caller(&request, route, deadline).await?;
         let acquired =
@@ -202,7 +214,7 @@ impl Proxy {
             Some(caller) if !route.forward_claims.is_empty() => claim_headers(route, caller),
             _ => Vec::new(),
         };
-        let uri = forward::upstream_uri(route, &path, request.uri().query())?;
+        let uri = forward::upstream_uri(route, &path, entry.prefix.len(), request.uri().query())?;
         let upgrade = forward::requested_upgrade(&request).filter(|_| !route.http2);
         let mut request = request;
         let caller_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut request));
@@ -216,7 +228,7 @@ impl Proxy {
                 claim_headers,
                 request_id: request_id.clone(),
                 upgrade,
-                strip: self.strip_lists.get(index).map_or(&[], Vec::as_slice),
+                strip: &entry.strip,
             },
         );
         let client = self
@@ -308,13 +320,21 @@ impl Proxy {
     async fn token_api<'a>(
         &'a self,
         request: &Request<Incoming>,
-        rest: &[u8],
+        prefix: &Prefix,
+        path: &RequestPath,
         outcome: &mut Outcome<'a>,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         if request.method() != http::Method::GET && request.method() != http::Method::HEAD {
             return Err(ProxyError::NoRoute);
         }
-        if rest == b"/validate" {
+        let mut rest = prefix.rest(path).map(|segment| segment.name);
+        let (endpoint, name, extra) = (rest.next(), rest.next(), rest.next());
+        if extra.is_some() {
+            return Err(ProxyError::NoRoute);
+        }
+        if let (Some(endpoint), None) = (endpoint, name)
+            && endpoint.eq_ignore_ascii_case(b"validate")
+        {
             outcome.route = Some(VALIDATE_ROUTE);
             outcome.metrics = Some(&self.validate_metrics);
             let deadline = tokio::time::Instant::now() + self.inbound_route.timeout;
@@ -322,18 +342,22 @@ impl Proxy {
             let claims = caller.map(|c| serde_json::Value::Object(c.all_claims()));
             return Ok(api_response(&serde_json::json!({ "claims": claims })));
         }
-        let name = rest
-            .strip_prefix(b"/authorization-header/")
-            .and_then(|name| std::str::from_utf8(name).ok())
-            .ok_or(ProxyError::NoRoute)?;
-        let (index, route) = self
+        let name = match (endpoint, name) {
+            (Some(endpoint), Some(name))
+                if endpoint.eq_ignore_ascii_case(b"authorization-header") =>
+            {
+                std::str::from_utf8(name).map_err(|_| ProxyError::NoRoute)?
+            }
+            _ => return Err(ProxyError::NoRoute),
+        };
+        let entry = self
             .routes
             .iter()
-            .enumerate()
-            .find(|(_, r)| r.name == name && r.token_api)
+            .find(|e| e.route.name == name && e.route.token_api)
             .ok_or(ProxyError::NoRoute)?;
+        let route = &entry.route;
         outcome.route = Some(&route.name);
-        outcome.metrics = self.route_metrics.get(index);
+        outcome.metrics = Some(&entry.metrics);
         let deadline = tokio::time::Instant::now() + route.timeout;
         let caller = self.caller(request, route, deadline).await?;
         let acquired =
@@ -448,19 +472,38 @@ fn request_id(request: &Request<Incoming>) -> HeaderValue {
         })
 }
 
-/// The request's host for route matching: `Host` (or the URI's authority) without its port, lowercase.
-fn request_host(request: &Request<Incoming>) -> Option<String> {
-    let authority = request
-        .headers()
-        .get(http::header::HOST)
-        .and_then(|v| v.to_str().ok())
-        .or_else(|| request.uri().authority().map(http::uri::Authority::as_str))?;
+/// The request's host for route matching: the target's authority (HTTP/2 `:authority`, or an HTTP/1.1
+/// absolute-form target) or the `Host` header, without its port, lowercase. Two `Host` headers, or a `Host`
+/// that names another authority than the target, are refused (RFC 9112 §3.2, RFC 9113 §8.3.1): the sidecar
+/// would route on one and an upstream could read the other.
+fn request_host(request: &Request<Incoming>) -> Result<Option<String>, ProxyError> {
+    let mut hosts = request.headers().get_all(http::header::HOST).iter();
+    let header = hosts.next();
+    if hosts.next().is_some() {
+        return Err(ProxyError::BadRequest("more than one Host header"));
+    }
+    let header = header
+        .map(|v| {
+            v.to_str()
+                .map_err(|_| ProxyError::BadRequest("Host is not visible ASCII"))
+        })
+        .transpose()?;
+    let target = request.uri().authority().map(http::uri::Authority::as_str);
+    let authority = match (target, header) {
+        (Some(target), Some(header)) if !target.eq_ignore_ascii_case(header) => {
+            return Err(ProxyError::BadRequest(
+                "Host does not match the request target's authority",
+            ));
+        }
+        (Some(authority), _) | (None, Some(authority)) => authority,
+        (None, None) => return Ok(None),
+    };
     let host = match authority.strip_prefix('[') {
         // [v6]:port
         Some(rest) => rest.split(']').next().unwrap_or_default(),
         None => authority.split(':').next().unwrap_or_default(),
     };
-    Some(host.to_ascii_lowercase())
+    Ok(Some(host.to_ascii_lowercase()))
 }
 
 /// The `forward_claims` headers of `route` from the caller's validated claims. Strings as they are, numbers
