@@ -8,7 +8,7 @@ pub mod jwks;
 use std::collections::HashMap;
 use std::fmt;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use http::HeaderMap;
@@ -54,7 +54,7 @@ impl Caller {
 }
 
 /// The claims of a validated caller token that every request needs; the validated-token cache holds these.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct CallerClaims {
     pub exp: u64,
     /// The `tid` claim, when it is a string (a `{tenantid}` token endpoint is filled from it).
@@ -63,6 +63,19 @@ pub struct CallerClaims {
     pub scopes: Words,
     /// The application roles (`roles_claim`).
     pub roles: Words,
+    /// The key that verified the token: when its issuer withdraws it, the cached token stops validating.
+    key: Arc<jwks::Key>,
+}
+
+impl fmt::Debug for CallerClaims {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CallerClaims")
+            .field("exp", &self.exp)
+            .field("tid", &self.tid)
+            .field("scopes", &self.scopes)
+            .field("roles", &self.roles)
+            .finish_non_exhaustive()
+    }
 }
 
 /// A set of names (scopes, roles) in one allocation: joined by spaces. A name that itself contains a space
@@ -88,14 +101,68 @@ impl Words {
 }
 
 /// A `{tenantid}` issuer and how its URLs are made.
+#[derive(PartialEq, Eq)]
 struct IssuerTemplate {
     issuer: String,
     discovery_url: Option<String>,
     jwks_uri: Option<String>,
 }
 
-/// Validates callers' tokens against the configured issuers.
-pub struct Authenticator {
+/// First discovery fetches for `{tenantid}` tenants not seen before, across all of them: a steady rate and a
+/// burst (SPEC §8). A token naming a fresh GUID costs nothing to forge (its signature is never checked
+/// before its keys are fetched), so without a budget each one would be an outbound fetch.
+pub const TENANT_FETCHES_PER_SECOND: f64 = 5.0;
+pub const TENANT_FETCH_BURST: f64 = 10.0;
+
+/// A token bucket.
+struct FetchBudget {
+    /// Tokens left, and when they were counted.
+    state: std::sync::Mutex<(f64, Instant)>,
+}
+
+impl FetchBudget {
+    fn new() -> Self {
+        FetchBudget {
+            state: std::sync::Mutex::new((TENANT_FETCH_BURST, Instant::now())),
+        }
+    }
+
+    /// Takes one fetch, or says how long until one is available.
+    fn take(&self) -> Result<(), Duration> {
+        let Ok(mut state) = self.state.lock() else {
+            return Err(Duration::from_secs(1));
+        };
+        let now = Instant::now();
+        let (tokens, counted) = *state;
+        let tokens = (tokens
+            + now.duration_since(counted).as_secs_f64() * TENANT_FETCHES_PER_SECOND)
+            .min(TENANT_FETCH_BURST);
+        if tokens >= 1.0 {
+            *state = (tokens - 1.0, now);
+            Ok(())
+        } else {
+            *state = (tokens, now);
+            Err(Duration::from_secs_f64(
+                (1.0 - tokens) / TENANT_FETCHES_PER_SECOND,
+            ))
+        }
+    }
+}
+
+/// Why an on-demand tenant's keys could not be had.
+#[derive(Debug, thiserror::Error)]
+enum TenantError {
+    #[error("first fetches for new tenants are over budget")]
+    OverBudget(Duration),
+    #[error("the tenant's discovery or key set could not be fetched")]
+    Fetch,
+    #[error("the tenant's URLs are not valid")]
+    Url(#[source] url::ParseError),
+}
+
+/// Where callers' keys come from: the configured issuers, fixed and `{tenantid}` templates, with their key
+/// sets. Kept across reloads that do not change what it was built from.
+struct Issuers {
     /// Fixed issuers, and the allowed tenants of `{tenantid}` issuers, by exact `iss`: fetched at start.
     fixed: HashMap<String, Arc<IssuerKeys>>,
     /// The tenant of each fixed issuer made from a `{tenantid}` template.
@@ -103,21 +170,179 @@ pub struct Authenticator {
     templates: Vec<IssuerTemplate>,
     /// `allowed_tenants` is set: only the fixed issuers made from it are accepted, no tenant on demand.
     tenants_listed: bool,
-    /// `{tenantid}` issuers resolved on demand (any GUID tenant), bounded.
-    tenants: moka::sync::Cache<String, Arc<IssuerKeys>>,
+    /// `{tenantid}` issuers resolved on demand (any GUID tenant), bounded; a tenant whose first fetch failed
+    /// holds no slot.
+    tenants: moka::future::Cache<String, Arc<IssuerKeys>>,
+    budget: FetchBudget,
     policy: jwks::FetchPolicy,
-    validated: moka::sync::Cache<[u8; 32], Arc<CallerClaims>, crate::exchange::cache::DigestHash>,
-    audiences: Vec<String>,
-    algorithms: Vec<Algorithm>,
-    clock_skew: Duration,
-    scope_claims: Vec<String>,
-    roles_claim: String,
 }
+
+/// What in `[inbound]` decides where keys come from.
+fn key_sources_equal(a: &Inbound, b: &Inbound) -> bool {
+    a.issuers == b.issuers
+        && a.discovery_url == b.discovery_url
+        && a.jwks_uri == b.jwks_uri
+        && a.allowed_tenants == b.allowed_tenants
+        && fetching_equal(a, b)
+}
+
+/// What in `[inbound]` decides how keys are fetched.
+fn fetching_equal(a: &Inbound, b: &Inbound) -> bool {
+    a.ca_file == b.ca_file
+        && a.jwks_refresh == b.jwks_refresh
+        && a.jwks_min_refetch == b.jwks_min_refetch
+}
+
+/// What in `[inbound]` decides whether a token verifies: when it is unchanged, a reload keeps the
+/// validated-token cache. Policy and `allow_acl_tokens` are applied on every request, cached or not.
+fn verification_equal(a: &Inbound, b: &Inbound) -> bool {
+    key_sources_equal(a, b)
+        && a.audiences == b.audiences
+        && a.algorithms == b.algorithms
+        && a.clock_skew == b.clock_skew
+        && a.scope_claims == b.scope_claims
+        && a.roles_claim == b.roles_claim
+}
+
+impl Issuers {
+    /// The issuers of `inbound`, reusing the key sets of `previous` whose issuer, discovery URL and JWKS URI
+    /// are unchanged (when the fetch settings are). Also returns the key sets that are new, whose
+    /// maintenance must be started.
+    fn new(
+        inbound: &Inbound,
+        policy: jwks::FetchPolicy,
+        previous: Option<&Issuers>,
+    ) -> Result<(Issuers, Vec<Arc<IssuerKeys>>), url::ParseError> {
+        let mut fixed = HashMap::new();
+        let mut fixed_tenants = HashMap::new();
+        let mut templates = Vec::new();
+        let mut fresh = Vec::new();
+        let mut add = |keys: IssuerKeys, fixed: &mut HashMap<String, Arc<IssuerKeys>>| {
+            let kept = previous
+                .and_then(|p| p.fixed.get(&keys.issuer))
+                .filter(|old| old.same_source(&keys));
+            let keys = match kept {
+                Some(old) => Arc::clone(old),
+                None => {
+                    let keys = Arc::new(keys);
+                    fresh.push(Arc::clone(&keys));
+                    keys
+                }
+            };
+            fixed.insert(keys.issuer.clone(), keys);
+        };
+        for issuer in &inbound.issuers {
+            let template = IssuerTemplate {
+                issuer: issuer.clone(),
+                discovery_url: inbound.discovery_url.clone(),
+                jwks_uri: inbound.jwks_uri.clone(),
+            };
+            if issuer.contains(TENANT_PLACEHOLDER) {
+                for tenant in &inbound.allowed_tenants {
+                    let keys = issuer_keys(&template, tenant, &policy)?;
+                    fixed_tenants.insert(keys.issuer.clone(), tenant.clone());
+                    add(keys, &mut fixed);
+                }
+                templates.push(template);
+            } else {
+                add(issuer_keys(&template, "", &policy)?, &mut fixed);
+            }
+        }
+        let issuers = Issuers {
+            fixed,
+            fixed_tenants,
+            templates,
+            tenants_listed: !inbound.allowed_tenants.is_empty(),
+            tenants: moka::future::Cache::builder()
+                .max_capacity(MAX_TENANT_ISSUERS)
+                .eviction_policy(moka::policy::EvictionPolicy::lru())
+                .build(),
+            budget: FetchBudget::new(),
+            policy,
+        };
+        Ok((issuers, fresh))
+    }
+
+    /// The keys for the token's (unverified) `iss`: a fixed issuer, or a `{tenantid}` issuer filled from an
+    /// allowed `tid` — checked before any network fetch, so a token cannot make us fetch from anywhere.
+    async fn for_token(&self, parsed: &Unverified) -> Result<Arc<IssuerKeys>, ProxyError> {
+        let iss = parsed
+            .claims
+            .get("iss")
+            .and_then(Value::as_str)
+            .ok_or(ProxyError::InvalidToken("issuer not accepted"))?;
+        if let Some(keys) = self.fixed.get(iss) {
+            // An allowed tenant's issuer: the token's tid must name that same tenant (the token endpoint is
+            // filled from it).
+            if let Some(tenant) = self.fixed_tenants.get(iss)
+                && parsed.claims.get("tid").and_then(Value::as_str) != Some(tenant.as_str())
+            {
+                return Err(ProxyError::InvalidToken("tenant does not match the issuer"));
+            }
+            return Ok(Arc::clone(keys));
+        }
+        if self.templates.is_empty() {
+            return Err(ProxyError::InvalidToken("issuer not accepted"));
+        }
+        // With `allowed_tenants`, every allowed tenant's issuer is a fixed one (above): any other is refused.
+        if self.tenants_listed {
+            return Err(ProxyError::InvalidToken("tenant not accepted"));
+        }
+        let tenant = parsed
+            .claims
+            .get("tid")
+            .and_then(Value::as_str)
+            .filter(|tid| crate::exchange::is_guid(tid))
+            .ok_or(ProxyError::InvalidToken("tenant not accepted"))?;
+        let template = self
+            .templates
+            .iter()
+            .find(|t| fill(&t.issuer, tenant) == iss)
+            .ok_or(ProxyError::InvalidToken("issuer not accepted"))?;
+        let resolved = fill(&template.issuer, tenant);
+        let init = async {
+            self.budget.take().map_err(TenantError::OverBudget)?;
+            let keys =
+                Arc::new(issuer_keys(template, tenant, &self.policy).map_err(TenantError::Url)?);
+            if !keys.refetch().await {
+                return Err(TenantError::Fetch);
+            }
+            tokio::spawn(IssuerKeys::refresh(Arc::downgrade(&keys)));
+            Ok(keys)
+        };
+        self.tenants
+            .try_get_with(resolved, init)
+            .await
+            .map_err(|error| match *error {
+                TenantError::OverBudget(wait) => ProxyError::KeysUnavailable {
+                    retry_after: wait.max(Duration::from_secs(1)),
+                },
+                TenantError::Fetch => ProxyError::KeysUnavailable {
+                    retry_after: KEYS_RETRY_AFTER,
+                },
+                TenantError::Url(_) => ProxyError::InvalidToken("issuer not accepted"),
+            })
+    }
+}
+
+/// Validates callers' tokens against the configured issuers.
+pub struct Authenticator {
+    issuers: Arc<Issuers>,
+    /// Key sets this generation fetches anew (the others were kept from the previous one).
+    fresh: Vec<Arc<IssuerKeys>>,
+    validated: Arc<ValidatedCache>,
+    /// The `[inbound]` this was built from, for the next reload to compare against.
+    inbound: Inbound,
+    clock_skew: Duration,
+}
+
+type ValidatedCache =
+    moka::sync::Cache<[u8; 32], Arc<CallerClaims>, crate::exchange::cache::DigestHash>;
 
 impl fmt::Debug for Authenticator {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Authenticator")
-            .field("issuers", &self.fixed.keys())
+            .field("issuers", &self.issuers.fixed.keys())
             .finish_non_exhaustive()
     }
 }
@@ -156,68 +381,81 @@ impl Authenticator {
         http: &reqwest::Client,
         metrics: Arc<crate::telemetry::Metrics>,
     ) -> Result<Self, url::ParseError> {
-        let policy = jwks::FetchPolicy {
-            http: http.clone(),
-            metrics,
-            refresh: inbound.jwks_refresh,
-            min_refetch: inbound.jwks_min_refetch,
-        };
-        let mut fixed = HashMap::new();
-        let mut fixed_tenants = HashMap::new();
-        let mut templates = Vec::new();
-        for issuer in &inbound.issuers {
-            let template = IssuerTemplate {
-                issuer: issuer.clone(),
-                discovery_url: inbound.discovery_url.clone(),
-                jwks_uri: inbound.jwks_uri.clone(),
-            };
-            if issuer.contains(TENANT_PLACEHOLDER) {
-                for tenant in &inbound.allowed_tenants {
-                    let keys = issuer_keys(&template, tenant, &policy)?;
-                    fixed_tenants.insert(keys.issuer.clone(), tenant.clone());
-                    fixed.insert(keys.issuer.clone(), Arc::new(keys));
-                }
-                templates.push(template);
-            } else {
-                let keys = issuer_keys(&template, "", &policy)?;
-                fixed.insert(issuer.clone(), Arc::new(keys));
+        Self::build(inbound, validated_capacity, http, metrics, None)
+    }
+
+    /// The validator of a reloaded `[inbound]`. What did not change is kept: the key sets of every issuer
+    /// whose discovery, JWKS and CA settings are the same (so a JWKS outage during a reload does not turn
+    /// into 503s), and the validated-token cache when nothing that decides verification changed.
+    pub fn reload(
+        &self,
+        inbound: &Inbound,
+        validated_capacity: u64,
+        http: &reqwest::Client,
+        metrics: Arc<crate::telemetry::Metrics>,
+    ) -> Result<Self, url::ParseError> {
+        Self::build(inbound, validated_capacity, http, metrics, Some(self))
+    }
+
+    fn build(
+        inbound: &Inbound,
+        validated_capacity: u64,
+        http: &reqwest::Client,
+        metrics: Arc<crate::telemetry::Metrics>,
+        previous: Option<&Authenticator>,
+    ) -> Result<Self, url::ParseError> {
+        let (issuers, fresh) = match previous {
+            Some(previous) if key_sources_equal(&previous.inbound, inbound) => {
+                (Arc::clone(&previous.issuers), Vec::new())
             }
-        }
+            _ => {
+                let policy = jwks::FetchPolicy {
+                    http: http.clone(),
+                    metrics,
+                    refresh: inbound.jwks_refresh,
+                    min_refetch: inbound.jwks_min_refetch,
+                };
+                let reusable = previous
+                    .filter(|p| fetching_equal(&p.inbound, inbound))
+                    .map(|p| &*p.issuers);
+                let (issuers, fresh) = Issuers::new(inbound, policy, reusable)?;
+                (Arc::new(issuers), fresh)
+            }
+        };
+        let validated = match previous {
+            Some(previous) if verification_equal(&previous.inbound, inbound) => {
+                Arc::clone(&previous.validated)
+            }
+            _ => Arc::new(
+                moka::sync::Cache::builder()
+                    .max_capacity(validated_capacity)
+                    .expire_after(ValidatedExpiry {
+                        clock_skew: inbound.clock_skew.as_secs(),
+                    })
+                    .build_with_hasher(crate::exchange::cache::DigestHash::default()),
+            ),
+        };
         Ok(Authenticator {
-            fixed,
-            fixed_tenants,
-            templates,
-            tenants_listed: !inbound.allowed_tenants.is_empty(),
-            tenants: moka::sync::Cache::builder()
-                .max_capacity(MAX_TENANT_ISSUERS)
-                .eviction_policy(moka::policy::EvictionPolicy::lru())
-                .build(),
-            policy,
-            validated: moka::sync::Cache::builder()
-                .max_capacity(validated_capacity)
-                .expire_after(ValidatedExpiry {
-                    clock_skew: inbound.clock_skew.as_secs(),
-                })
-                .build_with_hasher(crate::exchange::cache::DigestHash::default()),
-            audiences: inbound.audiences.clone(),
-            algorithms: inbound.algorithms.clone(),
+            issuers,
+            fresh,
+            validated,
+            inbound: inbound.clone(),
             clock_skew: inbound.clock_skew,
-            scope_claims: inbound.scope_claims.clone(),
-            roles_claim: inbound.roles_claim.clone(),
         })
     }
 
-    /// Spawns the background fetch and refresh of every fixed issuer's keys.
+    /// Spawns the background fetch and refresh of the fixed issuers' keys that this generation did not keep
+    /// from the previous one (those are maintained already).
     pub fn start(&self) -> Vec<tokio::task::JoinHandle<()>> {
-        self.fixed
-            .values()
-            .map(|keys| tokio::spawn(IssuerKeys::maintain(Arc::downgrade(keys), true)))
+        self.fresh
+            .iter()
+            .map(|keys| tokio::spawn(IssuerKeys::maintain(Arc::downgrade(keys))))
             .collect()
     }
 
     /// Resolves once every fixed issuer's keys have been fetched (what `/readyz` reports).
     pub async fn ready(&self) {
-        for keys in self.fixed.values() {
+        for keys in self.issuers.fixed.values() {
             keys.fetched().await;
         }
     }
@@ -225,6 +463,7 @@ impl Authenticator {
     /// Fixed issuers whose keys have not been fetched yet (empty when ready).
     pub fn issuers_without_keys(&self) -> Vec<String> {
         let mut missing: Vec<String> = self
+            .issuers
             .fixed
             .values()
             .filter(|k| k.state().keys.is_none())
@@ -235,27 +474,37 @@ impl Authenticator {
     }
 
     /// Validates the caller's bearer token from the request headers. A token seen before (same bytes) is
-    /// answered from the validated-token cache, with its expiry checked again.
+    /// answered from the validated-token cache, with its expiry and its signing key checked again.
     pub async fn authenticate(&self, headers: &HeaderMap) -> Result<Caller, ProxyError> {
         // The characters are checked only for a token not seen before: the same bytes passed that check.
         let token = bearer_text(headers)?;
         let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, token.as_bytes());
         let mut key = [0u8; 32];
         key.copy_from_slice(digest.as_ref());
-        if let Some(claims) = self.validated.get(&key) {
+        let claims = if let Some(claims) = self.validated.get(&key) {
             if now_unix() > claims.exp.saturating_add(self.clock_skew.as_secs()) {
                 self.validated.invalidate(&key);
                 return Err(ProxyError::InvalidToken("token expired"));
             }
-            return Ok(Caller {
-                token: Secret::new(token),
-                digest: key,
-                claims,
-            });
+            if claims.key.is_withdrawn() {
+                self.validated.invalidate(&key);
+                return Err(ProxyError::InvalidToken(
+                    "signing key withdrawn by the issuer",
+                ));
+            }
+            claims
+        } else {
+            check_b64token(token)?;
+            let claims = Arc::new(self.verify(token).await?);
+            self.validated.insert(key, Arc::clone(&claims));
+            claims
+        };
+        // An ID token, or an app token authorized only by an ACL: Microsoft.Identity.Web refuses these too.
+        if claims.scopes.is_empty() && claims.roles.is_empty() && !self.inbound.allow_acl_tokens {
+            return Err(ProxyError::InvalidToken(
+                "the token carries neither scopes nor roles",
+            ));
         }
-        check_b64token(token)?;
-        let claims = Arc::new(self.verify(token).await?);
-        self.validated.insert(key, Arc::clone(&claims));
         Ok(Caller {
             token: Secret::new(token),
             digest: key,
@@ -265,8 +514,8 @@ impl Authenticator {
 
     /// Full validation: structure and header checks, issuer and key selection, signature and claims.
     async fn verify(&self, token: &str) -> Result<CallerClaims, ProxyError> {
-        let parsed = parse_unverified(token, &self.algorithms)?;
-        let issuer = self.issuer_for(&parsed)?;
+        let parsed = parse_unverified(token, &self.inbound.algorithms)?;
+        let issuer = self.issuers.for_token(&parsed).await?;
         let key = self.key_for(&issuer, &parsed).await?;
         if key.family != parsed.alg.family() || key.alg.is_some_and(|a| a != parsed.alg) {
             return Err(ProxyError::InvalidToken(
@@ -276,7 +525,7 @@ impl Authenticator {
         let mut validation = Validation::new(parsed.alg);
         validation.leeway = self.clock_skew.as_secs();
         validation.validate_nbf = true;
-        validation.set_audience(&self.audiences);
+        validation.set_audience(&self.inbound.audiences);
         validation.set_issuer(&[&issuer.issuer]);
         validation.set_required_spec_claims(&["exp", "iss", "aud"]);
         jsonwebtoken::decode::<serde::de::IgnoredAny>(token, &key.decoding, &validation).map_err(
@@ -307,55 +556,10 @@ impl Authenticator {
         Ok(caller_claims(
             &parsed.claims,
             parsed.exp,
-            &self.scope_claims,
-            &self.roles_claim,
+            &self.inbound.scope_claims,
+            &self.inbound.roles_claim,
+            key,
         ))
-    }
-
-    /// The keys for the token's (unverified) `iss`: a fixed issuer, or a `{tenantid}` issuer filled from an
-    /// allowed `tid` — checked before any network fetch, so a token cannot make us fetch from anywhere.
-    fn issuer_for(&self, parsed: &Unverified) -> Result<Arc<IssuerKeys>, ProxyError> {
-        let iss = parsed
-            .claims
-            .get("iss")
-            .and_then(Value::as_str)
-            .ok_or(ProxyError::InvalidToken("issuer not accepted"))?;
-        if let Some(keys) = self.fixed.get(iss) {
-            // An allowed tenant's issuer: the token's tid must name that same tenant (the token endpoint is
-            // filled from it).
-            if let Some(tenant) = self.fixed_tenants.get(iss)
-                && parsed.claims.get("tid").and_then(Value::as_str) != Some(tenant.as_str())
-            {
-                return Err(ProxyError::InvalidToken("tenant does not match the issuer"));
-            }
-            return Ok(Arc::clone(keys));
-        }
-        if self.templates.is_empty() {
-            return Err(ProxyError::InvalidToken("issuer not accepted"));
-        }
-        // With `allowed_tenants`, every allowed tenant's issuer is a fixed one (above): any other is refused.
-        if self.tenants_listed {
-            return Err(ProxyError::InvalidToken("tenant not accepted"));
-        }
-        let tenant = parsed
-            .claims
-            .get("tid")
-            .and_then(Value::as_str)
-            .filter(|tid| crate::exchange::is_guid(tid))
-            .ok_or(ProxyError::InvalidToken("tenant not accepted"))?;
-        let template = self
-            .templates
-            .iter()
-            .find(|t| fill(&t.issuer, tenant) == iss)
-            .ok_or(ProxyError::InvalidToken("issuer not accepted"))?;
-        let resolved = fill(&template.issuer, tenant);
-        self.tenants
-            .try_get_with(resolved, || {
-                let keys = Arc::new(issuer_keys(template, tenant, &self.policy)?);
-                tokio::spawn(IssuerKeys::maintain(Arc::downgrade(&keys), false));
-                Ok::<_, url::ParseError>(keys)
-            })
-            .map_err(|_| ProxyError::InvalidToken("issuer not accepted"))
     }
 
     async fn key_for(
@@ -640,6 +844,7 @@ fn caller_claims(
     exp: u64,
     scope_claims: &[String],
     roles_claim: &str,
+    key: Arc<jwks::Key>,
 ) -> CallerClaims {
     // A space-separated string (`scp`), or an array of names.
     fn strings(v: Option<&Value>) -> Vec<&str> {
@@ -659,6 +864,7 @@ fn caller_claims(
                 .collect(),
         ),
         roles: Words::new(strings(all.get(roles_claim))),
+        key,
     }
 }
 
@@ -788,7 +994,13 @@ mod tests {
         let mut all = Map::new();
         all.insert("scp".into(), Value::from(scp));
         all.insert("roles".into(), Value::from(roles.to_vec()));
-        caller_claims(&all, 0, &["scp".to_owned()], "roles")
+        caller_claims(
+            &all,
+            0,
+            &["scp".to_owned()],
+            "roles",
+            jwks::Key::for_tests(),
+        )
     }
 
     #[test]
@@ -796,7 +1008,13 @@ mod tests {
         let mut all = Map::new();
         all.insert("roles".into(), Value::from(vec!["Reader Admin", "User"]));
         all.insert("scp".into(), Value::from("b  a b"));
-        let claims = caller_claims(&all, 0, &["scp".to_owned()], "roles");
+        let claims = caller_claims(
+            &all,
+            0,
+            &["scp".to_owned()],
+            "roles",
+            jwks::Key::for_tests(),
+        );
         assert!(claims.roles.contains("User"));
         assert!(!claims.roles.contains("Admin") && !claims.roles.contains("Reader"));
         assert!(claims.scopes.contains("a") && claims.scopes.contains("b"));

@@ -115,6 +115,8 @@ pub struct Inbound {
     /// Claims read for scopes: a space-separated string or an array.
     pub scope_claims: Vec<String>,
     pub roles_claim: String,
+    /// Accept tokens with neither scopes nor roles (ID tokens, app tokens authorized by an ACL).
+    pub allow_acl_tokens: bool,
 }
 
 /// Keys rotate on the scale of weeks and are announced ahead; hourly picks a new key up even before any
@@ -374,11 +376,32 @@ impl Config {
         }
     }
 
+    /// The route rules that depend on the proxy listener, checked against `self.listen`: a reload keeps the
+    /// running `[listen]`, so the new routes must be checked against it, not against the file's.
+    pub fn listener_problems(&self) -> Vec<Problem> {
+        let loopback = is_loopback_addr(&self.listen.proxy);
+        self.routes
+            .iter()
+            .enumerate()
+            .filter(|(_, route)| route.caller_auth == CallerAuth::None && !loopback)
+            .map(|(i, route)| Problem {
+                path: format!("routes[{i}].caller_auth"),
+                message: format!(
+                    "route {:?}: {NONE_NEEDS_LOOPBACK} (the running proxy listener is {})",
+                    route.name, self.listen.proxy
+                ),
+            })
+            .collect()
+    }
+
     /// The identity a route acquires its tokens with.
     pub fn identity_for(&self, route: &Route) -> Option<&Arc<Identity>> {
         self.identities.get(&route.identity)
     }
 }
+
+/// Why `caller_auth = "none"` needs a loopback proxy listener.
+const NONE_NEEDS_LOOPBACK: &str = "\"none\" only when the proxy listener is loopback: anyone who can reach it could use this route";
 
 /// Environment variables that override configuration keys start with this; `__` separates levels.
 pub const ENV_OVERRIDE_PREFIX: &str = "OBO_SIDECAR__";
@@ -924,6 +947,7 @@ fn read_inbound(table: &Table, p: &mut Problems) -> Inbound {
             "jwks_min_refetch",
             "scope_claims",
             "roles_claim",
+            "allow_acl_tokens",
         ],
         p,
     );
@@ -1031,6 +1055,7 @@ fn read_inbound(table: &Table, p: &mut Problems) -> Inbound {
         jwks_min_refetch,
         scope_claims,
         roles_claim,
+        allow_acl_tokens: f.boolean("allow_acl_tokens", false, p),
     }
 }
 
@@ -1695,7 +1720,7 @@ fn read_route(
                 p.add(&f.at("caller_auth"), "\"none\" only with token = \"app\" or \"none\": obo and passthrough need the caller's token");
             }
             if !is_loopback_addr(&context.proxy_listen) {
-                p.add(&f.at("caller_auth"), "\"none\" only when the proxy listener is loopback: anyone who can reach it could use this route");
+                p.add(&f.at("caller_auth"), NONE_NEEDS_LOOPBACK);
             }
             CallerAuth::None
         }

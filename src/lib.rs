@@ -71,6 +71,8 @@ pub enum StartError {
     Io(#[from] std::io::Error),
     #[error("inbound TLS")]
     ServerTls(#[from] tls::ServerTlsError),
+    #[error("the configuration does not fit the running listener")]
+    Listener(#[source] config::ConfigError),
 }
 
 /// What outlives a reload: the current request path, swapped whole, and the state shared across them.
@@ -144,15 +146,20 @@ impl Sidecar {
         // warns again while the file still differs).
         config.listen = old.listen.clone();
         config.cache.max_entries = old.cache.max_entries;
-        // Route policy lives in the routes; only a change to what validates tokens needs new key sets.
-        let same_validation = config::Inbound {
-            policy: config.inbound.policy.clone(),
-            ..old.inbound.clone()
-        } == config.inbound;
-        let authenticator = if same_validation {
-            Arc::clone(self.shared.proxy().authenticator())
-        } else {
-            let authenticator = build_authenticator(&config, &self.shared.metrics)?;
+        // The file was checked against its own [listen]; what serves is the running one (SPEC §8).
+        let problems = config.listener_problems();
+        if !problems.is_empty() {
+            return Err(StartError::Listener(config::ConfigError { problems }));
+        }
+        let authenticator = {
+            let current = self.shared.proxy();
+            let http = idp_http(&config)?;
+            let authenticator = Arc::new(current.authenticator().reload(
+                &config.inbound,
+                config.cache.max_entries,
+                &http,
+                Arc::clone(&self.shared.metrics),
+            )?);
             if let Ok(mut background) = self.background.lock() {
                 // The old key sets' tasks end when their last request lets go of them.
                 background.retain(|task| !task.is_finished());
@@ -194,21 +201,25 @@ impl Sidecar {
     }
 }
 
-fn build_authenticator(
-    config: &Config,
-    metrics: &Arc<telemetry::Metrics>,
-) -> Result<Arc<Authenticator>, StartError> {
+/// The HTTP client for discovery and JWKS fetches.
+fn idp_http(config: &Config) -> Result<reqwest::Client, StartError> {
     let roots: Vec<&Path> = config
         .inbound
         .ca_file
         .iter()
         .map(PathBuf::as_path)
         .collect();
-    let http = tls::idp_client(&roots, config::DEFAULT_IDP_TIMEOUT)?;
+    Ok(tls::idp_client(&roots, config::DEFAULT_IDP_TIMEOUT)?)
+}
+
+fn build_authenticator(
+    config: &Config,
+    metrics: &Arc<telemetry::Metrics>,
+) -> Result<Arc<Authenticator>, StartError> {
     Ok(Arc::new(Authenticator::new(
         &config.inbound,
         config.cache.max_entries,
-        &http,
+        &idp_http(config)?,
         Arc::clone(metrics),
     )?))
 }
@@ -358,9 +369,12 @@ pub async fn watch_config(sidecar: &Sidecar, path: &Path) {
             }
         }
         let outcome = match Config::load(path) {
-            Ok(config) => sidecar
-                .reload(config)
-                .map_err(|e| vec![crate::auth::jwks::error_chain(&e)]),
+            Ok(config) => sidecar.reload(config).map_err(|e| match e {
+                StartError::Listener(error) => {
+                    error.problems.iter().map(ToString::to_string).collect()
+                }
+                other => vec![crate::auth::jwks::error_chain(&other)],
+            }),
             Err(error) => Err(error.problems.iter().map(ToString::to_string).collect()),
         };
         sidecar.shared.record_reload(outcome.is_ok());

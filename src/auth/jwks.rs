@@ -9,7 +9,7 @@ use std::time::Duration;
 use jsonwebtoken::jwk::{Jwk, KeyAlgorithm, PublicKeyUse};
 use jsonwebtoken::{Algorithm, AlgorithmFamily, DecodingKey};
 use serde::Deserialize;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use tokio::sync::{Mutex, watch};
 use tokio::time::Instant;
 use url::Url;
@@ -28,6 +28,31 @@ pub struct Key {
     pub family: AlgorithmFamily,
     /// The `alg` the JWK pins, if any: a token must then use exactly this one.
     pub alg: Option<Algorithm>,
+    /// The key itself (`kty`, `alg` and the public numbers), to tell a key kept across a refetch from a new
+    /// one published under the same `kid`.
+    material: String,
+    /// Set when a refetched key set no longer holds this key: tokens it verified stop validating at once,
+    /// also those in the validated-token cache (SPEC §8).
+    withdrawn: AtomicBool,
+}
+
+impl Key {
+    /// A key that verifies nothing, for unit tests of what follows verification.
+    #[cfg(test)]
+    pub(crate) fn for_tests() -> Arc<Key> {
+        Arc::new(Key {
+            decoding: DecodingKey::from_secret(b""),
+            family: AlgorithmFamily::Hmac,
+            alg: None,
+            material: String::new(),
+            withdrawn: AtomicBool::new(false),
+        })
+    }
+
+    /// Whether the issuer has stopped publishing this key.
+    pub fn is_withdrawn(&self) -> bool {
+        self.withdrawn.load(Ordering::Acquire)
+    }
 }
 
 /// The keys of one issuer, by `kid`.
@@ -160,27 +185,32 @@ impl IssuerKeys {
         let _ = rx.wait_for(|s| s.keys.is_some()).await;
     }
 
-    /// Fetches at start until it succeeds (backoff capped at [`MAX_FETCH_BACKOFF`]), then refreshes as the key
-    /// set's `Cache-Control` or the configured interval says. Ends when the issuer is dropped (a tenant
-    /// evicted from the bounded set).
-    ///
-    /// With `retry` false (a tenant resolved on demand from an unauthenticated token's `tid`), a failed first
-    /// fetch is not retried in the background: requests retry it, rate-limited, so random tenants cannot turn
-    /// into a stream of background fetches.
-    pub async fn maintain(keys: std::sync::Weak<Self>, retry: bool) {
+    /// Whether `other` fetches the same keys the same way (issuer, discovery URL and JWKS URI).
+    pub fn same_source(&self, other: &IssuerKeys) -> bool {
+        self.issuer == other.issuer
+            && self.discovery_url == other.discovery_url
+            && self.jwks_uri == other.jwks_uri
+    }
+
+    /// Fetches at start until it succeeds (backoff capped at [`MAX_FETCH_BACKOFF`]), then keeps the keys
+    /// fresh ([`IssuerKeys::refresh`]). Ends when the issuer is dropped.
+    pub async fn maintain(keys: std::sync::Weak<Self>) {
         let mut backoff = Duration::from_millis(250);
         loop {
             let Some(this) = keys.upgrade() else { return };
             if this.refetch().await {
                 break;
             }
-            if !retry {
-                return;
-            }
             drop(this);
             tokio::time::sleep(backoff).await;
             backoff = (backoff * 2).min(MAX_FETCH_BACKOFF);
         }
+        Self::refresh(keys).await;
+    }
+
+    /// Refreshes fetched keys as the key set's `Cache-Control` or the configured interval says. Ends when the
+    /// issuer is dropped (a tenant evicted from the bounded set, or a reload that no longer names it).
+    pub async fn refresh(keys: std::sync::Weak<Self>) {
         loop {
             let Some(wait) = keys.upgrade().map(|this| this.refresh_interval()) else {
                 return;
@@ -209,7 +239,10 @@ impl IssuerKeys {
         let ok = outcome.is_ok();
         self.policy.metrics.record_jwks(&self.label, ok);
         match outcome {
-            Ok((set, max_age)) => {
+            Ok((mut set, max_age)) => {
+                if let Some(previous) = self.state.borrow().keys.as_deref() {
+                    carry_over(previous, &mut set);
+                }
                 tracing::info!(issuer = %self.issuer, keys = set.by_kid.len() + set.anonymous.len(), "signing keys fetched");
                 let refresh = max_age.map_or(self.policy.refresh, |age| {
                     age.clamp(MIN_HONOURED_MAX_AGE, MAX_HONOURED_MAX_AGE)
@@ -327,6 +360,28 @@ impl IssuerKeys {
     }
 }
 
+/// Keeps the keys of `previous` that `fresh` still publishes (same `kid`, same material) as the same `Key`, so
+/// tokens they verified stay valid, and withdraws every other one: a key the issuer dropped (rotated out, or
+/// compromised) must stop validating at once.
+fn carry_over(previous: &KeySet, fresh: &mut KeySet) {
+    for (kid, old) in &previous.by_kid {
+        match fresh.by_kid.get_mut(kid) {
+            Some(new) if new.material == old.material => *new = Arc::clone(old),
+            _ => old.withdrawn.store(true, Ordering::Release),
+        }
+    }
+    for old in &previous.anonymous {
+        match fresh
+            .anonymous
+            .iter_mut()
+            .find(|new| new.material == old.material)
+        {
+            Some(new) => *new = Arc::clone(old),
+            None => old.withdrawn.store(true, Ordering::Release),
+        }
+    }
+}
+
 /// `<issuer>/.well-known/openid-configuration` (OpenID Discovery §4).
 pub fn default_discovery_url(issuer: &str) -> Result<Url, url::ParseError> {
     Url::parse(&format!(
@@ -361,10 +416,21 @@ fn key_set(raw: &[serde_json::Value]) -> KeySet {
         let Ok(decoding) = DecodingKey::from_jwk(&jwk) else {
             continue;
         };
+        let material = ["kty", "alg", "n", "e", "crv", "x", "y"]
+            .iter()
+            .map(|field| {
+                value
+                    .get(field)
+                    .map_or_else(String::new, ToString::to_string)
+            })
+            .collect::<Vec<_>>()
+            .join(" ");
         let key = Arc::new(Key {
             decoding,
             family,
             alg,
+            material,
+            withdrawn: AtomicBool::new(false),
         });
         match jwk.common.key_id {
             Some(kid) => {
@@ -417,6 +483,27 @@ mod tests {
         let set = key_set(&raw);
         assert_eq!(set.by_kid.keys().collect::<Vec<_>>(), vec!["sig"]);
         assert_eq!(set.by_kid["sig"].alg, Some(Algorithm::RS256));
+    }
+
+    #[test]
+    fn a_refetch_keeps_published_keys_and_withdraws_the_others() {
+        let rsa = |kid: &str, n: &str| serde_json::json!({"kty": "RSA", "kid": kid, "alg": "RS256", "n": n, "e": "AQAB"});
+        let first = key_set(&[
+            rsa("kept", "sXch"),
+            rsa("dropped", "sXch"),
+            rsa("changed", "sXch"),
+        ]);
+        let mut second = key_set(&[
+            rsa("kept", "sXch"),
+            rsa("changed", "oXch"),
+            rsa("new", "sXch"),
+        ]);
+        carry_over(&first, &mut second);
+        assert!(Arc::ptr_eq(&first.by_kid["kept"], &second.by_kid["kept"]));
+        assert!(!first.by_kid["kept"].is_withdrawn());
+        assert!(first.by_kid["dropped"].is_withdrawn());
+        assert!(first.by_kid["changed"].is_withdrawn());
+        assert!(!second.by_kid["changed"].is_withdrawn());
     }
 
     #[test]
