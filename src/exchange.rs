@@ -44,6 +44,9 @@ const ERROR_LOG_INTERVAL: Duration = Duration::from_secs(60);
 /// A `Retry-After` longer than this is shortened: an IdP (or a proxy in front of it) asking for a day must not
 /// take an identity offline for a day.
 const MAX_RETRY_AFTER: Duration = Duration::from_secs(300);
+/// The longest an upstream token is believed to live, whatever the IdP says: Entra's tokens live 60–90
+/// minutes, and an absurd `expires_in` (1e19) must neither overflow a clock nor pin a token for years.
+pub const MAX_TOKEN_LIFETIME: Duration = Duration::from_secs(24 * 3600);
 /// How much of an IdP error description reaches the log.
 const MAX_LOGGED_DESCRIPTION: usize = 300;
 
@@ -163,7 +166,48 @@ struct ErrorResponse {
     claims: Option<String>,
 }
 
-/// One identity's connection to its IdP: client, concurrency cap and the IdP's remembered back-off.
+/// The `Retry-After`s IdPs sent, per client and **resolved** token endpoint: with a `{tenantid}` endpoint, one
+/// tenant's throttling never blocks another's (SPEC §8). Kept across reloads, like the token cache.
+pub struct IdpBackoff {
+    until: moka::sync::Cache<(String, String), Instant>,
+}
+
+/// Endpoints remembered at once; each entry lives at most [`MAX_RETRY_AFTER`].
+const MAX_BACKOFF_ENTRIES: u64 = 10_000;
+
+impl Default for IdpBackoff {
+    fn default() -> Self {
+        IdpBackoff {
+            until: moka::sync::Cache::builder()
+                .max_capacity(MAX_BACKOFF_ENTRIES)
+                .time_to_live(MAX_RETRY_AFTER)
+                .build(),
+        }
+    }
+}
+
+impl IdpBackoff {
+    /// The remaining back-off the IdP asked `client_id` for at `token_endpoint`, if any.
+    fn remaining(&self, client_id: &str, token_endpoint: &str) -> Option<Duration> {
+        let until = self
+            .until
+            .get(&(client_id.to_owned(), token_endpoint.to_owned()))?;
+        let left = until.saturating_duration_since(Instant::now());
+        (!left.is_zero()).then_some(left)
+    }
+
+    fn remember(&self, client_id: &str, token_endpoint: &str, retry_after: Duration) {
+        let until = Instant::now() + retry_after.min(MAX_RETRY_AFTER);
+        self.until
+            .entry((client_id.to_owned(), token_endpoint.to_owned()))
+            .and_upsert_with(|current| match current {
+                Some(current) => (*current.value()).max(until),
+                None => until,
+            });
+    }
+}
+
+/// One identity's connection to its IdP: client, concurrency cap and the IdP's remembered back-offs.
 struct IdentityClient {
     identity: Arc<Identity>,
     /// The `claims` parameter (client capabilities), built once.
@@ -171,8 +215,7 @@ struct IdentityClient {
     metrics: Arc<crate::telemetry::Metrics>,
     http: reqwest::Client,
     permits: Semaphore,
-    /// Unix-epoch-free monotonic deadline (ms since `epoch`) before which the IdP asked not to be called.
-    backoff_until_ms: AtomicU64,
+    backoff: Arc<IdpBackoff>,
     last_error_log_ms: AtomicU64,
     epoch: Instant,
 }
@@ -180,20 +223,6 @@ struct IdentityClient {
 impl IdentityClient {
     fn now_ms(&self) -> u64 {
         u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
-    }
-
-    /// The remaining back-off the IdP asked for with `Retry-After`, if any.
-    fn backoff(&self) -> Option<Duration> {
-        let until = self.backoff_until_ms.load(Ordering::Acquire);
-        let now = self.now_ms();
-        (until > now).then(|| Duration::from_millis(until - now))
-    }
-
-    fn remember_backoff(&self, retry_after: Duration) {
-        let until = self
-            .now_ms()
-            .saturating_add(u64::try_from(retry_after.as_millis()).unwrap_or(u64::MAX));
-        self.backoff_until_ms.fetch_max(until, Ordering::AcqRel);
     }
 
     /// True at most once per [`ERROR_LOG_INTERVAL`].
@@ -221,6 +250,7 @@ impl Exchanger {
         identities: &BTreeMap<String, Arc<Identity>>,
         settings: &CacheSettings,
         cache: Arc<TokenCache>,
+        backoff: &Arc<IdpBackoff>,
         metrics: &Arc<crate::telemetry::Metrics>,
     ) -> Result<Self, crate::tls::TlsError> {
         let mut clients = BTreeMap::new();
@@ -239,7 +269,7 @@ impl Exchanger {
                     metrics: Arc::clone(metrics),
                     http,
                     permits: Semaphore::new(identity.max_concurrent),
-                    backoff_until_ms: AtomicU64::new(0),
+                    backoff: Arc::clone(backoff),
                     last_error_log_ms: AtomicU64::new(0),
                     epoch: Instant::now(),
                 }),
@@ -432,7 +462,11 @@ impl TokenRequest {
             (Grant::OnBehalfOf { .. }, Flavor::Rfc8693) => crate::telemetry::Grant::TokenExchange,
         };
         let started = std::time::Instant::now();
-        if let Some(wait) = self.client.backoff() {
+        if let Some(wait) = self
+            .client
+            .backoff
+            .remaining(&identity.client_id, &self.token_endpoint)
+        {
             self.client.metrics.record_idp(
                 &identity.name,
                 grant,
@@ -485,7 +519,9 @@ impl TokenRequest {
             Ok(_) => {}
             Err(error @ ExchangeError::Unavailable { retry_after, .. }) => {
                 if let Some(wait) = retry_after {
-                    self.client.remember_backoff(*wait);
+                    self.client
+                        .backoff
+                        .remember(&identity.client_id, &self.token_endpoint, *wait);
                 }
                 tracing::warn!(route = %self.route, identity = %identity.name, %error, "token request failed");
             }
@@ -654,10 +690,11 @@ impl TokenRequest {
             tracing::debug!(route = %self.route, issued_token_type = %issued, "token exchanged");
         }
         let now = now_unix();
+        let latest = now.saturating_add(MAX_TOKEN_LIFETIME.as_secs());
         let expires_on = expires_in_seconds(answer.expires_in.as_ref())
             .map(|secs| now.saturating_add(secs))
             .or_else(|| jwt_exp(&answer.access_token))
-            .unwrap_or(0);
+            .map_or(0, |exp| exp.min(latest));
         let subject_exp = match &self.grant {
             Grant::OnBehalfOf { subject_exp, .. } => Some(*subject_exp),
             Grant::App => None,
@@ -789,13 +826,30 @@ fn map_error_answer(status: http::StatusCode, body: &[u8], token_endpoint: &str)
     }
 }
 
-/// `expires_in` as a number or a numeric string (some IdPs send either).
+/// `expires_in` as a number or a numeric string (some IdPs send either), whole seconds; a fraction is cut,
+/// anything negative, non-finite or not a number is ignored (the JWT's `exp` is used instead).
 fn expires_in_seconds(value: Option<&Value>) -> Option<u64> {
-    match value? {
-        Value::Number(n) => n.as_u64(),
-        Value::String(s) => s.trim().parse().ok(),
+    let seconds = match value? {
+        Value::Number(n) => n.as_u64().or_else(|| n.as_f64().and_then(whole_seconds)),
+        Value::String(s) => {
+            let s = s.trim();
+            s.parse()
+                .ok()
+                .or_else(|| s.parse::<f64>().ok().and_then(whole_seconds))
+        }
         _ => None,
-    }
+    }?;
+    Some(seconds.min(MAX_TOKEN_LIFETIME.as_secs()))
+}
+
+/// Whole seconds of a finite, non-negative `f64`, saturating.
+fn whole_seconds(f: f64) -> Option<u64> {
+    #[allow(
+        clippy::cast_possible_truncation,
+        clippy::cast_sign_loss,
+        reason = "checked finite and non-negative; `as` saturates"
+    )]
+    (f.is_finite() && f >= 0.0).then(|| f as u64)
 }
 
 /// The `exp` of a JWT access token, read without verification: the IdP answered over TLS and the token is
@@ -907,6 +961,23 @@ mod tests {
         assert_eq!(expires_in_seconds(Some(&Value::from("3599"))), Some(3599));
         assert_eq!(expires_in_seconds(Some(&Value::from(60))), Some(60));
         assert_eq!(expires_in_seconds(Some(&Value::from(-1))), None);
+        assert_eq!(expires_in_seconds(Some(&Value::from(59.9))), Some(59));
+        assert_eq!(expires_in_seconds(Some(&Value::from("nan"))), None);
+    }
+
+    #[test]
+    fn absurd_lifetimes_are_clamped_to_a_day() {
+        let day = MAX_TOKEN_LIFETIME.as_secs();
+        for absurd in [
+            serde_json::json!(10_000_000_000_000_000_000_u64),
+            serde_json::json!(1e19),
+            serde_json::json!(1e300),
+            serde_json::json!("18446744073709551615"),
+        ] {
+            assert_eq!(expires_in_seconds(Some(&absurd)), Some(day), "{absurd}");
+        }
+        let (stale, expired) = cache_lifetime(1000, 1000 + day, None, Duration::from_secs(300));
+        assert!(stale < expired && expired <= MAX_TOKEN_LIFETIME);
     }
 
     #[test]

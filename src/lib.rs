@@ -83,6 +83,8 @@ pub struct Shared {
     /// Upstream tokens survive reloads: their keys name identity, endpoint, flavor and targets, so a
     /// changed identity simply misses.
     token_cache: Arc<TokenCache>,
+    /// The IdPs' `Retry-After`s survive reloads too.
+    idp_backoff: Arc<exchange::IdpBackoff>,
     config: ArcSwap<Config>,
     metrics: Arc<telemetry::Metrics>,
 }
@@ -171,6 +173,7 @@ impl Sidecar {
             &config,
             authenticator,
             Arc::clone(&self.shared.token_cache),
+            &self.shared.idp_backoff,
             &self.shared.metrics,
         )?;
         self.shared.current.store(Arc::new(proxy));
@@ -228,9 +231,16 @@ fn build_proxy(
     config: &Config,
     authenticator: Arc<Authenticator>,
     token_cache: Arc<TokenCache>,
+    idp_backoff: &Arc<exchange::IdpBackoff>,
     metrics: &Arc<telemetry::Metrics>,
 ) -> Result<Proxy, StartError> {
-    let exchanger = Exchanger::new(&config.identities, &config.cache, token_cache, metrics)?;
+    let exchanger = Exchanger::new(
+        &config.identities,
+        &config.cache,
+        token_cache,
+        idp_backoff,
+        metrics,
+    )?;
     let clients = forward::UpstreamClients::new(&config.routes)?;
     Ok(Proxy::new(
         config,
@@ -256,7 +266,14 @@ pub async fn start(config: Config, listeners: Listeners) -> Result<Sidecar, Star
     let authenticator = build_authenticator(&config, &metrics)?;
     let background = authenticator.start();
     let token_cache = Arc::new(TokenCache::new(config.cache.max_entries));
-    let proxy = build_proxy(&config, authenticator, Arc::clone(&token_cache), &metrics)?;
+    let idp_backoff = Arc::new(exchange::IdpBackoff::default());
+    let proxy = build_proxy(
+        &config,
+        authenticator,
+        Arc::clone(&token_cache),
+        &idp_backoff,
+        &metrics,
+    )?;
     let tls = config
         .listen
         .tls
@@ -269,6 +286,7 @@ pub async fn start(config: Config, listeners: Listeners) -> Result<Sidecar, Star
         current: ArcSwap::from_pointee(proxy),
         draining: AtomicBool::new(false),
         token_cache,
+        idp_backoff,
         config: ArcSwap::from_pointee(config),
         metrics,
     });

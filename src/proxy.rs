@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
+use futures_util::FutureExt as _;
 use http::{HeaderValue, Request, Response, StatusCode, header};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
@@ -17,7 +18,7 @@ use crate::exchange::Exchanger;
 use crate::exchange::cache::Lookup;
 use crate::forward::{self, Outgoing, UpstreamClients};
 use crate::route::{Prefix, RequestPath};
-use crate::server::Peer;
+use crate::server::{Peer, Tunnels};
 use crate::telemetry::{CacheKind, CacheResult, Metrics, RouteMetrics, UpstreamErrorKind};
 
 /// What the proxy answers: the upstream's streamed body, or one the sidecar made.
@@ -128,7 +129,14 @@ impl Proxy {
             idp_call: false,
             upstream_error: None,
         };
-        let mut response = match self.answer(request, peer, &request_id, &mut outcome).await {
+        // A bug that panics answers this request with 500 instead of resetting the caller's connection (and
+        // every other request multiplexed on it).
+        let answered =
+            std::panic::AssertUnwindSafe(self.answer(request, peer, &request_id, &mut outcome))
+                .catch_unwind()
+                .await
+                .unwrap_or(Err(ProxyError::Internal("the request handler panicked")));
+        let mut response = match answered {
             Ok(response) => response,
             Err(error) => {
                 log_error(&error, outcome.route, &request_id);
@@ -218,6 +226,7 @@ impl Proxy {
         let upgrade = forward::requested_upgrade(&request).filter(|_| !route.http2);
         let mut request = request;
         let caller_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut request));
+        let tunnels = request.extensions().get::<Tunnels>().cloned();
         let upstream = forward::upstream_request(
             request,
             Outgoing {
@@ -268,7 +277,7 @@ impl Proxy {
             let upstream_upgrade = hyper::upgrade::on(&mut response);
             let route_name = route.name.clone();
             let idle_timeout = self.idle_timeout;
-            tokio::spawn(async move {
+            let tunnel = async move {
                 match tokio::try_join!(caller_upgrade, upstream_upgrade) {
                     Ok((caller, upstream)) => {
                         // The tunnel left hyper's connection: it gets its own idle timeout.
@@ -289,7 +298,13 @@ impl Proxy {
                     }
                     Err(error) => tracing::debug!(route = %route_name, %error, "upgrade failed"),
                 }
-            });
+            };
+            // In the caller's connection task: the tunnel holds its max_connections permit and is drained
+            // with it. A connection served outside `server` (none today) runs it on its own.
+            match tunnels {
+                Some(tunnels) => tunnels.run(Box::pin(tunnel)),
+                None => drop(tokio::spawn(tunnel)),
+            }
         }
         forward::clean_response_headers(response.headers_mut(), switching);
         Ok(response.map(Either::Left))

@@ -11,7 +11,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use dashmap::DashMap;
-use futures_util::future::BoxFuture;
+use futures_util::FutureExt as _;
+use futures_util::future::{BoxFuture, Shared};
 use moka::Expiry;
 use moka::ops::compute::Op;
 use moka::policy::EvictionPolicy;
@@ -156,14 +157,11 @@ impl Entry {
     }
 
     /// A token of unknown (or too short) lifetime: served to the requests that waited for its fetch, never
-    /// from the cache.
+    /// cached.
     fn uncacheable(&self) -> bool {
         self.token.expires_at <= self.fetched_at
     }
 }
-
-/// Requests coalesced on one fetch share an uncacheable token if it arrived this recently.
-const COALESCED_GRACE: Duration = Duration::from_secs(1);
 
 struct EntryExpiry;
 
@@ -197,9 +195,15 @@ impl Expiry<CacheKey, Arc<Entry>> for EntryExpiry {
 pub type Fetch =
     Arc<dyn Fn() -> BoxFuture<'static, Result<UpstreamToken, ExchangeError>> + Send + Sync>;
 
+/// One token request in flight, shared by every request waiting for its key.
+type Flight = Shared<BoxFuture<'static, Result<Arc<Entry>, Arc<ExchangeError>>>>;
+
 /// Bounded, expiring, single-flight, refresh-ahead cache of upstream tokens.
 pub struct TokenCache {
     inner: moka::future::Cache<CacheKey, Arc<Entry>, DigestHash>,
+    /// Token requests in flight, by key. A flight runs in its own task: no waiter's deadline (nor the first
+    /// waiter's) can cancel or fail it for the others (SPEC §8).
+    flights: Arc<DashMap<CacheKey, Flight, DigestHash>>,
     forgotten: DashMap<CacheKey, Instant>,
 }
 
@@ -212,6 +216,7 @@ impl TokenCache {
             .build_with_hasher(DigestHash::default());
         TokenCache {
             inner,
+            flights: Arc::new(DashMap::with_hasher(DigestHash::default())),
             forgotten: DashMap::new(),
         }
     }
@@ -225,8 +230,8 @@ impl TokenCache {
     }
 
     /// The token for `key`: a fresh cached one; a stale one (starting one background refresh); or the result
-    /// of `fetch`, which runs once however many callers miss together. Failures are not cached, and a token
-    /// past its expiry is never returned.
+    /// of `fetch`, which runs once however many callers miss together, and runs to the end whatever happens
+    /// to them. Failures are not cached, and a token past its expiry is never returned.
     pub async fn get_or_fetch(
         &self,
         key: CacheKey,
@@ -238,71 +243,76 @@ impl TokenCache {
                 return Ok((entry, Lookup::Hit));
             }
             if now < entry.token.expires_at {
-                self.refresh_in_background(key, &entry, fetch);
+                if !entry.refreshing.swap(true, Ordering::AcqRel) {
+                    drop(self.flight(key, fetch, Some(Arc::clone(&entry))));
+                }
                 return Ok((entry, Lookup::Stale));
             }
             self.remove_if_same(key, &entry).await;
         }
-        for _ in 0..2 {
-            let mut fetched = false;
-            let entry = self
-                .inner
-                .try_get_with(key, async {
-                    fetched = true;
-                    fetch().await.map(Entry::new)
-                })
-                .await
-                .map_err(|shared: Arc<ExchangeError>| (*shared).clone())?;
-            // A token fetched for this request is returned even if it may not be cached (unknown expiry);
-            // one found in the cache must still be valid.
-            let shared_fetch = entry.uncacheable() && entry.fetched_at.elapsed() < COALESCED_GRACE;
-            if fetched || shared_fetch || Instant::now() < entry.token.expires_at {
-                return Ok((entry, Lookup::Miss));
-            }
-            self.remove_if_same(key, &entry).await;
+        let entry = self
+            .flight(key, fetch, None)
+            .await
+            .map_err(|shared| (*shared).clone())?;
+        // A token of unknown lifetime serves the requests that waited for its fetch; one that expired while
+        // they waited serves nobody.
+        if entry.uncacheable() || Instant::now() < entry.token.expires_at {
+            Ok((entry, Lookup::Miss))
+        } else {
+            Err(ExchangeError::Unavailable {
+                reason: "the IdP issued a token that is already expired".to_owned(),
+                retry_after: None,
+            })
         }
-        Err(ExchangeError::Unavailable {
-            reason: "the IdP keeps issuing tokens that are already expired".to_owned(),
-            retry_after: None,
-        })
     }
 
-    fn refresh_in_background(&self, key: CacheKey, entry: &Arc<Entry>, fetch: &Fetch) {
-        if entry.refreshing.swap(true, Ordering::AcqRel) {
-            return;
-        }
-        let inner = self.inner.clone();
-        let entry = Arc::clone(entry);
+    /// The flight for `key`: the one in the air, or a new one running `fetch` in its own task. A new token is
+    /// cached unless its lifetime is unknown; a refresh (`stale`) replaces only the entry that went stale (a
+    /// newer one, after an upstream 401, stays) and, when it fails, lets the next refresh start after
+    /// [`REFRESH_RETRY_DELAY`] while the stale token keeps serving.
+    fn flight(&self, key: CacheKey, fetch: &Fetch, stale: Option<Arc<Entry>>) -> Flight {
+        let vacant = match self.flights.entry(key) {
+            dashmap::Entry::Occupied(flight) => return flight.get().clone(),
+            dashmap::Entry::Vacant(vacant) => vacant,
+        };
         let request = fetch();
-        tokio::spawn(async move {
-            match request.await {
-                Ok(token) if Instant::now() < token.expires_at => {
-                    // Replace only the entry that went stale: a newer one (after an upstream 401) stays.
-                    let fresh = Entry::new(token);
+        let inner = self.inner.clone();
+        let flights = Arc::clone(&self.flights);
+        let flight: Flight = async move {
+            let outcome = request.await.map(Entry::new);
+            match (&outcome, stale) {
+                (Ok(fresh), _) if fresh.uncacheable() => {}
+                (Ok(fresh), None) => inner.insert(key, Arc::clone(fresh)).await,
+                (Ok(fresh), Some(stale)) => {
+                    let fresh = Arc::clone(fresh);
                     inner
                         .entry(key)
                         .and_compute_with(|current| async move {
                             match current {
-                                Some(current) if Arc::ptr_eq(current.value(), &entry) => {
-                                    Op::Put(fresh)
-                                }
-                                _ => Op::Nop,
+                                Some(current) if !Arc::ptr_eq(current.value(), &stale) => Op::Nop,
+                                _ => Op::Put(fresh),
                             }
                         })
                         .await;
                 }
-                Ok(_) => {
-                    // Not cacheable: keep serving the current token until it expires.
-                    tokio::time::sleep(REFRESH_RETRY_DELAY).await;
-                    entry.refreshing.store(false, Ordering::Release);
-                }
-                Err(error) => {
+                (Err(error), Some(stale)) => {
                     tracing::debug!(%error, "background token refresh failed; serving the current token until it expires");
-                    tokio::time::sleep(REFRESH_RETRY_DELAY).await;
-                    entry.refreshing.store(false, Ordering::Release);
+                    tokio::spawn(async move {
+                        tokio::time::sleep(REFRESH_RETRY_DELAY).await;
+                        stale.refreshing.store(false, Ordering::Release);
+                    });
                 }
+                (Err(_), None) => {}
             }
-        });
+            // The flight was registered before its task started, so this removes this flight, no other.
+            flights.remove(&key);
+            outcome.map_err(Arc::new)
+        }
+        .boxed()
+        .shared();
+        vacant.insert(flight.clone());
+        tokio::spawn(flight.clone());
+        flight
     }
 
     async fn remove_if_same(&self, key: CacheKey, stale: &Arc<Entry>) {
@@ -463,6 +473,26 @@ mod tests {
             assert_eq!(task.await.expect("join").expect("token"), "Bearer token-1");
         }
         assert_eq!(calls.load(Ordering::SeqCst), 1);
+    }
+
+    /// The request that started a fetch gives up (its deadline): the fetch goes on, and the requests still
+    /// waiting get its token, with no second IdP call.
+    #[tokio::test(start_paused = true)]
+    async fn a_fetch_outlives_the_request_that_started_it() {
+        let calls = Arc::new(AtomicU32::new(0));
+        let fetch = counting_fetch(Arc::clone(&calls), Arc::new(AtomicBool::new(false)));
+        let cache = Arc::new(TokenCache::new(100));
+        let impatient = tokio::time::timeout(
+            Duration::from_millis(10),
+            cache.get_or_fetch(key(4), &fetch),
+        )
+        .await;
+        assert!(impatient.is_err(), "the first request's deadline passed");
+        let (entry, lookup) = cache.get_or_fetch(key(4), &fetch).await.expect("token");
+        assert_eq!((header(&entry), lookup), ("Bearer token-1", Lookup::Miss));
+        assert_eq!(calls.load(Ordering::SeqCst), 1, "one IdP call");
+        let (entry, lookup) = cache.get_or_fetch(key(4), &fetch).await.expect("token");
+        assert_eq!((header(&entry), lookup), ("Bearer token-1", Lookup::Hit));
     }
 
     #[tokio::test(start_paused = true)]
