@@ -221,13 +221,12 @@ impl Issuers {
             let kept = previous
                 .and_then(|p| p.fixed.get(&keys.issuer))
                 .filter(|old| old.same_source(&keys));
-            let keys = match kept {
-                Some(old) => Arc::clone(old),
-                None => {
-                    let keys = Arc::new(keys);
-                    fresh.push(Arc::clone(&keys));
-                    keys
-                }
+            let keys = if let Some(old) = kept {
+                Arc::clone(old)
+            } else {
+                let keys = Arc::new(keys);
+                fresh.push(Arc::clone(&keys));
+                keys
             };
             fixed.insert(keys.issuer.clone(), keys);
         };

@@ -289,6 +289,9 @@ pub enum Failure {
     /// The normal answer without `expires_in` (and `ext_expires_in`): the client must fall back on the JWT's
     /// own `exp`.
     ExpiresInAbsent,
+    /// The normal answer with this JSON text as `expires_in` (e.g. `1e19`, `"3599"`, `-5`): what an IdP with
+    /// a bug might send.
+    ExpiresIn(String),
     /// Close the connection without answering.
     ResetConnection,
 }
@@ -568,6 +571,19 @@ impl DevIdp {
         {
             Some(registered) => *registered = Arc::new(client),
             None => clients.push(Arc::new(client)),
+        }
+    }
+
+    /// Stops publishing the oldest signing key (as after a key compromise), if there is more than one: tokens
+    /// it signed no longer verify against the JWKS.
+    pub fn retire_oldest_key(&self) {
+        let mut keys = self
+            .state
+            .keys
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
+        if keys.len() > 1 {
+            keys.remove(0);
         }
     }
 
@@ -1206,10 +1222,12 @@ enum Injection {
 }
 
 /// A rewrite of a successful token answer.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 enum Reshape {
     NotBearer,
     NoExpiresIn,
+    /// `expires_in` set to this JSON text (a string when it does not parse as JSON).
+    ExpiresIn(String),
 }
 
 impl Reshape {
@@ -1225,6 +1243,10 @@ impl Reshape {
                 object.remove("expires_in");
                 object.remove("ext_expires_in");
             }
+            Reshape::ExpiresIn(text) => {
+                let value = serde_json::from_str(&text).unwrap_or(Value::String(text));
+                object.insert("expires_in".into(), value);
+            }
         }
     }
 }
@@ -1234,6 +1256,7 @@ fn injection(failure: Failure) -> Injection {
         Failure::Delay(delay) => return Injection::Delay(delay),
         Failure::NotBearer => return Injection::Reshape(Reshape::NotBearer),
         Failure::ExpiresInAbsent => return Injection::Reshape(Reshape::NoExpiresIn),
+        Failure::ExpiresIn(text) => return Injection::Reshape(Reshape::ExpiresIn(text)),
         Failure::ResetConnection => return Injection::Reset,
         Failure::ServerError => error_response(
             StatusCode::INTERNAL_SERVER_ERROR,

@@ -849,7 +849,7 @@ fn whole_seconds(f: f64) -> Option<u64> {
         clippy::cast_sign_loss,
         reason = "checked finite and non-negative; `as` saturates"
     )]
-    (f.is_finite() && f >= 0.0).then(|| f as u64)
+    (f.is_finite() && f >= 0.0).then_some(f as u64)
 }
 
 /// The `exp` of a JWT access token, read without verification: the IdP answered over TLS and the token is
