@@ -499,13 +499,18 @@ fn request_host(request: &Request<Incoming>) -> Result<Option<String>, ProxyErro
     }
     let header = header
         .map(|v| {
-            v.to_str()
-                .map_err(|_| ProxyError::BadRequest("Host is not visible ASCII"))
+            http::uri::Authority::try_from(v.as_bytes())
+                .ok()
+                .filter(|a| {
+                    // No userinfo, and a port (if any) that is a number.
+                    let port = &a.as_str()[a.host().len()..];
+                    !a.as_str().contains('@') && (port.is_empty() || a.port_u16().is_some())
+                })
+                .ok_or(ProxyError::BadRequest("Host is not a host[:port]"))
         })
         .transpose()?;
-    let target = request.uri().authority().map(http::uri::Authority::as_str);
-    let authority = match (target, header) {
-        (Some(target), Some(header)) if !target.eq_ignore_ascii_case(header) => {
+    let authority = match (request.uri().authority(), header.as_ref()) {
+        (Some(target), Some(header)) if !target.as_str().eq_ignore_ascii_case(header.as_str()) => {
             return Err(ProxyError::BadRequest(
                 "Host does not match the request target's authority",
             ));
@@ -513,11 +518,12 @@ fn request_host(request: &Request<Incoming>) -> Result<Option<String>, ProxyErro
         (Some(authority), _) | (None, Some(authority)) => authority,
         (None, None) => return Ok(None),
     };
-    let host = match authority.strip_prefix('[') {
-        // [v6]:port
-        Some(rest) => rest.split(']').next().unwrap_or_default(),
-        None => authority.split(':').next().unwrap_or_default(),
-    };
+    // `Host: admin.local.` is the same host to DNS and to most upstreams.
+    let host = authority
+        .host()
+        .trim_start_matches('[')
+        .trim_end_matches(']');
+    let host = host.strip_suffix('.').unwrap_or(host);
     Ok(Some(host.to_ascii_lowercase()))
 }
 

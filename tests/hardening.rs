@@ -223,8 +223,9 @@ async fn request_rewriting_headers_never_reach_the_upstream() {
 // Found while hunting: authority mismatches
 
 /// A `Host` that names another authority than the request target (HTTP/1.1 absolute form here; HTTP/2
-/// `:authority` the same), or two `Host` headers, is 400: the sidecar would match routes on one and an
-/// upstream could read the other.
+/// `:authority` the same), two `Host` headers, or a `Host` that is not `host[:port]`, is 400: the sidecar
+/// would match routes on one and an upstream could read the other. A trailing dot or another letter case
+/// still names the same host.
 #[tokio::test]
 async fn host_and_authority_that_disagree_are_400() {
     let h = Harness::start_custom(|idp, upstream| {
@@ -258,14 +259,31 @@ async fn host_and_authority_that_disagree_are_400() {
         let (status, body) = raw(&h, &request).await;
         assert_eq!(status, 400, "{request}\n{body}");
     }
-    let (status, _) = raw(
-        &h,
-        &format!(
-            "GET http://admin.local/x HTTP/1.1\r\nHost: admin.local\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n\r\n"
-        ),
-    )
-    .await;
-    assert_eq!(status, 403, "agreeing authorities route on the host");
+    for host in [
+        "admin.local",
+        "ADMIN.local:8080",
+        "admin.local.",
+        "admin.local.:443",
+    ] {
+        let (status, _) = raw(
+            &h,
+            &format!(
+                "GET /x HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n\r\n"
+            ),
+        )
+        .await;
+        assert_eq!(status, 403, "{host} routes to the admin.local route");
+    }
+    for host in ["admin.local@evil", "admin local", "admin.local:port"] {
+        let (status, _) = raw(
+            &h,
+            &format!(
+                "GET /x HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n\r\n"
+            ),
+        )
+        .await;
+        assert_eq!(status, 400, "Host: {host}");
+    }
     assert_eq!(h.upstream.requests(), 0);
 }
 
