@@ -123,8 +123,9 @@ pub async fn serve<H, Fut, B>(
         let handler = handler.clone();
         let last = last.clone();
         let options = options.clone();
-        let (_never, no_stop) = watch::channel(false);
         connections.spawn(async move {
+            // Never signalled, and kept alive: these connections serve their one request.
+            let (_never, no_stop) = watch::channel(false);
             let _ = stream.set_nodelay(true);
             serve_one(&last, stream, remote, handler, no_stop, &options).await;
         });
@@ -153,7 +154,10 @@ fn queued(listener: TcpListener) -> Vec<(tokio::net::TcpStream, SocketAddr)> {
     let mut queued = Vec::new();
     // The std listener is still non-blocking: `accept` answers at once.
     while let Ok((stream, remote)) = listener.accept() {
-        if let Ok(stream) = tokio::net::TcpStream::from_std(stream) {
+        // An accepted socket does not inherit the listener's non-blocking mode; tokio needs it.
+        if stream.set_nonblocking(true).is_ok()
+            && let Ok(stream) = tokio::net::TcpStream::from_std(stream)
+        {
             queued.push((stream, remote));
         }
     }

@@ -761,3 +761,64 @@ async fn a_reload_during_a_jwks_outage_keeps_the_key_sets() {
     assert_eq!(h.idp.discovery_requests(), discovery, "nothing refetched");
     h.idp.jwks_unavailable(false);
 }
+
+// ---------------------------------------------------------------------------------------------------------
+// 12. the drain
+
+/// Connections still in the accept queue when the listener closes are served (one request each, with
+/// `Connection: close`), not reset: with `max_connections = 1` held by a slow request, a second connection
+/// waits in the queue until the stop.
+#[tokio::test]
+async fn connections_queued_at_the_stop_are_served_not_reset() {
+    support::captured_logs();
+    let idp = DevIdp::start(support::bind().await, DevIdpConfig::default())
+        .await
+        .expect("idp");
+    let upstream = EchoUpstream::start(support::bind().await)
+        .await
+        .expect("upstream");
+    let config = support::inbound_config(&idp).replacen(
+        "admin = \"127.0.0.1:0\"",
+        "admin = \"127.0.0.1:0\"\nmax_connections = 1\ndrain_timeout = \"10s\"",
+        1,
+    ) + &route(
+        "pass",
+        "/pass/",
+        &format!("{}/", upstream.url()),
+        "token = \"passthrough\"",
+    );
+    let sidecar = support::start_sidecar(support::parse(&config)).await;
+    tokio::time::timeout(PATIENCE, sidecar.ready())
+        .await
+        .expect("ready");
+    let proxy = sidecar.proxy_addr;
+    let token = idp.mint(&user("alice"));
+    let request = |delay: u32| {
+        format!(
+            "GET /pass/x HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\nx-echo-delay-ms: {delay}\r\nConnection: close\r\n\r\n"
+        )
+    };
+    let slow = tokio::spawn(support::raw_request(
+        proxy,
+        request(1500).into_bytes().leak(),
+    ));
+    while upstream.requests() == 0 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // The one permit is taken: this connection waits in the accept queue, its request already sent.
+    let queued = tokio::spawn(support::raw_request(proxy, request(0).into_bytes().leak()));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(
+        upstream.requests(),
+        1,
+        "the second connection was not queued"
+    );
+    tokio::time::timeout(PATIENCE, sidecar.stop())
+        .await
+        .expect("drained");
+    let (status, _) = slow.await.expect("slow");
+    assert_eq!(status, 200);
+    let (status, text) = queued.await.expect("queued");
+    assert_eq!(status, 200, "{text}");
+    support::assert_no_secret_in_logs(&idp);
+}

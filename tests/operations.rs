@@ -663,9 +663,9 @@ async fn sigterm_lets_an_in_flight_request_finish_and_exits_zero() {
             .bearer_auth(&caller)
             .header("x-echo-delay-ms", "1500");
         async move {
-            let response = request.send().await.expect("in-flight request answered");
+            let response = request.send().await?;
             let status = response.status();
-            (status, response.text().await.expect("in-flight body"))
+            Ok::<_, reqwest::Error>((status, response.text().await?))
         }
     });
     let started = Instant::now();
@@ -703,12 +703,18 @@ async fn sigterm_lets_an_in_flight_request_finish_and_exits_zero() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     assert!(refused, "the proxy listener still accepts after SIGTERM");
-    assert!(
-        !in_flight.is_finished(),
-        "the slow request finished before the listener closed: the test proves nothing"
-    );
+    if in_flight.is_finished() {
+        let early = in_flight.await.expect("in-flight task");
+        panic!(
+            "the slow request finished before the listener closed ({early:?}): the test proves nothing\n{}",
+            log()
+        );
+    }
 
-    let (status, body) = in_flight.await.expect("in-flight task");
+    let (status, body) = in_flight
+        .await
+        .expect("in-flight task")
+        .unwrap_or_else(|e| panic!("in-flight request failed: {e:?}\n{}", log()));
     assert_eq!(status, 200, "{body}\n{}", log());
     assert_eq!(
         json(body.as_bytes())["authorization"]["claims"]["sub"],
