@@ -15,8 +15,8 @@ use bytes::Bytes;
 use http::{Request, StatusCode};
 use http_body_util::{BodyExt as _, Empty};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use obo_sidecar::dev_idp::{CallerClaims, DEFAULT_CLIENT_ID, DevIdp, DevIdpConfig, Failure};
-use obo_sidecar::echo::EchoUpstream;
+use obo_sidecar::dev::EchoUpstream;
+use obo_sidecar::dev::{DEFAULT_CLIENT_ID, DevIdp, DevIdpConfig, Failure, TokenClaims};
 use support::{Harness, echoed, seen_authorization, seen_header};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;
@@ -40,10 +40,10 @@ fn identity(token_endpoint: &str) -> String {
     )
 }
 
-fn user(sub: &str) -> CallerClaims {
-    CallerClaims {
+fn user(sub: &str) -> TokenClaims {
+    TokenClaims {
         scp: Some("access_as_user".into()),
-        ..CallerClaims::user(sub)
+        ..TokenClaims::user(sub)
     }
 }
 
@@ -115,7 +115,7 @@ async fn path_spellings_of_admin_land_on_the_admin_route() {
     })
     .await;
     let mallory = h.token("mallory", "access_as_user");
-    let admin = h.idp.mint(&CallerClaims {
+    let admin = h.idp.mint(&TokenClaims {
         roles: vec!["Admin".into()],
         ..user("root")
     });
@@ -322,6 +322,7 @@ async fn a_reload_is_checked_against_the_running_listener() {
     let error = h
         .sidecar
         .reload(support::parse(&sneaky))
+        .await
         .expect_err("the running listener is not loopback");
     assert!(
         format!("{error:?}").contains("caller_auth"),
@@ -544,7 +545,7 @@ async fn tokens_without_scopes_or_roles_are_refused_unless_allowed() {
             )
         })
         .await;
-        let id_token = h.idp.mint(&CallerClaims::user("alice"));
+        let id_token = h.idp.mint(&TokenClaims::user("alice"));
         let response = h.get("/pass/x", Some(&id_token)).await;
         assert_eq!(response.status(), expected, "allow_acl_tokens = {allow}");
         if expected == 401 {
@@ -748,7 +749,10 @@ async fn a_reload_during_a_jwks_outage_keeps_the_key_sets() {
             &format!("audiences = [\"api://{DEFAULT_CLIENT_ID}\", \"{DEFAULT_CLIENT_ID}\"]"),
             1,
         );
-    h.sidecar.reload(support::parse(&reloaded)).expect("reload");
+    h.sidecar
+        .reload(support::parse(&reloaded))
+        .await
+        .expect("reload");
     let fresh = h.token("bob", "access_as_user");
     assert_eq!(h.get("/pass/x", Some(&fresh)).await.status(), 200);
     let readyz = h
@@ -760,4 +764,65 @@ async fn a_reload_during_a_jwks_outage_keeps_the_key_sets() {
     assert_eq!(readyz.status(), 200, "still ready");
     assert_eq!(h.idp.discovery_requests(), discovery, "nothing refetched");
     h.idp.jwks_unavailable(false);
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// 12. the drain
+
+/// Connections still in the accept queue when the listener closes are served (one request each, with
+/// `Connection: close`), not reset: with `max_connections = 1` held by a slow request, a second connection
+/// waits in the queue until the stop.
+#[tokio::test]
+async fn connections_queued_at_the_stop_are_served_not_reset() {
+    support::captured_logs();
+    let idp = DevIdp::start(support::bind().await, DevIdpConfig::default())
+        .await
+        .expect("idp");
+    let upstream = EchoUpstream::start(support::bind().await)
+        .await
+        .expect("upstream");
+    let config = support::inbound_config(&idp).replacen(
+        "admin = \"127.0.0.1:0\"",
+        "admin = \"127.0.0.1:0\"\nmax_connections = 1\ndrain_timeout = \"10s\"",
+        1,
+    ) + &route(
+        "pass",
+        "/pass/",
+        &format!("{}/", upstream.url()),
+        "token = \"passthrough\"",
+    );
+    let sidecar = support::start_sidecar(support::parse(&config)).await;
+    tokio::time::timeout(PATIENCE, sidecar.ready())
+        .await
+        .expect("ready");
+    let proxy = sidecar.proxy_addr;
+    let token = idp.mint(&user("alice"));
+    let request = |delay: u32| {
+        format!(
+            "GET /pass/x HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\nx-echo-delay-ms: {delay}\r\nConnection: close\r\n\r\n"
+        )
+    };
+    let slow = tokio::spawn(support::raw_request(
+        proxy,
+        request(1500).into_bytes().leak(),
+    ));
+    while upstream.requests() == 0 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // The one permit is taken: this connection waits in the accept queue, its request already sent.
+    let queued = tokio::spawn(support::raw_request(proxy, request(0).into_bytes().leak()));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(
+        upstream.requests(),
+        1,
+        "the second connection was not queued"
+    );
+    tokio::time::timeout(PATIENCE, sidecar.stop())
+        .await
+        .expect("drained");
+    let (status, _) = slow.await.expect("slow");
+    assert_eq!(status, 200);
+    let (status, text) = queued.await.expect("queued");
+    assert_eq!(status, 200, "{text}");
+    support::assert_no_secret_in_logs(&idp);
 }
