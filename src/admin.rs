@@ -1,17 +1,26 @@
-//! The admin listener: `/healthz` (the process serves) and `/readyz` (config loaded and every issuer's
-//! keys fetched at least once; a JSON reason when not).
-
-use std::sync::Arc;
+//! The admin listener: `/healthz` (the process serves), `/readyz` (config loaded and every issuer's keys
+//! fetched at least once; a JSON reason when not) and `/metrics`.
 
 use bytes::Bytes;
+use futures_util::future::BoxFuture;
 use http::{HeaderValue, Method, Request, Response, StatusCode, header};
 use http_body_util::Full;
-use hyper::body::Incoming;
 
-use crate::Shared;
+/// What the admin endpoints read of the running sidecar.
+pub(crate) trait Readiness: Send + Sync {
+    /// SIGTERM was received: not ready, whatever the keys.
+    fn is_draining(&self) -> bool;
+    /// Fixed issuers whose keys have not been fetched yet.
+    fn issuers_without_keys(&self) -> Vec<String>;
+    /// The Prometheus exposition of every metric (SPEC §6).
+    fn metrics_text(&self) -> BoxFuture<'_, String>;
+}
 
 /// Answers one admin request.
-pub async fn handle(request: &Request<Incoming>, shared: &Arc<Shared>) -> Response<Full<Bytes>> {
+pub(crate) async fn handle<B>(
+    request: &Request<B>,
+    sidecar: &dyn Readiness,
+) -> Response<Full<Bytes>> {
     if request.method() != Method::GET && request.method() != Method::HEAD {
         return json(
             StatusCode::METHOD_NOT_ALLOWED,
@@ -21,7 +30,7 @@ pub async fn handle(request: &Request<Incoming>, shared: &Arc<Shared>) -> Respon
     match request.uri().path() {
         "/healthz" => json(StatusCode::OK, &serde_json::json!({"status": "ok"})),
         "/metrics" => {
-            let mut response = Response::new(Full::new(Bytes::from(shared.metrics_text().await)));
+            let mut response = Response::new(Full::new(Bytes::from(sidecar.metrics_text().await)));
             response.headers_mut().insert(
                 header::CONTENT_TYPE,
                 HeaderValue::from_static(crate::telemetry::CONTENT_TYPE),
@@ -29,13 +38,13 @@ pub async fn handle(request: &Request<Incoming>, shared: &Arc<Shared>) -> Respon
             response
         }
         "/readyz" => {
-            if shared.is_draining() {
+            if sidecar.is_draining() {
                 return json(
                     StatusCode::SERVICE_UNAVAILABLE,
                     &serde_json::json!({"ready": false, "reason": "draining: shutting down"}),
                 );
             }
-            let missing = shared.proxy().authenticator().issuers_without_keys();
+            let missing = sidecar.issuers_without_keys();
             if missing.is_empty() {
                 json(StatusCode::OK, &serde_json::json!({"ready": true}))
             } else {

@@ -1,7 +1,6 @@
 //! The command line (SPEC §2): `run` (default), `check`, `demo`, `dev-idp`.
 
 use std::io::Write;
-use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand, ValueEnum};
@@ -41,18 +40,6 @@ pub enum LogFormat {
     Json,
 }
 
-#[derive(Debug, clap::Args)]
-pub struct ConfigArg {
-    /// Configuration file.
-    #[arg(
-        short = 'c',
-        long = "config",
-        env = "OBO_SIDECAR_CONFIG",
-        default_value = "sidecar.toml"
-    )]
-    pub path: PathBuf,
-}
-
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Serve (the default).
@@ -60,12 +47,14 @@ pub enum Command {
     /// Load and validate the configuration without binding ports; print the resolved routes.
     Check,
     /// Start a development IdP, an echo upstream and the sidecar on loopback, and print curl commands.
+    #[cfg(feature = "dev")]
     Demo,
     /// The embedded development IdP alone. NOT FOR PRODUCTION: it signs tokens for anyone who asks.
+    #[cfg(feature = "dev")]
     DevIdp {
         /// Address to listen on.
         #[arg(long, default_value = "127.0.0.1:15443")]
-        listen: SocketAddr,
+        listen: std::net::SocketAddr,
     },
 }
 

@@ -6,11 +6,132 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::{HeaderValue, Response, StatusCode, header};
-use http_body_util::Full;
+
+/// What is wrong with a caller's token: the `error_description` of its 401 (RFC 6750 §3). Never quotes any
+/// part of the token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum TokenDefect {
+    MalformedHeader,
+    TwoAuthorizationHeaders,
+    Empty,
+    TooLarge,
+    Malformed,
+    NotThreeParts,
+    MalformedJoseHeader,
+    MalformedPayload,
+    AlgorithmNotAllowed,
+    CriticalExtensions,
+    MalformedKeyId,
+    NoKeyId,
+    KeyUnknown,
+    KeyWithdrawn,
+    AlgorithmMismatch,
+    ExpNotNumeric,
+    ExpInvalid,
+    TimeClaimNotNumeric,
+    RequiredClaimMissing,
+    Expired,
+    NotYetValid,
+    IssuedInTheFuture,
+    AudienceNotAccepted,
+    IssuerNotAccepted,
+    TenantNotAccepted,
+    TenantMismatch,
+    NoTenant,
+    SignatureInvalid,
+    Unverifiable,
+    NoScopesOrRoles,
+}
+
+impl TokenDefect {
+    /// The `error_description`.
+    pub(crate) const fn as_str(self) -> &'static str {
+        match self {
+            TokenDefect::MalformedHeader => "malformed Authorization header",
+            TokenDefect::TwoAuthorizationHeaders => "more than one Authorization header",
+            TokenDefect::Empty => "empty bearer token",
+            TokenDefect::TooLarge => "token too large",
+            TokenDefect::Malformed => "malformed bearer token",
+            TokenDefect::NotThreeParts => "not a signed JWT (three parts)",
+            TokenDefect::MalformedJoseHeader => "malformed token header",
+            TokenDefect::MalformedPayload => "malformed token payload",
+            TokenDefect::AlgorithmNotAllowed => "signing algorithm not allowed",
+            TokenDefect::CriticalExtensions => "critical header extensions are not supported",
+            TokenDefect::MalformedKeyId => "malformed key id",
+            TokenDefect::NoKeyId => "token names no key id",
+            TokenDefect::KeyUnknown => "signing key unknown",
+            TokenDefect::KeyWithdrawn => "signing key withdrawn by the issuer",
+            TokenDefect::AlgorithmMismatch => "algorithm does not match the signing key",
+            TokenDefect::ExpNotNumeric => "exp is not numeric",
+            TokenDefect::ExpInvalid => "exp is not a valid time",
+            TokenDefect::TimeClaimNotNumeric => "time claim is not numeric",
+            TokenDefect::RequiredClaimMissing => "required claim missing",
+            TokenDefect::Expired => "token expired",
+            TokenDefect::NotYetValid => "token not yet valid",
+            TokenDefect::IssuedInTheFuture => "token issued in the future",
+            TokenDefect::AudienceNotAccepted => "audience not accepted",
+            TokenDefect::IssuerNotAccepted => "issuer not accepted",
+            TokenDefect::TenantNotAccepted => "tenant not accepted",
+            TokenDefect::TenantMismatch => "tenant does not match the issuer",
+            TokenDefect::NoTenant => "token has no valid tenant id (tid)",
+            TokenDefect::SignatureInvalid => "signature invalid",
+            TokenDefect::Unverifiable => "token could not be verified",
+            TokenDefect::NoScopesOrRoles => "the token carries neither scopes nor roles",
+        }
+    }
+}
+
+impl std::fmt::Display for TokenDefect {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What is wrong with a request before any route or token is looked at: the `detail` of its 400.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum RequestDefect {
+    NotAbsolutePath,
+    MalformedEscape,
+    EncodedSlash,
+    Backslash,
+    Nul,
+    ControlCharacter,
+    NotUtf8,
+    AboveRoot,
+    TwoHosts,
+    MalformedHost,
+    HostMismatch,
+    Unforwardable,
+}
+
+impl RequestDefect {
+    pub(crate) const fn as_str(self) -> &'static str {
+        match self {
+            RequestDefect::NotAbsolutePath => "request target is not an absolute path",
+            RequestDefect::MalformedEscape => "malformed percent-encoding in path",
+            RequestDefect::EncodedSlash => "encoded '/' or '\\' in path",
+            RequestDefect::Backslash => "'\\' in path",
+            RequestDefect::Nul => "NUL in path",
+            RequestDefect::ControlCharacter => "control character in path",
+            RequestDefect::NotUtf8 => "path is not UTF-8 after decoding",
+            RequestDefect::AboveRoot => "path climbs above the root",
+            RequestDefect::TwoHosts => "more than one Host header",
+            RequestDefect::MalformedHost => "Host is not a host[:port]",
+            RequestDefect::HostMismatch => "Host does not match the request target's authority",
+            RequestDefect::Unforwardable => "request path cannot be forwarded",
+        }
+    }
+}
+
+impl std::fmt::Display for RequestDefect {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
 
 /// Whose fault a failure is; decides the log level.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Fault {
+pub(crate) enum Fault {
     Caller,
     Idp,
     Upstream,
@@ -19,17 +140,17 @@ pub enum Fault {
 
 /// Why a request did not reach its upstream.
 #[derive(Debug, thiserror::Error)]
-pub enum ProxyError {
+pub(crate) enum ProxyError {
     #[error("no route matches the request path")]
     NoRoute,
     #[error("malformed request: {0}")]
-    BadRequest(&'static str),
+    BadRequest(RequestDefect),
     #[error("request header block too large")]
     HeadersTooLarge,
     #[error("bearer token missing")]
     MissingToken,
     #[error("invalid caller token: {0}")]
-    InvalidToken(&'static str),
+    InvalidToken(TokenDefect),
     #[error("caller token lacks a required scope or role")]
     InsufficientScope {
         /// The scopes that would have been accepted, space-separated (empty: none to name).
@@ -48,16 +169,16 @@ pub enum ProxyError {
     },
     #[error("the IdP reports that consent for the route's scopes is missing")]
     IdpConsentRequired { scope: String },
-    #[error(
-        "the IdP refused the sidecar's token request ({error}); check the identity configuration"
-    )]
-    IdpMisconfigured { error: String },
+    #[error("the IdP refused the sidecar's token request; check the identity configuration")]
+    IdpMisconfigured,
     #[error("the IdP is unavailable")]
     IdpUnavailable { retry_after: Option<Duration> },
     #[error("the request's deadline ran out while acquiring its upstream token")]
     TokenDeadline,
     #[error("upstream unreachable")]
     UpstreamConnect(#[source] Box<dyn std::error::Error + Send + Sync>),
+    #[error("the upstream switched protocols unasked")]
+    UpstreamSwitched,
     #[error("upstream did not answer in time")]
     UpstreamTimeout,
     #[error("internal error: {0}")]
@@ -65,7 +186,7 @@ pub enum ProxyError {
 }
 
 impl ProxyError {
-    pub fn fault(&self) -> Fault {
+    pub(crate) fn fault(&self) -> Fault {
         match self {
             ProxyError::NoRoute
             | ProxyError::BadRequest(_)
@@ -79,12 +200,14 @@ impl ProxyError {
             ProxyError::KeysUnavailable { .. }
             | ProxyError::IdpUnavailable { .. }
             | ProxyError::TokenDeadline => Fault::Idp,
-            ProxyError::UpstreamConnect(_) | ProxyError::UpstreamTimeout => Fault::Upstream,
-            ProxyError::IdpMisconfigured { .. } | ProxyError::Internal(_) => Fault::Internal,
+            ProxyError::UpstreamConnect(_)
+            | ProxyError::UpstreamSwitched
+            | ProxyError::UpstreamTimeout => Fault::Upstream,
+            ProxyError::IdpMisconfigured | ProxyError::Internal(_) => Fault::Internal,
         }
     }
 
-    pub fn status(&self) -> StatusCode {
+    pub(crate) fn status(&self) -> StatusCode {
         match self {
             ProxyError::NoRoute => StatusCode::NOT_FOUND,
             ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
@@ -99,10 +222,12 @@ impl ProxyError {
             ProxyError::KeysUnavailable { .. }
             | ProxyError::IdpUnavailable { .. }
             | ProxyError::TokenDeadline => StatusCode::SERVICE_UNAVAILABLE,
-            ProxyError::IdpMisconfigured { .. } | ProxyError::Internal(_) => {
+            ProxyError::IdpMisconfigured | ProxyError::Internal(_) => {
                 StatusCode::INTERNAL_SERVER_ERROR
             }
-            ProxyError::UpstreamConnect(_) => StatusCode::BAD_GATEWAY,
+            ProxyError::UpstreamConnect(_) | ProxyError::UpstreamSwitched => {
+                StatusCode::BAD_GATEWAY
+            }
             ProxyError::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
         }
     }
@@ -136,10 +261,11 @@ impl ProxyError {
             | ProxyError::BadRequest(_)
             | ProxyError::HeadersTooLarge
             | ProxyError::KeysUnavailable { .. }
-            | ProxyError::IdpMisconfigured { .. }
+            | ProxyError::IdpMisconfigured
             | ProxyError::IdpUnavailable { .. }
             | ProxyError::TokenDeadline
             | ProxyError::UpstreamConnect(_)
+            | ProxyError::UpstreamSwitched
             | ProxyError::UpstreamTimeout
             | ProxyError::Internal(_) => None,
         }
@@ -149,7 +275,21 @@ impl ProxyError {
         match self {
             ProxyError::KeysUnavailable { retry_after } => Some(*retry_after),
             ProxyError::IdpUnavailable { retry_after } => *retry_after,
-            _ => None,
+            ProxyError::NoRoute
+            | ProxyError::BadRequest(_)
+            | ProxyError::HeadersTooLarge
+            | ProxyError::MissingToken
+            | ProxyError::InvalidToken(_)
+            | ProxyError::InsufficientScope { .. }
+            | ProxyError::IdpRejectedSubject
+            | ProxyError::IdpClaimsChallenge { .. }
+            | ProxyError::IdpConsentRequired { .. }
+            | ProxyError::IdpMisconfigured
+            | ProxyError::TokenDeadline
+            | ProxyError::UpstreamConnect(_)
+            | ProxyError::UpstreamSwitched
+            | ProxyError::UpstreamTimeout
+            | ProxyError::Internal(_) => None,
         }
     }
 
@@ -168,10 +308,11 @@ impl ProxyError {
                 ("idp-claims-challenge", "Additional claims required")
             }
             ProxyError::IdpConsentRequired { .. } => ("idp-consent-required", "Consent required"),
-            ProxyError::IdpMisconfigured { .. } => ("idp-misconfigured", "Token request refused"),
+            ProxyError::IdpMisconfigured => ("idp-misconfigured", "Token request refused"),
             ProxyError::IdpUnavailable { .. } => ("idp-unavailable", "IdP unavailable"),
             ProxyError::TokenDeadline => ("token-deadline", "Token acquisition timed out"),
             ProxyError::UpstreamConnect(_) => ("upstream-unreachable", "Upstream unreachable"),
+            ProxyError::UpstreamSwitched => ("upstream-switched", "Upstream switched protocols"),
             ProxyError::UpstreamTimeout => ("upstream-timeout", "Upstream timeout"),
             ProxyError::Internal(_) => ("internal", "Internal error"),
         }
@@ -181,16 +322,29 @@ impl ProxyError {
     fn detail(&self) -> String {
         match self {
             ProxyError::InsufficientScope { detail, .. } => (*detail).to_owned(),
-            ProxyError::IdpMisconfigured { .. } => {
+            ProxyError::IdpMisconfigured => {
                 "the sidecar's token request was refused by the IdP".to_owned()
             }
             ProxyError::UpstreamConnect(_) => "upstream unreachable".to_owned(),
-            _ => self.to_string(),
+            ProxyError::NoRoute
+            | ProxyError::BadRequest(_)
+            | ProxyError::HeadersTooLarge
+            | ProxyError::MissingToken
+            | ProxyError::InvalidToken(_)
+            | ProxyError::KeysUnavailable { .. }
+            | ProxyError::IdpRejectedSubject
+            | ProxyError::IdpClaimsChallenge { .. }
+            | ProxyError::IdpConsentRequired { .. }
+            | ProxyError::IdpUnavailable { .. }
+            | ProxyError::TokenDeadline
+            | ProxyError::UpstreamSwitched
+            | ProxyError::UpstreamTimeout
+            | ProxyError::Internal(_) => self.to_string(),
         }
     }
 
     /// The response the caller gets.
-    pub fn to_response<B: From<Bytes>>(&self) -> Response<B> {
+    pub(crate) fn to_response<B: From<Bytes>>(&self) -> Response<B> {
         let status = self.status();
         let (kind, title) = self.kind();
         let body = serde_json::json!({
@@ -230,12 +384,23 @@ fn quoted_safe(value: &str) -> String {
         .collect()
 }
 
-/// A response body for responses the sidecar makes itself.
-pub type FullBody = Full<Bytes>;
+/// An error and its sources on one line, for logs.
+pub(crate) fn chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    type FullBody = http_body_util::Full<Bytes>;
 
     fn response(error: &ProxyError) -> Response<FullBody> {
         error.to_response()
@@ -261,7 +426,7 @@ mod tests {
     #[test]
     fn bad_request_is_400() {
         assert_eq!(
-            response(&ProxyError::BadRequest("encoded slash")).status(),
+            response(&ProxyError::BadRequest(RequestDefect::EncodedSlash)).status(),
             400
         );
     }
@@ -280,7 +445,7 @@ mod tests {
 
     #[test]
     fn invalid_token_is_401_invalid_token() {
-        let r = response(&ProxyError::InvalidToken("token expired"));
+        let r = response(&ProxyError::InvalidToken(TokenDefect::Expired));
         assert_eq!(r.status(), 401);
         assert_eq!(
             challenge(&r),
@@ -344,9 +509,7 @@ mod tests {
 
     #[test]
     fn idp_misconfigured_is_500_without_details() {
-        let r = response(&ProxyError::IdpMisconfigured {
-            error: "invalid_client".to_owned(),
-        });
+        let r = response(&ProxyError::IdpMisconfigured);
         assert_eq!(r.status(), 500);
         assert!(challenge(&r).is_none());
     }
@@ -371,6 +534,11 @@ mod tests {
     fn upstream_connect_is_502() {
         let r = response(&ProxyError::UpstreamConnect("refused".into()));
         assert_eq!(r.status(), 502);
+    }
+
+    #[test]
+    fn upstream_switched_is_502() {
+        assert_eq!(response(&ProxyError::UpstreamSwitched).status(), 502);
     }
 
     #[test]

@@ -11,7 +11,7 @@ use tracing_subscriber::EnvFilter;
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_tracing(cli.log_format);
-    obo_sidecar::tls::install_crypto_provider();
+    obo_sidecar::install_crypto_provider();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -34,10 +34,12 @@ fn main() -> ExitCode {
                 }
             },
             Command::Run => serve(&config).await,
-            Command::Demo => obo_sidecar::demo::run(shutdown_signal())
+            #[cfg(feature = "dev")]
+            Command::Demo => obo_sidecar::dev::demo::run(shutdown_signal())
                 .await
                 .map(|()| ExitCode::SUCCESS)
                 .map_err(Into::into),
+            #[cfg(feature = "dev")]
             Command::DevIdp { listen } => dev_idp(listen).await,
         }
     });
@@ -74,17 +76,15 @@ async fn serve(path: &std::path::Path) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+#[cfg(feature = "dev")]
 async fn dev_idp(listen: std::net::SocketAddr) -> anyhow::Result<ExitCode> {
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("binding {listen}"))?;
-    let idp = obo_sidecar::dev_idp::DevIdp::start(
-        listener,
-        obo_sidecar::dev_idp::DevIdpConfig::default(),
-    )
-    .await
-    .context("starting the development IdP")?;
-    tracing::warn!(issuer = %idp.issuer(), client_id = obo_sidecar::dev_idp::DEFAULT_CLIENT_ID,
+    let idp = obo_sidecar::dev::DevIdp::start(listener, obo_sidecar::dev::DevIdpConfig::default())
+        .await
+        .context("starting the development IdP")?;
+    tracing::warn!(issuer = %idp.issuer(), client_id = obo_sidecar::dev::DEFAULT_CLIENT_ID,
         "development IdP serving: NOT FOR PRODUCTION (it signs tokens for anyone who asks)");
     shutdown_signal().await;
     Ok(ExitCode::SUCCESS)

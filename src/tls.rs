@@ -1,5 +1,6 @@
-//! TLS client configuration, shared by the IdP client and the upstream client: rustls on aws-lc-rs,
-//! the system's roots (`SSL_CERT_FILE`/`SSL_CERT_DIR` honoured) plus any extra PEM roots a config names.
+//! rustls configurations, all on aws-lc-rs: the client one shared by the IdP client and the upstream clients
+//! (the system's roots, `SSL_CERT_FILE`/`SSL_CERT_DIR` honoured, read once per process, plus any extra PEM
+//! roots a config names), and the listener's (certificate, key, optional client CAs).
 
 use std::path::Path;
 use std::sync::Arc;
@@ -33,7 +34,7 @@ pub fn install_crypto_provider() {
 }
 
 /// Every certificate of a PEM file; at least one.
-pub fn read_pem_certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+pub(crate) fn read_pem_certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     let certs = CertificateDer::pem_file_iter(path)
         .and_then(Iterator::collect::<Result<Vec<_>, _>>)
         .map_err(|source| TlsError::Pem {
@@ -48,15 +49,24 @@ pub fn read_pem_certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>
     Ok(certs)
 }
 
+/// The system's root certificates, read once per process: every route and identity builds a client, and
+/// reading the store each time cost tens of milliseconds per reload.
+fn system_roots() -> &'static [CertificateDer<'static>] {
+    static ROOTS: std::sync::OnceLock<Vec<CertificateDer<'static>>> = std::sync::OnceLock::new();
+    ROOTS.get_or_init(|| {
+        let native = rustls_native_certs::load_native_certs();
+        for error in &native.errors {
+            tracing::debug!(%error, "skipping an unreadable system root");
+        }
+        native.certs
+    })
+}
+
 /// A rustls client config trusting the system roots plus every certificate in `extra` PEM files.
-pub fn client_config(extra: &[&Path]) -> Result<rustls::ClientConfig, TlsError> {
+pub(crate) fn client_config(extra: &[&Path]) -> Result<rustls::ClientConfig, TlsError> {
     install_crypto_provider();
     let mut roots = RootCertStore::empty();
-    let native = rustls_native_certs::load_native_certs();
-    for error in &native.errors {
-        tracing::debug!(%error, "skipping an unreadable system root");
-    }
-    roots.add_parsable_certificates(native.certs);
+    roots.add_parsable_certificates(system_roots().iter().cloned());
     for path in extra {
         roots.add_parsable_certificates(read_pem_certificates(path)?);
     }
@@ -71,7 +81,10 @@ pub fn client_config(extra: &[&Path]) -> Result<rustls::ClientConfig, TlsError> 
 
 /// The HTTP client for IdP endpoints (discovery, JWKS, token): follows no redirects, no proxies from the
 /// environment, bounded by `timeout`.
-pub fn idp_client(extra_roots: &[&Path], timeout: Duration) -> Result<reqwest::Client, TlsError> {
+pub(crate) fn idp_client(
+    extra_roots: &[&Path],
+    timeout: Duration,
+) -> Result<reqwest::Client, TlsError> {
     let tls = client_config(extra_roots)?;
     reqwest::Client::builder()
         .tls_backend_preconfigured(tls)
@@ -82,6 +95,12 @@ pub fn idp_client(extra_roots: &[&Path], timeout: Duration) -> Result<reqwest::C
         .user_agent(concat!("obo-sidecar/", env!("CARGO_PKG_VERSION")))
         .build()
         .map_err(TlsError::Client)
+}
+
+/// A file's modification time (`None` when it cannot be read): what the certificate, credential and
+/// configuration watchers compare.
+pub(crate) fn modified(path: &Path) -> Option<std::time::SystemTime> {
+    std::fs::metadata(path).and_then(|m| m.modified()).ok()
 }
 
 /// Why the inbound TLS configuration could not be built.
@@ -105,7 +124,7 @@ pub enum ServerTlsError {
 
 /// The inbound TLS configuration: the certificate chain and key (PEM), ALPN `h2` then `http/1.1`, and —
 /// with `client_ca` — a required client certificate issued by one of those CAs (mTLS).
-pub fn server_config(
+pub(crate) fn server_config(
     cert_file: &Path,
     key_file: &Path,
     client_ca: Option<&Path>,
@@ -143,75 +162,4 @@ pub fn server_config(
         .map_err(ServerTlsError::Rustls)?;
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(config)
-}
-
-/// The inbound TLS configuration, re-read when its files change (checked at most once a second, on accept),
-/// so a renewed certificate is served without a restart. A broken renewal keeps the last good one.
-pub struct ReloadingServerConfig {
-    files: (
-        std::path::PathBuf,
-        std::path::PathBuf,
-        Option<std::path::PathBuf>,
-    ),
-    current: arc_swap::ArcSwap<rustls::ServerConfig>,
-    seen: std::sync::Mutex<(std::time::Instant, Vec<Option<std::time::SystemTime>>)>,
-}
-
-impl ReloadingServerConfig {
-    pub fn new(tls: &crate::config::ListenTls) -> Result<Self, ServerTlsError> {
-        let config = server_config(&tls.cert_file, &tls.key_file, tls.client_ca_file.as_deref())?;
-        let files = (
-            tls.cert_file.clone(),
-            tls.key_file.clone(),
-            tls.client_ca_file.clone(),
-        );
-        let stamps = Self::stamps(&files);
-        Ok(ReloadingServerConfig {
-            files,
-            current: arc_swap::ArcSwap::from_pointee(config),
-            seen: std::sync::Mutex::new((std::time::Instant::now(), stamps)),
-        })
-    }
-
-    fn stamps(
-        files: &(
-            std::path::PathBuf,
-            std::path::PathBuf,
-            Option<std::path::PathBuf>,
-        ),
-    ) -> Vec<Option<std::time::SystemTime>> {
-        [Some(&files.0), Some(&files.1), files.2.as_ref()]
-            .into_iter()
-            .map(|path| path.and_then(|p| modified(p)))
-            .collect()
-    }
-
-    /// The configuration to use for the next handshake. At most once a second (and never while another
-    /// handshake is checking) it compares the files' modification times, and reloads them when they changed.
-    pub fn current(&self) -> Arc<rustls::ServerConfig> {
-        if let Ok(mut seen) = self.seen.try_lock()
-            && seen.0.elapsed() >= Duration::from_secs(1)
-        {
-            seen.0 = std::time::Instant::now();
-            let stamps = Self::stamps(&self.files);
-            if stamps != seen.1 {
-                seen.1 = stamps;
-                match server_config(&self.files.0, &self.files.1, self.files.2.as_deref()) {
-                    Ok(config) => {
-                        tracing::info!("inbound TLS certificate reloaded");
-                        self.current.store(Arc::new(config));
-                    }
-                    Err(error) => tracing::error!(error = %crate::auth::jwks::error_chain(&error),
-                        "inbound TLS files changed but do not load; keeping the previous certificate"),
-                }
-            }
-        }
-        self.current.load_full()
-    }
-}
-
-/// A file's modification time (`None` when it cannot be read): what the certificate and configuration
-/// watchers compare.
-pub(crate) fn modified(path: &std::path::Path) -> Option<std::time::SystemTime> {
-    std::fs::metadata(path).and_then(|m| m.modified()).ok()
 }

@@ -19,8 +19,8 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
+use obo_sidecar::config::Credential;
 use obo_sidecar::config::{Config, DEFAULT_IDENTITY};
-use obo_sidecar::exchange::client_auth::Credential;
 use serde::Deserialize;
 use yaml_serde::Value;
 

@@ -12,7 +12,7 @@ mod support;
 use std::time::Duration;
 
 use futures_util::StreamExt as _;
-use obo_sidecar::dev_idp::{DEFAULT_CLIENT_ID, Failure};
+use obo_sidecar::dev::{DEFAULT_CLIENT_ID, Failure};
 use support::{Harness, SECRET_VARIABLE, echoed, inbound_config, seen_authorization};
 
 fn claims_of(echo: &serde_json::Value) -> &serde_json::Value {
@@ -192,7 +192,7 @@ async fn identities_and_scopes_key_the_cache() {
 /// IdP does not know is refused (500: our misconfiguration).
 #[tokio::test]
 async fn private_key_jwt_is_verified_against_the_registered_certificate() {
-    use obo_sidecar::dev_idp::{ClientAuth, DevClient};
+    use obo_sidecar::dev::{ClientAuth, DevClient};
     let dir = support::temp_dir("pkjwt");
     let (cert, key, der) = support::rsa_client_certificate(&dir, "client-a");
     let (other_cert, other_key, _) = support::rsa_client_certificate(&dir, "client-b");
@@ -213,10 +213,10 @@ async fn private_key_jwt_is_verified_against_the_registered_certificate() {
             + &route("stranger", upstream, "token = \"obo\"\nidentity = \"stranger\"\nscopes = [\"api://downstream/.default\"]")
     })
     .await;
-    let caller = h.idp.mint(&obo_sidecar::dev_idp::CallerClaims {
+    let caller = h.idp.mint(&obo_sidecar::dev::TokenClaims {
         aud: Some("api://cert-client".into()),
         scp: Some("access_as_user".into()),
-        ..obo_sidecar::dev_idp::CallerClaims::user("alice")
+        ..obo_sidecar::dev::TokenClaims::user("alice")
     });
     assert_eq!(
         claims_of(&echoed(h.get("/entra/x", Some(&caller)).await).await)["sub"],
@@ -257,7 +257,7 @@ async fn private_key_jwt_is_verified_against_the_registered_certificate() {
 /// is used at once; an unreadable or rejected one is 500, never a forwarded caller token.
 #[tokio::test]
 async fn client_assertion_file_is_reread_on_every_token_request() {
-    use obo_sidecar::dev_idp::{ClientAuth, DevClient, FEDERATED_AUDIENCE};
+    use obo_sidecar::dev::{ClientAuth, DevClient, FEDERATED_AUDIENCE};
     let dir = support::temp_dir("assertion");
     let file = dir.join("azure-identity-token");
     std::fs::write(&file, "projected later").unwrap();
@@ -293,10 +293,10 @@ async fn client_assertion_file_is_reread_on_every_token_request() {
         )
     };
     let caller = |sub: &str| {
-        h.idp.mint(&obo_sidecar::dev_idp::CallerClaims {
+        h.idp.mint(&obo_sidecar::dev::TokenClaims {
             aud: Some("api://wi-client".into()),
             scp: Some("access_as_user".into()),
-            ..obo_sidecar::dev_idp::CallerClaims::user(sub)
+            ..obo_sidecar::dev::TokenClaims::user(sub)
         })
     };
     std::fs::write(&file, kubelet_token("system:serviceaccount:apps:api")).unwrap();

@@ -11,7 +11,7 @@ mod support;
 use std::time::Duration;
 
 use base64::Engine as _;
-use obo_sidecar::dev_idp::{CallerClaims, DevIdp, DevIdpConfig, Failure};
+use obo_sidecar::dev::{DevIdp, DevIdpConfig, Failure, TokenClaims};
 use serde_json::json;
 use support::Harness;
 
@@ -107,10 +107,10 @@ async fn bad_caller_tokens_are_401() {
     let mut past = serde_json::Map::new();
     past.insert("exp".into(), json!(now() - 60));
     past.insert("iat".into(), json!(now() - 3600));
-    let expired = h.idp.mint(&CallerClaims {
+    let expired = h.idp.mint(&TokenClaims {
         scp: Some("access_as_user".into()),
         extra: past,
-        ..CallerClaims::user("alice")
+        ..TokenClaims::user("alice")
     });
     let good = h.token("alice", "access_as_user");
     let mut parts: Vec<&str> = good.split('.').collect();
@@ -191,9 +191,9 @@ async fn missing_scope_is_403() {
         response.headers()["www-authenticate"],
         "Bearer error=\"insufficient_scope\", scope=\"access_as_user\""
     );
-    let app_only = h.idp.mint(&CallerClaims {
+    let app_only = h.idp.mint(&TokenClaims {
         roles: vec!["Reader".into()],
-        ..CallerClaims::user("daemon")
+        ..TokenClaims::user("daemon")
     });
     let response = h.get("/obo/x", Some(&app_only)).await;
     assert_eq!(
@@ -358,7 +358,7 @@ async fn idp_invalid_client_is_500() {
     let idp = DevIdp::start(support::bind().await, DevIdpConfig::default())
         .await
         .expect("idp");
-    let upstream = obo_sidecar::echo::EchoUpstream::start(support::bind().await)
+    let upstream = obo_sidecar::dev::EchoUpstream::start(support::bind().await)
         .await
         .expect("upstream");
     let dead = support::dead_addr().await;
@@ -367,9 +367,9 @@ async fn idp_invalid_client_is_500() {
         .expect("config");
     let sidecar = support::start_sidecar(config).await;
     sidecar.ready().await;
-    let token = idp.mint(&CallerClaims {
+    let token = idp.mint(&TokenClaims {
         scp: Some("access_as_user".into()),
-        ..CallerClaims::user("alice")
+        ..TokenClaims::user("alice")
     });
     let response = reqwest::Client::new()
         .get(format!("http://{}/obo/x", sidecar.proxy_addr))

@@ -15,8 +15,8 @@ use bytes::Bytes;
 use http::{Request, StatusCode};
 use http_body_util::{BodyExt as _, Empty};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use obo_sidecar::dev_idp::{CallerClaims, DEFAULT_CLIENT_ID, DevIdp, DevIdpConfig, Failure};
-use obo_sidecar::echo::EchoUpstream;
+use obo_sidecar::dev::EchoUpstream;
+use obo_sidecar::dev::{DEFAULT_CLIENT_ID, DevIdp, DevIdpConfig, Failure, TokenClaims};
 use support::{Harness, echoed, seen_authorization, seen_header};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;
@@ -40,10 +40,10 @@ fn identity(token_endpoint: &str) -> String {
     )
 }
 
-fn user(sub: &str) -> CallerClaims {
-    CallerClaims {
+fn user(sub: &str) -> TokenClaims {
+    TokenClaims {
         scp: Some("access_as_user".into()),
-        ..CallerClaims::user(sub)
+        ..TokenClaims::user(sub)
     }
 }
 
@@ -115,7 +115,7 @@ async fn path_spellings_of_admin_land_on_the_admin_route() {
     })
     .await;
     let mallory = h.token("mallory", "access_as_user");
-    let admin = h.idp.mint(&CallerClaims {
+    let admin = h.idp.mint(&TokenClaims {
         roles: vec!["Admin".into()],
         ..user("root")
     });
@@ -322,6 +322,7 @@ async fn a_reload_is_checked_against_the_running_listener() {
     let error = h
         .sidecar
         .reload(support::parse(&sneaky))
+        .await
         .expect_err("the running listener is not loopback");
     assert!(
         format!("{error:?}").contains("caller_auth"),
@@ -544,7 +545,7 @@ async fn tokens_without_scopes_or_roles_are_refused_unless_allowed() {
             )
         })
         .await;
-        let id_token = h.idp.mint(&CallerClaims::user("alice"));
+        let id_token = h.idp.mint(&TokenClaims::user("alice"));
         let response = h.get("/pass/x", Some(&id_token)).await;
         assert_eq!(response.status(), expected, "allow_acl_tokens = {allow}");
         if expected == 401 {
@@ -748,7 +749,10 @@ async fn a_reload_during_a_jwks_outage_keeps_the_key_sets() {
             &format!("audiences = [\"api://{DEFAULT_CLIENT_ID}\", \"{DEFAULT_CLIENT_ID}\"]"),
             1,
         );
-    h.sidecar.reload(support::parse(&reloaded)).expect("reload");
+    h.sidecar
+        .reload(support::parse(&reloaded))
+        .await
+        .expect("reload");
     let fresh = h.token("bob", "access_as_user");
     assert_eq!(h.get("/pass/x", Some(&fresh)).await.status(), 200);
     let readyz = h

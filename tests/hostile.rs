@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use aws_lc_rs::signature::KeyPair as _;
 use base64::Engine as _;
-use obo_sidecar::dev_idp::{DEFAULT_CLIENT_ID, DEFAULT_TENANT_ID, DevIdp, DevIdpConfig};
+use obo_sidecar::dev::{DEFAULT_CLIENT_ID, DEFAULT_TENANT_ID, DevIdp, DevIdpConfig};
 use serde_json::{Value, json};
 use support::Harness;
 
@@ -805,7 +805,7 @@ fn keys_cases(
     let x5c = json!([STD.encode(&attacker.cert_der)]);
     // The stranger's kid, as its own JWKS publishes it: read from a token it minted.
     let stranger_kid = {
-        let minted = stranger.mint(&obo_sidecar::dev_idp::CallerClaims::user("x"));
+        let minted = stranger.mint(&obo_sidecar::dev::TokenClaims::user("x"));
         let header = minted.split('.').next().expect("header");
         let header: Value =
             serde_json::from_slice(&B64.decode(header).expect("b64")).expect("json");

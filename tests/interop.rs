@@ -17,7 +17,7 @@ use std::process::{Child, ChildStdin, Command, Stdio};
 use std::time::Duration;
 
 use obo_sidecar::config::Config;
-use obo_sidecar::echo::EchoUpstream;
+use obo_sidecar::dev::EchoUpstream;
 use serde_json::{Value, json};
 use support::{bind, seen_authorization, start_sidecar};
 

@@ -10,7 +10,7 @@
 
 mod support;
 
-use obo_sidecar::dev_idp::{DEFAULT_CLIENT_SECRET, Failure};
+use obo_sidecar::dev::{DEFAULT_CLIENT_SECRET, Failure};
 use support::{Harness, captured_logs, echoed, seen_authorization};
 
 /// Captures every event at TRACE from every crate while tokens flow through the happy path, IdP failures

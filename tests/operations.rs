@@ -24,8 +24,8 @@ use bytes::Bytes;
 use http::{Request, StatusCode, header};
 use http_body_util::{BodyExt as _, Empty};
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use obo_sidecar::dev_idp::{DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, DevIdp, DevIdpConfig};
-use obo_sidecar::echo::EchoUpstream;
+use obo_sidecar::dev::EchoUpstream;
+use obo_sidecar::dev::{DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, DevIdp, DevIdpConfig};
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use serde_json::Value;
 use support::{Harness, SECRET_VARIABLE, echoed, seen_authorization, seen_header};
@@ -101,7 +101,7 @@ struct Pki {
 impl Pki {
     fn new(dir: &Path, name: &str) -> Pki {
         use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
-        obo_sidecar::tls::install_crypto_provider();
+        obo_sidecar::install_crypto_provider();
         let key = KeyPair::generate().expect("CA key");
         let mut params = CertificateParams::new(Vec::<String>::new()).expect("CA params");
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
@@ -193,6 +193,18 @@ impl Pki {
 // ---------------------------------------------------------------------------------------------------------
 // Clients
 
+/// An error and its sources on one line.
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
+
 /// Sends `request` on a new HTTP/2 connection over `io` (h2c prior knowledge, or TLS after ALPN `h2`).
 async fn send_h2<I>(io: I, request: Request<Empty<Bytes>>) -> (http::response::Parts, Bytes)
 where
@@ -239,7 +251,7 @@ async fn get_over_tls(
         let response = sender
             .send_request(request)
             .await
-            .map_err(|e| format!("request: {}", obo_sidecar::auth::jwks::error_chain(&e)))?;
+            .map_err(|e| format!("request: {}", error_chain(&e)))?;
         let status = response.status();
         let body = response
             .into_body()
@@ -653,9 +665,9 @@ async fn sigterm_lets_an_in_flight_request_finish_and_exits_zero() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 
-    let caller = idp.mint(&obo_sidecar::dev_idp::CallerClaims {
+    let caller = idp.mint(&obo_sidecar::dev::TokenClaims {
         scp: Some("access_as_user".to_owned()),
-        ..obo_sidecar::dev_idp::CallerClaims::user("alice")
+        ..obo_sidecar::dev::TokenClaims::user("alice")
     });
     let in_flight = tokio::spawn({
         let request = http
@@ -797,6 +809,7 @@ async fn reload_under_continuous_traffic_fails_no_request() {
         let text = if round % 2 == 0 { &after } else { &before };
         h.sidecar
             .reload(support::parse(text))
+            .await
             .expect("valid reload");
     }
     let mut outcomes = Vec::new();

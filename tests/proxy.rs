@@ -8,7 +8,7 @@
 
 mod support;
 
-use obo_sidecar::dev_idp::{CallerClaims, DEFAULT_CLIENT_ID};
+use obo_sidecar::dev::{DEFAULT_CLIENT_ID, TokenClaims};
 use support::{Harness, echoed, raw_request, seen_authorization, seen_header};
 
 fn claims_of(echo: &serde_json::Value) -> &serde_json::Value {
@@ -67,7 +67,7 @@ async fn second_request_for_the_same_caller_makes_no_idp_call() {
     let second = seen_authorization(&echoed(h.get("/obo/b", Some(&caller)).await).await);
     assert_eq!(first, second);
     assert_eq!(h.idp.token_requests(), 1);
-    assert_eq!(h.sidecar.proxy().exchanger().cache().entry_count().await, 1);
+    assert_eq!(h.metric("obo_token_cache_entries").await, Some(1.0));
 }
 
 /// Two callers never share an upstream token, even for the same route and scopes.
@@ -134,9 +134,9 @@ async fn passthrough_forwards_the_callers_token_and_none_forwards_none() {
     let caller = h.token("alice", "access_as_user");
     let echo = echoed(h.get("/pass/x", Some(&caller)).await).await;
     assert_eq!(seen_authorization(&echo), Some(format!("Bearer {caller}")));
-    let reader = h.idp.mint(&CallerClaims {
+    let reader = h.idp.mint(&TokenClaims {
         roles: vec!["Reader".to_owned()],
-        ..CallerClaims::user("svc")
+        ..TokenClaims::user("svc")
     });
     let echo = echoed(h.get("/none/x", Some(&reader)).await).await;
     assert_eq!(seen_authorization(&echo), None);
@@ -326,15 +326,15 @@ async fn admin_endpoints_answer() {
 #[tokio::test]
 async fn idp_over_tls_is_trusted_through_ca_file() {
     let pki = support::TestPki::new();
-    let config = obo_sidecar::dev_idp::DevIdpConfig {
+    let config = obo_sidecar::dev::DevIdpConfig {
         tls: Some(pki.server.clone()),
-        ..obo_sidecar::dev_idp::DevIdpConfig::default()
+        ..obo_sidecar::dev::DevIdpConfig::default()
     };
-    let idp = obo_sidecar::dev_idp::DevIdp::start(support::bind().await, config)
+    let idp = obo_sidecar::dev::DevIdp::start(support::bind().await, config)
         .await
         .expect("idp");
     assert!(idp.issuer().starts_with("https://"));
-    let upstream = obo_sidecar::echo::EchoUpstream::start(support::bind().await)
+    let upstream = obo_sidecar::dev::EchoUpstream::start(support::bind().await)
         .await
         .expect("upstream");
     let ca = pki.ca_file();
@@ -356,9 +356,9 @@ async fn idp_over_tls_is_trusted_through_ca_file() {
     tokio::time::timeout(std::time::Duration::from_secs(20), sidecar.ready())
         .await
         .expect("ready");
-    let caller = idp.mint(&CallerClaims {
+    let caller = idp.mint(&TokenClaims {
         scp: Some("access_as_user".into()),
-        ..CallerClaims::user("alice")
+        ..TokenClaims::user("alice")
     });
     let http = reqwest::Client::new();
     let response = http

@@ -12,8 +12,8 @@ mod support;
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt as _;
-use obo_sidecar::dev_idp::{CallerClaims, DEFAULT_CLIENT_ID, DevIdp, DevIdpConfig};
-use obo_sidecar::echo::EchoUpstream;
+use obo_sidecar::dev::EchoUpstream;
+use obo_sidecar::dev::{DEFAULT_CLIENT_ID, DevIdp, DevIdpConfig, TokenClaims};
 use support::{Harness, SECRET_VARIABLE, echoed, seen_authorization, seen_header};
 
 const TENANT_A: &str = "11111111-1111-4111-8111-111111111111";
@@ -31,10 +31,10 @@ fn identity(endpoint: &str) -> String {
     )
 }
 
-fn user(sub: &str) -> CallerClaims {
-    CallerClaims {
+fn user(sub: &str) -> TokenClaims {
+    TokenClaims {
         scp: Some("access_as_user".into()),
-        ..CallerClaims::user(sub)
+        ..TokenClaims::user(sub)
     }
 }
 
@@ -282,7 +282,7 @@ async fn forward_claims_replace_caller_supplied_headers() {
             )
     })
     .await;
-    let token = h.idp.mint(&CallerClaims {
+    let token = h.idp.mint(&TokenClaims {
         oid: Some("0000aaaa-0000-4000-8000-00000000beef".into()),
         roles: vec!["Reader".into(), "Writer".into()],
         ..user("alice")

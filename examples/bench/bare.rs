@@ -17,7 +17,7 @@ use tokio::net::TcpListener;
 use crate::Error;
 
 /// Serves the bare hop on `127.0.0.1:port` until killed.
-pub fn serve(port: u16, upstream: SocketAddr, workers: usize) -> Result<(), Error> {
+pub(crate) fn serve(port: u16, upstream: SocketAddr, workers: usize) -> Result<(), Error> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(workers)
         .enable_all()

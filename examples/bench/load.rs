@@ -18,14 +18,14 @@ use crate::Error;
 /// Where the requests of a load go: an address, a path, and the caller tokens sent round robin (none: no
 /// `Authorization` header).
 #[derive(Clone)]
-pub struct Target {
+pub(crate) struct Target {
     pub addr: SocketAddr,
     pub path: String,
     pub tokens: Arc<Vec<String>>,
 }
 
 impl Target {
-    pub fn new(addr: SocketAddr, path: &str, tokens: &Arc<Vec<String>>) -> Target {
+    pub(crate) fn new(addr: SocketAddr, path: &str, tokens: &Arc<Vec<String>>) -> Target {
         Target {
             addr,
             path: path.to_owned(),
@@ -51,7 +51,7 @@ fn get(path: &str, tokens: &[String], i: usize) -> Result<Request<Empty<Bytes>>,
 }
 
 /// A keep-alive HTTP/1.1 connection to `addr`.
-pub async fn connect(addr: SocketAddr) -> Result<SendRequest<Empty<Bytes>>, Error> {
+pub(crate) async fn connect(addr: SocketAddr) -> Result<SendRequest<Empty<Bytes>>, Error> {
     let stream = TcpStream::connect(addr).await?;
     stream.set_nodelay(true)?;
     let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
@@ -73,7 +73,7 @@ async fn exchange(
 
 /// Requests per second and latencies (µs) of `connections` connections sending requests back to back for
 /// `duration`. Any answer other than 200 ends the run with an error: a benchmark of failures measures nothing.
-pub async fn closed_loop(
+pub(crate) async fn closed_loop(
     target: &Target,
     connections: usize,
     duration: Duration,
@@ -110,7 +110,7 @@ pub async fn closed_loop(
 }
 
 /// Sends each token once, over `connections` connections; the number of answers other than 200.
-pub async fn each_once(target: &Target, connections: usize) -> Result<usize, Error> {
+pub(crate) async fn each_once(target: &Target, connections: usize) -> Result<usize, Error> {
     let mut tasks = Vec::new();
     for c in 0..connections {
         let target = target.clone();
@@ -134,14 +134,14 @@ pub async fn each_once(target: &Target, connections: usize) -> Result<usize, Err
 
 /// Counters of a paced load, read while it runs.
 #[derive(Default)]
-pub struct Tally {
+pub(crate) struct Tally {
     pub ok: AtomicU64,
     pub refused: AtomicU64,
     pub transport: AtomicU64,
 }
 
 impl Tally {
-    pub fn errors(&self) -> u64 {
+    pub(crate) fn errors(&self) -> u64 {
         self.refused.load(Ordering::Relaxed) + self.transport.load(Ordering::Relaxed)
     }
 }
@@ -149,7 +149,7 @@ impl Tally {
 /// A load at a fixed `rate` (requests per second, shared by `connections` connections) for `duration`, with
 /// the token list re-read on every request from `tokens` (so a rotator can replace it). Failures are counted,
 /// not fatal: a connection that breaks is opened again. Latencies (µs) of the successful requests.
-pub async fn paced(
+pub(crate) async fn paced(
     addr: SocketAddr,
     path: &str,
     tokens: Arc<arc_swap::ArcSwap<Vec<String>>>,
@@ -211,12 +211,12 @@ pub async fn paced(
     Ok(all)
 }
 
-pub fn micros(elapsed: Duration) -> u32 {
+pub(crate) fn micros(elapsed: Duration) -> u32 {
     u32::try_from(elapsed.as_micros()).unwrap_or(u32::MAX)
 }
 
 /// The `p` quantile (0..=1) of latencies in µs, in milliseconds.
-pub fn percentile(latencies: &mut [u32], p: f64) -> f64 {
+pub(crate) fn percentile(latencies: &mut [u32], p: f64) -> f64 {
     if latencies.is_empty() {
         return f64::NAN;
     }

@@ -21,7 +21,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use obo_sidecar::dev_idp::{CallerClaims, DevIdp, DevIdpConfig, Failure};
+use obo_sidecar::dev::{DevIdp, DevIdpConfig, Failure, TokenClaims};
 use tokio::net::TcpListener;
 
 use crate::load::{Target, closed_loop, each_once, paced, percentile};
@@ -103,10 +103,10 @@ impl Settings {
 
 /// A caller token for `sub` with the delegated scope the bench route requires, living `lifetime`.
 pub fn caller_token(idp: &DevIdp, sub: String, lifetime: Duration) -> String {
-    idp.mint(&CallerClaims {
+    idp.mint(&TokenClaims {
         scp: Some("access_as_user".into()),
         lifetime,
-        ..CallerClaims::user(sub)
+        ..TokenClaims::user(sub)
     })
 }
 
@@ -124,7 +124,7 @@ async fn mint(idp: &Arc<DevIdp>, n: usize, prefix: &str) -> Result<Vec<String>, 
                     caller_token(
                         &idp,
                         format!("{prefix}-{i}"),
-                        CallerClaims::default().lifetime,
+                        TokenClaims::default().lifetime,
                     )
                 })
                 .collect::<Vec<_>>()
@@ -178,7 +178,7 @@ fn main() -> Result<(), Error> {
 
 async fn harness() -> Result<(), Error> {
     let settings = Settings::from_args()?;
-    obo_sidecar::tls::install_crypto_provider();
+    obo_sidecar::install_crypto_provider();
     let binary = PathBuf::from(
         std::env::var("OBO_SIDECAR_BIN")
             .unwrap_or_else(|_| "target/release/obo-sidecar".to_owned()),
@@ -430,7 +430,7 @@ async fn run(settings: &Settings, binary: &PathBuf, dir: &std::path::Path) -> Re
             ("assertion", token.as_str()),
             ("scope", "api://downstream/.default"),
             ("client_id", "obo-sidecar"),
-            ("client_secret", obo_sidecar::dev_idp::DEFAULT_CLIENT_SECRET),
+            ("client_secret", obo_sidecar::dev::DEFAULT_CLIENT_SECRET),
         ];
         let response = http.post(idp.token_endpoint()).form(&form).send().await?;
         if response.status() == 200 {

@@ -11,7 +11,7 @@ use crate::Error;
 use crate::servers::find_program;
 
 /// What one `oha` run measured.
-pub struct Summary {
+pub(crate) struct Summary {
     pub rps: f64,
     pub p50_ms: f64,
     pub p99_ms: f64,
@@ -20,7 +20,7 @@ pub struct Summary {
 
 impl Summary {
     /// `N rps, p50 …, p99 …` and any failures.
-    pub fn line(&self) -> String {
+    pub(crate) fn line(&self) -> String {
         format!(
             "{:.0} rps, p50 {:.2} ms, p99 {:.2} ms{}",
             self.rps,
@@ -36,26 +36,26 @@ impl Summary {
 }
 
 /// The run of median throughput.
-pub fn median(mut runs: Vec<Summary>) -> Option<Summary> {
+pub(crate) fn median(mut runs: Vec<Summary>) -> Option<Summary> {
     runs.sort_by(|a, b| a.rps.total_cmp(&b.rps));
     let middle = runs.len() / 2;
     runs.into_iter().nth(middle)
 }
 
-pub struct Oha {
+pub(crate) struct Oha {
     pub binary: PathBuf,
 }
 
 impl Oha {
     /// `oha` from `OBO_BENCH_OHA`, else from `PATH` or cargo's bin directory; `None` when there is none.
-    pub fn find() -> Option<Oha> {
+    pub(crate) fn find() -> Option<Oha> {
         let cargo_bin = std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo/bin/oha"));
         find_program("OBO_BENCH_OHA", "oha", cargo_bin.as_slice()).map(|binary| Oha { binary })
     }
 
     /// `connections` keep-alive HTTP/1.1 connections on `addr{path}` for `duration`, at most `rate` requests
     /// per second in all when given, with `token` as the bearer token when given.
-    pub fn run(
+    pub(crate) fn run(
         &self,
         addr: SocketAddr,
         path: &str,

@@ -14,16 +14,16 @@ use http_body_util::{BodyExt as _, Full, StreamBody};
 use hyper::body::{Frame, Incoming};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use obo_sidecar::dev_idp::DevIdp;
+use obo_sidecar::dev::DevIdp;
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::Error;
 
 /// The chunk that large bodies are made of, sent again and again.
-pub const CHUNK: usize = 64 * 1024;
+pub(crate) const CHUNK: usize = 64 * 1024;
 
 /// A body of `len` bytes streamed in [`CHUNK`]s of one shared buffer (no copy per chunk).
-pub fn streamed_body(len: u64) -> BoxBody<Bytes, std::io::Error> {
+pub(crate) fn streamed_body(len: u64) -> BoxBody<Bytes, std::io::Error> {
     let chunk = Bytes::from(vec![b'x'; CHUNK]);
     let chunks = len.div_ceil(CHUNK as u64);
     let frames = stream::iter((0..chunks).map(move |i| {
@@ -36,7 +36,7 @@ pub fn streamed_body(len: u64) -> BoxBody<Bytes, std::io::Error> {
 
 /// The upstream: `GET /x` answers a small JSON body; `POST /sink` reads the whole request body and answers its
 /// length; `GET /source?bytes=N` streams N bytes.
-pub async fn start_upstream() -> Result<SocketAddr, Error> {
+pub(crate) async fn start_upstream() -> Result<SocketAddr, Error> {
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
     tokio::spawn(async move {
@@ -95,7 +95,7 @@ async fn upstream(
 
 /// A program named by the environment variable `env`, else `name` on `PATH`, else the first of `fallbacks`
 /// that exists.
-pub fn find_program(env: &str, name: &str, fallbacks: &[PathBuf]) -> Option<PathBuf> {
+pub(crate) fn find_program(env: &str, name: &str, fallbacks: &[PathBuf]) -> Option<PathBuf> {
     let path = std::env::var_os("PATH").unwrap_or_default();
     std::env::var_os(env)
         .map(PathBuf::from)
@@ -113,7 +113,7 @@ fn free_port() -> Result<u16, Error> {
 }
 
 /// A child process killed when dropped.
-pub struct Process {
+pub(crate) struct Process {
     child: Child,
 }
 
@@ -139,7 +139,7 @@ impl Drop for Process {
 }
 
 /// Resident memory of a process, in KiB: `VmRSS` (now) or `VmHWM` (the peak since it started).
-pub fn memory_kib(pid: u32, field: &str) -> u64 {
+pub(crate) fn memory_kib(pid: u32, field: &str) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
         .and_then(|s| {
@@ -150,29 +150,29 @@ pub fn memory_kib(pid: u32, field: &str) -> u64 {
         .unwrap_or(0)
 }
 
-pub struct Sidecar {
+pub(crate) struct Sidecar {
     process: Process,
     pub proxy: SocketAddr,
     pub started_to_ready: Duration,
 }
 
 impl Sidecar {
-    pub fn pid(&self) -> u32 {
+    pub(crate) fn pid(&self) -> u32 {
         self.process.child.id()
     }
 
-    pub fn rss_kib(&self) -> u64 {
+    pub(crate) fn rss_kib(&self) -> u64 {
         memory_kib(self.process.child.id(), "VmRSS:")
     }
 
-    pub fn peak_kib(&self) -> u64 {
+    pub(crate) fn peak_kib(&self) -> u64 {
         memory_kib(self.process.child.id(), "VmHWM:")
     }
 }
 
 /// Starts the release binary with one OBO route `/obo/` → `upstream`, with `workers` tokio worker threads,
 /// and waits for `/readyz`.
-pub async fn start_sidecar(
+pub(crate) async fn start_sidecar(
     binary: &Path,
     idp: &DevIdp,
     upstream: SocketAddr,
@@ -182,7 +182,7 @@ pub async fn start_sidecar(
     let proxy: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
     let admin: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
     let secret = dir.join("client-secret");
-    std::fs::write(&secret, obo_sidecar::dev_idp::DEFAULT_CLIENT_SECRET)?;
+    std::fs::write(&secret, obo_sidecar::dev::DEFAULT_CLIENT_SECRET)?;
     let config = dir.join("bench.toml");
     std::fs::write(
         &config,
@@ -243,7 +243,7 @@ scopes = ["api://downstream/.default"]
 }
 
 /// The bare hyper hop ([`crate::bare`]): this same program started again with `--bare-hop`.
-pub async fn start_bare_hop(
+pub(crate) async fn start_bare_hop(
     upstream: SocketAddr,
     workers: usize,
 ) -> Result<(Process, SocketAddr), Error> {
@@ -278,7 +278,7 @@ async fn wait_listening(addr: SocketAddr, what: &str) -> Result<(), Error> {
 
 /// nginx as a plain reverse-proxy hop to `upstream` (keep-alive to the upstream, no access log), with
 /// `workers` worker processes; its address.
-pub async fn start_nginx(
+pub(crate) async fn start_nginx(
     nginx: &PathBuf,
     upstream: SocketAddr,
     workers: usize,

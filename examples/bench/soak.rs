@@ -8,7 +8,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
-use obo_sidecar::dev_idp::DevIdp;
+use obo_sidecar::dev::DevIdp;
 
 use crate::load::{self, Tally, Target};
 use crate::servers::Sidecar;
@@ -18,12 +18,12 @@ use crate::{Error, Settings};
 const CALLERS: usize = 1_000;
 
 /// The caller-token lifetime for a soak of `duration`: several rotations per soak, never under 90 s.
-pub fn caller_token_lifetime(duration: Duration) -> Duration {
+pub(crate) fn caller_token_lifetime(duration: Duration) -> Duration {
     (duration / 5).clamp(Duration::from_secs(90), Duration::from_secs(360))
 }
 
 /// The lifetime of the upstream tokens the IdP issues during a soak: short, so that refresh-ahead runs.
-pub const UPSTREAM_TOKEN_LIFETIME: Duration = Duration::from_secs(120);
+pub(crate) const UPSTREAM_TOKEN_LIFETIME: Duration = Duration::from_secs(120);
 
 fn mint(idp: &DevIdp, caller: usize, generation: u64, lifetime: Duration) -> String {
     crate::caller_token(idp, format!("soak-{caller}-{generation}"), lifetime)
@@ -35,7 +35,7 @@ fn mint(idp: &DevIdp, caller: usize, generation: u64, lifetime: Duration) -> Str
     clippy::cast_sign_loss,
     reason = "rates, counts and sizes for display"
 )]
-pub async fn run(
+pub(crate) async fn run(
     settings: &Settings,
     duration: Duration,
     idp: Arc<DevIdp>,

@@ -14,7 +14,7 @@ use crate::servers::streamed_body;
 
 /// Seconds taken to upload `len` bytes then to download `len` bytes through `addr` under `prefix` (`""` for
 /// the upstream itself, `/obo` through the sidecar), with `token` as the caller's.
-pub async fn upload_download(
+pub(crate) async fn upload_download(
     addr: SocketAddr,
     prefix: &str,
     token: Option<&str>,
@@ -72,6 +72,6 @@ pub async fn upload_download(
 
 /// Throughput in MiB/s.
 #[allow(clippy::cast_precision_loss, reason = "sizes for display")]
-pub fn mib_per_s(len: u64, elapsed: Duration) -> f64 {
+pub(crate) fn mib_per_s(len: u64, elapsed: Duration) -> f64 {
     len as f64 / 1_048_576.0 / elapsed.as_secs_f64().max(1e-9)
 }

@@ -16,14 +16,14 @@ use url::Url;
 
 /// A failed first fetch is retried with doubling delays up to this cap, so a late IdP is picked up within
 /// seconds without hammering it.
-pub const MAX_FETCH_BACKOFF: Duration = Duration::from_secs(10);
+pub(crate) const MAX_FETCH_BACKOFF: Duration = Duration::from_secs(10);
 /// What a caller refused for missing keys is told to wait.
-pub const KEYS_RETRY_AFTER: Duration = Duration::from_secs(5);
+pub(crate) const KEYS_RETRY_AFTER: Duration = Duration::from_secs(5);
 /// Discovery documents and key sets are small; anything larger is refused.
 const MAX_DOCUMENT_BYTES: usize = 1024 * 1024;
 
 /// One verification key from a JWK set.
-pub struct Key {
+pub(crate) struct Key {
     pub decoding: DecodingKey,
     pub family: AlgorithmFamily,
     /// The `alg` the JWK pins, if any: a token must then use exactly this one.
@@ -50,14 +50,14 @@ impl Key {
     }
 
     /// Whether the issuer has stopped publishing this key.
-    pub fn is_withdrawn(&self) -> bool {
+    pub(crate) fn is_withdrawn(&self) -> bool {
         self.withdrawn.load(Ordering::Acquire)
     }
 }
 
 /// The keys of one issuer, by `kid`.
 #[derive(Default)]
-pub struct KeySet {
+pub(crate) struct KeySet {
     pub by_kid: HashMap<String, Arc<Key>>,
     /// Keys published without a `kid`.
     pub anonymous: Vec<Arc<Key>>,
@@ -65,7 +65,7 @@ pub struct KeySet {
 
 /// What is known of an issuer's keys.
 #[derive(Clone, Default)]
-pub struct KeyState {
+pub(crate) struct KeyState {
     pub keys: Option<Arc<KeySet>>,
     /// The first fetch has finished, whatever its outcome.
     pub attempted: bool,
@@ -73,7 +73,7 @@ pub struct KeyState {
 
 /// Why a fetch failed; logged, never shown to callers.
 #[derive(Debug, thiserror::Error)]
-pub enum FetchError {
+pub(crate) enum FetchError {
     #[error("request to {url} failed")]
     Http {
         url: String,
@@ -113,7 +113,7 @@ struct RawJwkSet {
 
 /// Where an issuer's keys come from, and how often to look again.
 #[derive(Clone)]
-pub struct FetchPolicy {
+pub(crate) struct FetchPolicy {
     pub http: reqwest::Client,
     pub metrics: Arc<crate::telemetry::Metrics>,
     /// Background refresh when the key set carries no `Cache-Control: max-age`.
@@ -127,7 +127,7 @@ const MIN_HONOURED_MAX_AGE: Duration = Duration::from_secs(300);
 const MAX_HONOURED_MAX_AGE: Duration = Duration::from_secs(86_400);
 
 /// The keys of one (resolved) issuer.
-pub struct IssuerKeys {
+pub(crate) struct IssuerKeys {
     pub issuer: String,
     /// The configured issuer (`{tenantid}` unfilled): the bounded metric label.
     label: String,
@@ -144,7 +144,7 @@ pub struct IssuerKeys {
 }
 
 impl IssuerKeys {
-    pub fn new(
+    pub(crate) fn new(
         issuer: String,
         label: String,
         discovery_url: Url,
@@ -166,12 +166,12 @@ impl IssuerKeys {
         }
     }
 
-    pub fn state(&self) -> KeyState {
+    pub(crate) fn state(&self) -> KeyState {
         self.state.borrow().clone()
     }
 
     /// Waits for the first fetch to finish (the caller bounds the wait with its deadline).
-    pub async fn first_attempt(&self) -> KeyState {
+    pub(crate) async fn first_attempt(&self) -> KeyState {
         let mut rx = self.state.subscribe();
         match rx.wait_for(|s| s.attempted).await {
             Ok(state) => state.clone(),
@@ -180,13 +180,13 @@ impl IssuerKeys {
     }
 
     /// Waits until a key set has been fetched.
-    pub async fn fetched(&self) {
+    pub(crate) async fn fetched(&self) {
         let mut rx = self.state.subscribe();
         let _ = rx.wait_for(|s| s.keys.is_some()).await;
     }
 
     /// Whether `other` fetches the same keys the same way (issuer, discovery URL and JWKS URI).
-    pub fn same_source(&self, other: &IssuerKeys) -> bool {
+    pub(crate) fn same_source(&self, other: &IssuerKeys) -> bool {
         self.issuer == other.issuer
             && self.discovery_url == other.discovery_url
             && self.jwks_uri == other.jwks_uri
@@ -194,7 +194,7 @@ impl IssuerKeys {
 
     /// Fetches at start until it succeeds (backoff capped at [`MAX_FETCH_BACKOFF`]), then keeps the keys
     /// fresh ([`IssuerKeys::refresh`]). Ends when the issuer is dropped.
-    pub async fn maintain(keys: std::sync::Weak<Self>) {
+    pub(crate) async fn maintain(keys: std::sync::Weak<Self>) {
         let mut backoff = Duration::from_millis(250);
         loop {
             let Some(this) = keys.upgrade() else { return };
@@ -210,7 +210,7 @@ impl IssuerKeys {
 
     /// Refreshes fetched keys as the key set's `Cache-Control` or the configured interval says. Ends when the
     /// issuer is dropped (a tenant evicted from the bounded set, or a reload that no longer names it).
-    pub async fn refresh(keys: std::sync::Weak<Self>) {
+    pub(crate) async fn refresh(keys: std::sync::Weak<Self>) {
         loop {
             let Some(wait) = keys.upgrade().map(|this| this.refresh_interval()) else {
                 return;
@@ -226,7 +226,7 @@ impl IssuerKeys {
     }
 
     /// Fetches now; true when the key set was replaced. A failure keeps the last good set.
-    pub async fn refetch(&self) -> bool {
+    pub(crate) async fn refetch(&self) -> bool {
         let mut last = self.last_fetch.lock().await;
         self.refetch_locked(&mut last).await
     }
@@ -265,7 +265,7 @@ impl IssuerKeys {
 
     /// For an unknown `kid`: one refetch at a time, at most once per `min_refetch`; callers that arrive while
     /// a fetch runs wait for it and use its result instead of fetching again.
-    pub async fn refetch_for_unknown_kid(&self) {
+    pub(crate) async fn refetch_for_unknown_kid(&self) {
         let seen = self.generation.load(Ordering::Acquire);
         let mut last = self.last_fetch.lock().await;
         if self.generation.load(Ordering::Acquire) != seen
@@ -383,7 +383,7 @@ fn carry_over(previous: &KeySet, fresh: &mut KeySet) {
 }
 
 /// `<issuer>/.well-known/openid-configuration` (OpenID Discovery §4).
-pub fn default_discovery_url(issuer: &str) -> Result<Url, url::ParseError> {
+pub(crate) fn default_discovery_url(issuer: &str) -> Result<Url, url::ParseError> {
     Url::parse(&format!(
         "{}/.well-known/openid-configuration",
         issuer.trim_end_matches('/')
@@ -457,7 +457,7 @@ fn key_algorithm(ka: KeyAlgorithm) -> Option<Algorithm> {
 }
 
 /// An error and its sources on one line, for logs.
-pub fn error_chain(error: &dyn std::error::Error) -> String {
+pub(crate) fn error_chain(error: &dyn std::error::Error) -> String {
     let mut text = error.to_string();
     let mut source = error.source();
     while let Some(s) = source {

@@ -18,62 +18,39 @@ use moka::ops::compute::Op;
 use moka::policy::EvictionPolicy;
 use tokio::time::Instant;
 
-use super::{ExchangeError, UpstreamToken};
+use super::answer::{ExchangeError, Unavailable};
+use super::token::UpstreamToken;
+use crate::digest::DigestHash;
 
 /// After a failed background refresh, the next one waits this long (the still-valid token keeps serving).
 const REFRESH_RETRY_DELAY: Duration = Duration::from_secs(5);
 /// An upstream 401 drops the token that was sent at most this often per key, so an upstream that refuses
 /// every token cannot turn each request into an IdP call.
-pub const FORGET_INTERVAL: Duration = Duration::from_secs(30);
-
-/// Hashes a key that is already a SHA-256 digest by taking its first eight bytes: the digest is uniformly
-/// spread, so `SipHash` over it again would only cost time on every lookup. Flooding one hash bucket would
-/// take many entries whose digests share a prefix, and an entry only gets in after a verified signature or
-/// an IdP exchange, so no caller can plant them cheaply. For the caches keyed by digests: upstream tokens,
-/// and validated caller tokens.
-#[derive(Clone, Copy, Default)]
-pub struct DigestHasher(u64);
-
-impl std::hash::Hasher for DigestHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-
-    fn write(&mut self, bytes: &[u8]) {
-        // `[u8; 32]` hashes as its length then its bytes; the constant length mixes in harmlessly.
-        let mut word = [0u8; 8];
-        let n = bytes.len().min(8);
-        word[..n].copy_from_slice(&bytes[..n]);
-        self.0 ^= u64::from_le_bytes(word);
-    }
-}
-
-/// Builds [`DigestHasher`]s.
-pub type DigestHash = std::hash::BuildHasherDefault<DigestHasher>;
+pub(crate) const FORGET_INTERVAL: Duration = Duration::from_secs(30);
 
 /// SHA-256 over every input that could change the upstream token.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct CacheKey([u8; 32]);
+pub(crate) struct CacheKey([u8; 32]);
 
 /// The inputs of a [`CacheKey`]: which caller (for OBO), which identity at which resolved endpoint, and
 /// every target parameter sent.
-pub struct KeyParts<'a> {
+pub(crate) struct KeyParts<'a> {
     /// SHA-256 of the subject token (OBO); `None` for app tokens.
-    pub subject: Option<&'a [u8; 32]>,
-    pub identity: &'a str,
-    pub client_id: &'a str,
-    pub token_endpoint: &'a str,
-    pub flavor: &'a str,
-    pub auth_method: &'a str,
-    pub scopes: &'a [String],
-    pub audience: &'a [String],
-    pub resource: &'a [String],
-    pub requested_token_type: Option<&'a str>,
-    pub claims: Option<&'a str>,
+    pub(crate) subject: Option<&'a [u8; 32]>,
+    pub(crate) identity: &'a str,
+    pub(crate) client_id: &'a str,
+    pub(crate) token_endpoint: &'a str,
+    pub(crate) flavor: &'a str,
+    pub(crate) auth_method: &'a str,
+    pub(crate) scopes: &'a [String],
+    pub(crate) audience: &'a [String],
+    pub(crate) resource: &'a [String],
+    pub(crate) requested_token_type: Option<&'a str>,
+    pub(crate) claims: Option<&'a str>,
 }
 
 impl CacheKey {
-    pub fn new(parts: &KeyParts<'_>) -> Self {
+    pub(crate) fn new(parts: &KeyParts<'_>) -> Self {
         let mut digest = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
         let mut field = |bytes: &[u8]| {
             // Length-prefixed, so no two field lists hash the same bytes.
@@ -123,7 +100,7 @@ impl CacheKey {
 
 /// How a lookup was answered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Lookup {
+pub(crate) enum Lookup {
     Hit,
     /// Served while one background refresh runs.
     Stale,
@@ -131,7 +108,7 @@ pub enum Lookup {
 }
 
 impl Lookup {
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Lookup::Hit => "hit",
             Lookup::Stale => "stale",
@@ -141,14 +118,14 @@ impl Lookup {
 }
 
 /// A cache entry: the token and its refresh state.
-pub struct Entry {
-    pub token: UpstreamToken,
+pub(crate) struct Entry {
+    pub(crate) token: UpstreamToken,
     refreshing: AtomicBool,
     fetched_at: Instant,
 }
 
 impl Entry {
-    pub fn new(token: UpstreamToken) -> Arc<Entry> {
+    pub(crate) fn new(token: UpstreamToken) -> Arc<Entry> {
         Arc::new(Entry {
             token,
             refreshing: AtomicBool::new(false),
@@ -192,14 +169,14 @@ impl Expiry<CacheKey, Arc<Entry>> for EntryExpiry {
 }
 
 /// A token request that can be started again (for the background refresh).
-pub type Fetch =
+pub(crate) type Fetch =
     Arc<dyn Fn() -> BoxFuture<'static, Result<UpstreamToken, ExchangeError>> + Send + Sync>;
 
 /// One token request in flight, shared by every request waiting for its key.
 type Flight = Shared<BoxFuture<'static, Result<Arc<Entry>, Arc<ExchangeError>>>>;
 
 /// Bounded, expiring, single-flight, refresh-ahead cache of upstream tokens.
-pub struct TokenCache {
+pub(crate) struct TokenCache {
     inner: moka::future::Cache<CacheKey, Arc<Entry>, DigestHash>,
     /// Token requests in flight, by key. A flight runs in its own task: no waiter's deadline (nor the first
     /// waiter's) can cancel or fail it for the others (SPEC §8).
@@ -208,7 +185,7 @@ pub struct TokenCache {
 }
 
 impl TokenCache {
-    pub fn new(max_entries: u64) -> Self {
+    pub(crate) fn new(max_entries: u64) -> Self {
         let inner = moka::future::Cache::builder()
             .max_capacity(max_entries)
             .eviction_policy(EvictionPolicy::lru())
@@ -222,7 +199,7 @@ impl TokenCache {
     }
 
     /// A fresh cached token for `key`, if there is one: the hot path, which needs no token request built.
-    pub async fn fresh(&self, key: &CacheKey) -> Option<Arc<Entry>> {
+    pub(crate) async fn fresh(&self, key: &CacheKey) -> Option<Arc<Entry>> {
         self.inner
             .get(key)
             .await
@@ -232,7 +209,7 @@ impl TokenCache {
     /// The token for `key`: a fresh cached one; a stale one (starting one background refresh); or the result
     /// of `fetch`, which runs once however many callers miss together, and runs to the end whatever happens
     /// to them. Failures are not cached, and a token past its expiry is never returned.
-    pub async fn get_or_fetch(
+    pub(crate) async fn get_or_fetch(
         &self,
         key: CacheKey,
         fetch: &Fetch,
@@ -259,10 +236,7 @@ impl TokenCache {
         if entry.uncacheable() || Instant::now() < entry.token.expires_at {
             Ok((entry, Lookup::Miss))
         } else {
-            Err(ExchangeError::Unavailable {
-                reason: "the IdP issued a token that is already expired".to_owned(),
-                retry_after: None,
-            })
+            Err(Unavailable::AlreadyExpired.into())
         }
     }
 
@@ -329,7 +303,7 @@ impl TokenCache {
 
     /// The upstream refused `sent`: drop it (only it — a newer entry under the same key stays), at most once
     /// per key per [`FORGET_INTERVAL`]. True when it was dropped.
-    pub async fn forget(&self, key: CacheKey, sent: &Arc<Entry>) -> bool {
+    pub(crate) async fn forget(&self, key: CacheKey, sent: &Arc<Entry>) -> bool {
         let now = Instant::now();
         let mut allowed = false;
         self.forgotten
@@ -355,7 +329,7 @@ impl TokenCache {
     }
 
     /// Live entries, after pending maintenance has run.
-    pub async fn entry_count(&self) -> u64 {
+    pub(crate) async fn entry_count(&self) -> u64 {
         self.inner.run_pending_tasks().await;
         self.inner.entry_count()
     }
@@ -387,10 +361,7 @@ mod tests {
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 let n = calls.fetch_add(1, Ordering::SeqCst) + 1;
                 if down.load(Ordering::SeqCst) {
-                    return Err(ExchangeError::Unavailable {
-                        reason: "IdP down".into(),
-                        retry_after: None,
-                    });
+                    return Err(Unavailable::Interrupted.into());
                 }
                 Ok(token(
                     n,

@@ -6,26 +6,27 @@
     reason = "a harness failure is a test failure"
 )]
 
+#[path = "../../src/telemetry/exposition.rs"]
 pub mod exposition;
 
 use std::net::SocketAddr;
 
 use obo_sidecar::config::Config;
-use obo_sidecar::dev_idp::{
-    CallerClaims, DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, DevIdp, DevIdpConfig,
+use obo_sidecar::dev::EchoUpstream;
+use obo_sidecar::dev::{
+    DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, DevIdp, DevIdpConfig, TokenClaims,
 };
-use obo_sidecar::echo::EchoUpstream;
 use obo_sidecar::{Listeners, Sidecar};
 use tokio::net::TcpListener;
 
-pub const SECRET_VARIABLE: &str = "TEST_OBO_CLIENT_SECRET";
+pub(crate) const SECRET_VARIABLE: &str = "TEST_OBO_CLIENT_SECRET";
 
 /// Every log event of this test process at TRACE, from every crate (ours, hyper, reqwest, rustls, moka).
 #[derive(Clone, Default)]
-pub struct CapturedLogs(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+pub(crate) struct CapturedLogs(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
 
 impl CapturedLogs {
-    pub fn text(&self) -> String {
+    pub(crate) fn text(&self) -> String {
         String::from_utf8_lossy(
             &self
                 .0
@@ -58,7 +59,7 @@ impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for CapturedLogs {
 
 /// Installs (once per process) the subscriber that captures every log event; every harness does this, so
 /// every scenario of the suite is also a check that no token or secret reaches a log line.
-pub fn captured_logs() -> &'static CapturedLogs {
+pub(crate) fn captured_logs() -> &'static CapturedLogs {
     static LOGS: std::sync::OnceLock<CapturedLogs> = std::sync::OnceLock::new();
     LOGS.get_or_init(|| {
         let logs = CapturedLogs::default();
@@ -73,7 +74,7 @@ pub fn captured_logs() -> &'static CapturedLogs {
 
 /// Fails when any signature the IdP made (caller tokens, issued upstream tokens, assertions), or the client
 /// secret, appears in the captured logs.
-pub fn assert_no_secret_in_logs(idp: &DevIdp) {
+pub(crate) fn assert_no_secret_in_logs(idp: &DevIdp) {
     let logs = captured_logs().text();
     // Split into base64url runs once, instead of searching the whole text for each signature.
     let runs: std::collections::HashSet<&str> = logs
@@ -92,7 +93,7 @@ pub fn assert_no_secret_in_logs(idp: &DevIdp) {
     );
 }
 
-pub struct Harness {
+pub(crate) struct Harness {
     pub idp: DevIdp,
     pub upstream: EchoUpstream,
     pub sidecar: Sidecar,
@@ -100,18 +101,18 @@ pub struct Harness {
 }
 
 /// An address where nothing listens.
-pub async fn dead_addr() -> SocketAddr {
+pub(crate) async fn dead_addr() -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     listener.local_addr().expect("addr")
 }
 
 /// `[listen]` and `[inbound]` for the dev IdP, to which tests add identities and routes.
-pub fn inbound_config(idp: &DevIdp) -> String {
+pub(crate) fn inbound_config(idp: &DevIdp) -> String {
     inbound_config_for(idp, &[&format!("api://{DEFAULT_CLIENT_ID}")])
 }
 
 /// `[listen]` and `[inbound]` accepting these audiences.
-pub fn inbound_config_for(idp: &DevIdp, audiences: &[&str]) -> String {
+pub(crate) fn inbound_config_for(idp: &DevIdp, audiences: &[&str]) -> String {
     format!(
         r#"
 [listen]
@@ -128,7 +129,7 @@ clock_skew = "5s"
 }
 
 /// A fresh temporary directory for one test's files.
-pub fn temp_dir(name: &str) -> std::path::PathBuf {
+pub(crate) fn temp_dir(name: &str) -> std::path::PathBuf {
     static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
     let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let dir = std::env::temp_dir().join(format!("obo-sidecar-{name}-{}-{n}", std::process::id()));
@@ -137,7 +138,10 @@ pub fn temp_dir(name: &str) -> std::path::PathBuf {
 }
 
 /// An RSA client certificate and key written as PEM into `dir`: (cert path, key path, certificate DER).
-pub fn rsa_client_certificate(dir: &std::path::Path, name: &str) -> (String, String, Vec<u8>) {
+pub(crate) fn rsa_client_certificate(
+    dir: &std::path::Path,
+    name: &str,
+) -> (String, String, Vec<u8>) {
     let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_RSA_SHA256).expect("RSA key");
     let cert = rcgen::CertificateParams::new(vec![name.to_owned()])
         .expect("params")
@@ -155,7 +159,12 @@ pub fn rsa_client_certificate(dir: &std::path::Path, name: &str) -> (String, Str
 }
 
 /// The base configuration: every token kind, plus a dead and a slow upstream.
-pub fn base_config(idp: &DevIdp, upstream: &str, token_endpoint: &str, dead: SocketAddr) -> String {
+pub(crate) fn base_config(
+    idp: &DevIdp,
+    upstream: &str,
+    token_endpoint: &str,
+    dead: SocketAddr,
+) -> String {
     format!(
         r#"
 [listen]
@@ -234,7 +243,7 @@ timeout = "1s"
     )
 }
 
-pub fn parse(text: &str) -> Config {
+pub(crate) fn parse(text: &str) -> Config {
     Config::parse(text, &|name| {
         (name == SECRET_VARIABLE).then(|| DEFAULT_CLIENT_SECRET.to_owned())
     })
@@ -251,12 +260,14 @@ impl Drop for Harness {
 
 impl Harness {
     /// IdP, upstream and sidecar with the base configuration.
-    pub async fn start() -> Harness {
+    pub(crate) async fn start() -> Harness {
         Harness::start_with(|idp, _| idp.token_endpoint()).await
     }
 
     /// As [`Harness::start`], with the token endpoint chosen by `token_endpoint`.
-    pub async fn start_with(token_endpoint: impl FnOnce(&DevIdp, SocketAddr) -> String) -> Harness {
+    pub(crate) async fn start_with(
+        token_endpoint: impl FnOnce(&DevIdp, SocketAddr) -> String,
+    ) -> Harness {
         let dead = dead_addr().await;
         Harness::start_custom(|idp, upstream| {
             base_config(idp, upstream, &token_endpoint(idp, dead), dead)
@@ -265,7 +276,7 @@ impl Harness {
     }
 
     /// IdP, upstream and a sidecar whose whole configuration `config` writes (from the IdP and upstream URL).
-    pub async fn start_custom(config: impl FnOnce(&DevIdp, &str) -> String) -> Harness {
+    pub(crate) async fn start_custom(config: impl FnOnce(&DevIdp, &str) -> String) -> Harness {
         captured_logs();
         let idp = DevIdp::start(bind().await, DevIdpConfig::default())
             .await
@@ -287,24 +298,24 @@ impl Harness {
         harness
     }
 
-    pub fn url(&self, path: &str) -> String {
+    pub(crate) fn url(&self, path: &str) -> String {
         format!("http://{}{path}", self.sidecar.proxy_addr)
     }
 
-    pub fn admin_url(&self, path: &str) -> String {
+    pub(crate) fn admin_url(&self, path: &str) -> String {
         format!("http://{}{path}", self.sidecar.admin_addr)
     }
 
     /// A caller token for `sub` with scopes `scp`.
-    pub fn token(&self, sub: &str, scp: &str) -> String {
-        self.idp.mint(&CallerClaims {
+    pub(crate) fn token(&self, sub: &str, scp: &str) -> String {
+        self.idp.mint(&TokenClaims {
             scp: Some(scp.to_owned()),
-            ..CallerClaims::user(sub)
+            ..TokenClaims::user(sub)
         })
     }
 
     /// GET `path` with a bearer token.
-    pub async fn get(&self, path: &str, token: Option<&str>) -> reqwest::Response {
+    pub(crate) async fn get(&self, path: &str, token: Option<&str>) -> reqwest::Response {
         let mut request = self.http.get(self.url(path));
         if let Some(token) = token {
             request = request.bearer_auth(token);
@@ -312,8 +323,23 @@ impl Harness {
         request.send().await.expect("request")
     }
 
+    /// The value of the unlabelled sample `name` on `/metrics`.
+    pub(crate) async fn metric(&self, name: &str) -> Option<f64> {
+        let text = self
+            .http
+            .get(self.admin_url("/metrics"))
+            .send()
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .expect("metrics text");
+        let samples = exposition::parse(&text).unwrap_or_else(|e| panic!("{e}\n{text}"));
+        exposition::value(&samples, name, &[])
+    }
+
     /// Waits until the sidecar has its signing keys (fetched in the background), then checks `/readyz`.
-    pub async fn wait_ready(&self) {
+    pub(crate) async fn wait_ready(&self) {
         tokio::time::timeout(std::time::Duration::from_secs(20), self.sidecar.ready())
             .await
             .expect("sidecar never became ready");
@@ -327,11 +353,11 @@ impl Harness {
     }
 }
 
-pub async fn bind() -> TcpListener {
+pub(crate) async fn bind() -> TcpListener {
     TcpListener::bind("127.0.0.1:0").await.expect("bind")
 }
 
-pub async fn start_sidecar(config: Config) -> Sidecar {
+pub(crate) async fn start_sidecar(config: Config) -> Sidecar {
     let listeners = Listeners {
         proxy: bind().await,
         admin: bind().await,
@@ -342,13 +368,13 @@ pub async fn start_sidecar(config: Config) -> Sidecar {
 }
 
 /// The JSON the echo upstream answered.
-pub async fn echoed(response: reqwest::Response) -> serde_json::Value {
+pub(crate) async fn echoed(response: reqwest::Response) -> serde_json::Value {
     assert_eq!(response.status(), 200, "expected the upstream's answer");
     response.json().await.expect("echo JSON")
 }
 
 /// The `Authorization` header value the upstream saw, if any.
-pub fn seen_authorization(echo: &serde_json::Value) -> Option<String> {
+pub(crate) fn seen_authorization(echo: &serde_json::Value) -> Option<String> {
     echo["headers"].as_array()?.iter().find_map(|pair| {
         (pair[0].as_str()?.eq_ignore_ascii_case("authorization"))
             .then(|| pair[1].as_str().map(str::to_owned))?
@@ -356,7 +382,7 @@ pub fn seen_authorization(echo: &serde_json::Value) -> Option<String> {
 }
 
 /// Every value of header `name` the upstream saw.
-pub fn seen_header(echo: &serde_json::Value, name: &str) -> Vec<String> {
+pub(crate) fn seen_header(echo: &serde_json::Value, name: &str) -> Vec<String> {
     echo["headers"]
         .as_array()
         .map(|pairs| {
@@ -375,7 +401,7 @@ pub fn seen_header(echo: &serde_json::Value, name: &str) -> Vec<String> {
 
 /// Sends `request` verbatim on a new connection and reads the whole answer (the request should say
 /// `Connection: close`). Returns the status and the raw response text.
-pub async fn raw_request(addr: SocketAddr, request: &[u8]) -> (u16, String) {
+pub(crate) async fn raw_request(addr: SocketAddr, request: &[u8]) -> (u16, String) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
     stream.write_all(request).await.expect("write");
@@ -391,15 +417,15 @@ pub async fn raw_request(addr: SocketAddr, request: &[u8]) -> (u16, String) {
 }
 
 /// A throwaway CA and a server certificate for `127.0.0.1` and `localhost` signed by it.
-pub struct TestPki {
+pub(crate) struct TestPki {
     pub ca_pem: String,
     pub server: std::sync::Arc<rustls::ServerConfig>,
 }
 
 impl TestPki {
-    pub fn new() -> TestPki {
+    pub(crate) fn new() -> TestPki {
         use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
-        obo_sidecar::tls::install_crypto_provider();
+        obo_sidecar::install_crypto_provider();
         let ca_key = KeyPair::generate().expect("CA key");
         let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("CA params");
         ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
@@ -428,7 +454,7 @@ impl TestPki {
     }
 
     /// Writes the CA certificate to a fresh temporary file and returns its path.
-    pub fn ca_file(&self) -> std::path::PathBuf {
+    pub(crate) fn ca_file(&self) -> std::path::PathBuf {
         static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let path = std::env::temp_dir().join(format!(

@@ -1,0 +1,195 @@
+//! `sidecar.toml` -> [`Config`]. The TOML is read into a `toml::Table` and walked key by key ([`walk`]), so
+//! that one pass reports **every** problem with its key path (`routes[1].upstream: relative URL without a
+//! base`) instead of stopping at the first, as `serde` would. Unknown keys are problems too: a key that this
+//! version does not implement is refused, never accepted and ignored. The model is in [`model`]; each
+//! section has its reader; [`credential`] is the only place secrets and keys are read.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::path::Path;
+
+use toml::Table;
+
+mod credential;
+mod env;
+mod identity;
+mod inbound;
+mod listen;
+mod model;
+mod routes;
+#[cfg(test)]
+mod tests;
+mod walk;
+
+pub(crate) use credential::read_assertion_file;
+pub use credential::{AuthMethod, CertificateKey, Credential, CredentialError};
+pub use env::ENV_OVERRIDE_PREFIX;
+use env::apply_override;
+use identity::read_identities;
+use inbound::read_inbound;
+use listen::read_listen;
+pub use model::*;
+use routes::{RouteContext, read_routes};
+use std::sync::Arc;
+use std::time::Duration;
+use toml::Value;
+use walk::{Fields, Problems};
+
+impl Config {
+    /// Reads and validates a configuration file, with secrets from the process environment.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            problems: vec![Problem {
+                path: String::new(),
+                message: format!("cannot read {}: {e}", path.display()),
+            }],
+        })?;
+        let overrides: Vec<(String, String)> = std::env::vars()
+            .filter(|(name, _)| name.starts_with(ENV_OVERRIDE_PREFIX))
+            .collect();
+        Config::parse_with_overrides(&text, &|name| std::env::var(name).ok(), &overrides)
+    }
+
+    /// Parses and validates configuration text.
+    pub fn parse(text: &str, env: EnvLookup<'_>) -> Result<Config, ConfigError> {
+        Config::parse_with_overrides(text, env, &[])
+    }
+
+    /// Parses configuration text, then applies environment overrides (`OBO_SIDECAR__LISTEN__PROXY=…`, routes
+    /// and identities addressed by name: `OBO_SIDECAR__ROUTES__GRAPH__UPSTREAM=…`), then validates.
+    pub fn parse_with_overrides(
+        text: &str,
+        env: EnvLookup<'_>,
+        overrides: &[(String, String)],
+    ) -> Result<Config, ConfigError> {
+        let mut table: Table = text.parse().map_err(|e: toml::de::Error| ConfigError {
+            problems: vec![Problem {
+                path: String::new(),
+                message: format!("TOML syntax: {}", e.message().trim()),
+            }],
+        })?;
+        let mut problems = Problems::default();
+        for (name, value) in overrides {
+            apply_override(&mut table, name, value, &mut problems);
+        }
+        let config = read_config(&table, env, &mut problems);
+        match config {
+            Some(config) if problems.0.is_empty() => Ok(config),
+            _ => Err(ConfigError {
+                problems: problems.0,
+            }),
+        }
+    }
+
+    /// The route rules that depend on the proxy listener, checked against `self.listen`: a reload keeps the
+    /// running `[listen]`, so the new routes must be checked against it, not against the file's.
+    pub fn listener_problems(&self) -> Vec<Problem> {
+        let loopback = is_loopback_addr(&self.listen.proxy);
+        self.routes
+            .iter()
+            .enumerate()
+            .filter(|(_, route)| route.caller_auth == CallerAuth::None && !loopback)
+            .map(|(i, route)| Problem {
+                path: format!("routes[{i}].caller_auth"),
+                message: format!(
+                    "route {:?}: {NONE_NEEDS_LOOPBACK} (the running proxy listener is {})",
+                    route.name, self.listen.proxy
+                ),
+            })
+            .collect()
+    }
+
+    /// The identity a route acquires its tokens with.
+    pub fn identity_for(&self, route: &Route) -> Option<&Arc<Identity>> {
+        self.identities.get(&route.identity)
+    }
+}
+
+fn read_config(root: &Table, env: EnvLookup<'_>, p: &mut Problems) -> Option<Config> {
+    let top = Fields::new(
+        root,
+        "",
+        &[
+            "listen",
+            "inbound",
+            "identity",
+            "identities",
+            "cache",
+            "routes",
+        ],
+        p,
+    );
+
+    let listen = read_listen(top.table("listen", p), p);
+    let inbound = if let Some(t) = top.table("inbound", p) {
+        Some(read_inbound(t, p))
+    } else {
+        p.add(
+            "inbound",
+            "missing: every route validates its callers' tokens",
+        );
+        None
+    };
+    let identities = read_identities(&top, env, p);
+    let mut declared: HashSet<String> = HashSet::new();
+    if top.value("identity").is_some() {
+        declared.insert(DEFAULT_IDENTITY.to_owned());
+    }
+    if let Some(Value::Table(named)) = top.value("identities") {
+        declared.extend(named.keys().cloned());
+    }
+    let cache = read_cache(top.table("cache", p), p);
+    let default_policy = inbound
+        .as_ref()
+        .map(|i| i.policy.clone())
+        .unwrap_or_default();
+    let context = RouteContext {
+        warnings: std::cell::RefCell::new(Vec::new()),
+        proxy_listen: listen
+            .as_ref()
+            .map_or_else(|| SocketAddr::from(([127, 0, 0, 1], 0)), |l| l.proxy),
+        default_policy: &default_policy,
+        declared: &declared,
+        identities: &identities,
+    };
+    let routes = read_routes(&top, &context, p);
+    let warnings = context.warnings.into_inner();
+
+    Some(Config {
+        listen: listen?,
+        inbound: inbound?,
+        identities,
+        cache,
+        routes,
+        warnings,
+    })
+}
+
+fn read_cache(table: Option<&Table>, p: &mut Problems) -> CacheSettings {
+    let empty = Table::new();
+    let f = Fields::new(
+        table.unwrap_or(&empty),
+        "cache",
+        &["max_entries", "expiry_margin"],
+        p,
+    );
+    let max_entries = match f.value("max_entries") {
+        None => DEFAULT_CACHE_MAX_ENTRIES,
+        Some(Value::Integer(n)) if *n > 0 => n.unsigned_abs(),
+        Some(_) => {
+            p.add(&f.at("max_entries"), "expected a positive integer");
+            DEFAULT_CACHE_MAX_ENTRIES
+        }
+    };
+    let expiry_margin = f.bounded_duration(
+        "expiry_margin",
+        DEFAULT_EXPIRY_MARGIN,
+        Duration::ZERO,
+        MAX_EXPIRY_MARGIN,
+        p,
+    );
+    CacheSettings {
+        max_entries,
+        expiry_margin,
+    }
+}

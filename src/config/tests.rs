@@ -1,0 +1,275 @@
+
+use super::routes::normalize_prefix;
+use super::*;
+use jsonwebtoken::Algorithm;
+
+fn env(name: &str) -> Option<String> {
+    (name == "OBO_CLIENT_SECRET").then(|| "s3cret".to_owned())
+}
+
+const GOOD: &str = r#"
+[inbound]
+issuers = ["https://login.example.com/tenant/v2.0"]
+audiences = ["api://my-api"]
+
+[identity]
+token_endpoint = "https://login.example.com/tenant/oauth2/v2.0/token"
+client_id = "my-api"
+client_secret = { env = "OBO_CLIENT_SECRET" }
+
+[[routes]]
+name = "graph"
+path_prefix = "/graph/"
+upstream = "https://graph.example.com/v1.0/"
+token = "obo"
+scopes = ["https://graph.example.com/.default"]
+"#;
+
+fn problems(text: &str) -> Vec<String> {
+    match Config::parse(text, &env) {
+        Ok(_) => Vec::new(),
+        Err(e) => e.problems.iter().map(ToString::to_string).collect(),
+    }
+}
+
+#[test]
+fn good_config_parses_with_defaults() {
+    let config = Config::parse(GOOD, &env).expect("valid");
+    assert_eq!(config.listen.proxy.to_string(), DEFAULT_PROXY_LISTEN);
+    assert_eq!(config.routes[0].match_prefix, "/graph");
+    assert_eq!(config.cache.expiry_margin, DEFAULT_EXPIRY_MARGIN);
+    assert_eq!(config.inbound.algorithms, vec![Algorithm::RS256]);
+    let identity = &config.identities["default"];
+    assert!(matches!(&identity.credential, Credential::Secret(s) if s.expose() == "s3cret"));
+    assert_eq!(identity.auth_method, AuthMethod::ClientSecretPost);
+    assert_eq!(
+        config
+            .identity_for(&config.routes[0])
+            .map(|i| i.name.as_str()),
+        Some("default")
+    );
+}
+
+#[test]
+fn claims_cannot_set_sidecar_headers_and_none_routes_have_no_token_api() {
+    let claims = GOOD.replace(
+            "token = \"obo\"",
+            "token = \"obo\"\nforward_claims = { \"X_Request-Id\" = \"sub\", \"keep-alive\" = \"oid\" }",
+        );
+    let refused = problems(&claims);
+    assert_eq!(refused.len(), 2, "{refused:?}");
+    assert!(
+        refused
+            .iter()
+            .all(|p| p.ends_with("this header is set by the sidecar itself"))
+    );
+    let none = GOOD
+        .replace("token = \"obo\"", "token = \"none\"\ntoken_api = true")
+        .replace("scopes = [\"https://graph.example.com/.default\"]", "");
+    assert_eq!(
+            problems(&none),
+            vec![
+                "routes[0].token_api: a route with token = \"none\" has no Authorization header to hand out"
+                    .to_owned()
+            ]
+        );
+}
+
+#[test]
+fn a_scope_or_role_name_with_a_space_is_refused() {
+    let text = GOOD.replace(
+        "scopes = [\"https://graph.example.com/.default\"]",
+        "scopes = [\"https://graph.example.com/.default\"]\nrequired_roles = [\"Realm Admin\"]",
+    );
+    assert_eq!(
+        problems(&text),
+        vec!["routes[0].required_roles[0]: a scope or role name cannot contain a space".to_owned()]
+    );
+}
+
+#[test]
+fn every_problem_is_reported_with_its_key_path() {
+    let text = GOOD
+        .replace("https://graph.example.com/v1.0/", "graph/v1.0")
+        .replace(
+            "client_id = \"my-api\"",
+            "client_id = \"my-api\"\nfavourite = 1",
+        )
+        .replace("OBO_CLIENT_SECRET", "UNSET_VARIABLE")
+        + "\n[[routes]]\nname = \"graph\"\npath_prefix = \"/graph\"\nupstream = \"http://10.0.0.1/\"\ntoken = \"bogus\"\ntimeout = \"soon\"\n";
+    let found = problems(&text);
+    for expected in [
+        "routes[0].upstream: relative URL without a base",
+        "identity.favourite: unknown key",
+        "identity.client_secret.env: environment variable UNSET_VARIABLE is not set",
+        "routes[1].token: unknown token kind \"bogus\"",
+        "routes[1].timeout: not a duration",
+        "routes[1].name: duplicate route name \"graph\"",
+        "routes[1].path_prefix: \"/graph\" is also the prefix of route \"graph\"",
+    ] {
+        assert!(
+            found.iter().any(|p| p.starts_with(expected)),
+            "missing {expected:?} in {found:#?}"
+        );
+    }
+}
+
+#[test]
+fn inline_secret_none_algorithm_and_plain_idp_are_refused() {
+    let text = GOOD
+        .replace("{ env = \"OBO_CLIENT_SECRET\" }", "\"inline\"")
+        .replace(
+            "audiences = [\"api://my-api\"]",
+            "audiences = [\"api://my-api\"]\nalgorithms = [\"none\", \"HS256\"]",
+        )
+        .replace(
+            "https://login.example.com/tenant/oauth2",
+            "http://login.example.com/tenant/oauth2",
+        );
+    let found = problems(&text);
+    assert!(
+        found
+            .iter()
+            .any(|p| p.starts_with("identity.client_secret: secrets are never written inline"))
+    );
+    assert!(
+        found
+            .iter()
+            .any(|p| p.starts_with("inbound.algorithms[0]: \"none\" is never accepted"))
+    );
+    assert!(
+        found
+            .iter()
+            .any(|p| p.starts_with("inbound.algorithms[1]: \"HS256\" is never accepted"))
+    );
+    assert!(
+        found
+            .iter()
+            .any(|p| p.starts_with("identity.token_endpoint: an IdP URL must use https"))
+    );
+}
+
+#[test]
+fn token_over_plain_http_to_a_remote_upstream_is_refused() {
+    let text = GOOD.replace(
+        "https://graph.example.com/v1.0/",
+        "http://graph.example.com/",
+    );
+    assert!(problems(&text).iter().any(|p| {
+        p.starts_with("routes[0].upstream: a route that sends a token needs an https upstream")
+    }));
+    let loopback = GOOD.replace("https://graph.example.com/v1.0/", "http://127.0.0.1:8080/");
+    assert!(problems(&loopback).is_empty());
+}
+
+#[test]
+fn environment_overrides_set_keys_and_address_routes_by_name() {
+    let overrides = vec![
+        (
+            "OBO_SIDECAR__LISTEN__PROXY".to_owned(),
+            "127.0.0.1:9999".to_owned(),
+        ),
+        (
+            "OBO_SIDECAR__IDENTITY__CLIENT_ID".to_owned(),
+            "from-env".to_owned(),
+        ),
+        (
+            "OBO_SIDECAR__ROUTES__GRAPH__UPSTREAM".to_owned(),
+            "https://graph.example.org/beta/".to_owned(),
+        ),
+        (
+            "OBO_SIDECAR__ROUTES__GRAPH__TIMEOUT".to_owned(),
+            "\"5s\"".to_owned(),
+        ),
+        (
+            "OBO_SIDECAR__CACHE__MAX_ENTRIES".to_owned(),
+            "10".to_owned(),
+        ),
+    ];
+    let config = Config::parse_with_overrides(GOOD, &env, &overrides).expect("valid");
+    assert_eq!(config.listen.proxy.port(), 9999);
+    assert_eq!(config.identities["default"].client_id, "from-env");
+    assert_eq!(
+        config.routes[0].upstream.as_str(),
+        "https://graph.example.org/beta/"
+    );
+    assert_eq!(config.routes[0].timeout, Duration::from_secs(5));
+    assert_eq!(config.cache.max_entries, 10);
+    let bad = vec![(
+        "OBO_SIDECAR__ROUTES__NOPE__UPSTREAM".to_owned(),
+        "x".to_owned(),
+    )];
+    let problems = Config::parse_with_overrides(GOOD, &env, &bad)
+        .expect_err("refused")
+        .problems;
+    assert!(problems[0].to_string().contains("no route named \"nope\""));
+}
+
+#[test]
+fn syntax_error_is_one_problem() {
+    let found = problems("[inbound\n");
+    assert_eq!(found.len(), 1);
+    assert!(found[0].starts_with("TOML syntax"));
+}
+
+#[test]
+fn route_policy_overrides_inbound_policy() {
+    let text = GOOD.replace(
+        "audiences = [\"api://my-api\"]",
+        "audiences = [\"api://my-api\"]\nrequired_scopes = [\"access_as_user\"]",
+    ) + "\n[[routes]]\nname = \"admin\"\npath_prefix = \"/admin\"\nupstream = \"http://127.0.0.1:9/\"\ntoken = \"none\"\nrequired_roles = [\"Admin\"]\n";
+    let config = Config::parse(&text, &env).expect("valid");
+    assert_eq!(
+        config.routes[0].policy.required_scopes,
+        Some(vec!["access_as_user".to_owned()])
+    );
+    assert_eq!(config.routes[1].policy.required_scopes, None);
+    assert_eq!(
+        config.routes[1].policy.required_roles,
+        Some(vec!["Admin".to_owned()])
+    );
+}
+
+#[test]
+fn prefixes_normalize_to_segment_form() {
+    assert_eq!(normalize_prefix("/graph/").as_deref(), Ok("/graph"));
+    assert_eq!(normalize_prefix("/").as_deref(), Ok(""));
+    assert!(normalize_prefix("graph").is_err());
+    assert!(normalize_prefix("/a/../b").is_err());
+}
+
+mod no_panic {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// Any text is parsed into a config or a list of problems, never a panic.
+        #[test]
+        fn config_parser_never_panics(text in ".{0,300}") {
+            let _ = Config::parse(&text, &env);
+        }
+
+        /// Mutations of a valid config (a line dropped, a value replaced) never panic either.
+        #[test]
+        fn mutated_config_never_panics(
+            drop in 0..20usize,
+            line in 0..20usize,
+            value in prop_oneof![
+                Just("\"\"".to_owned()), Just("[]".to_owned()), Just("{}".to_owned()), Just("-1".to_owned()),
+                Just("\"{tenantid}\"".to_owned()), Just("\"http://[::1\"".to_owned()), Just("\"9999999999999h\"".to_owned()),
+                "\"[ -~]{0,20}\"",
+            ],
+        ) {
+            let mut lines: Vec<String> = GOOD.lines().map(str::to_owned).collect();
+            if drop < lines.len() {
+                lines.remove(drop);
+            }
+            if let Some(l) = lines.get_mut(line)
+                && let Some((key, _)) = l.split_once(" = ")
+            {
+                *l = format!("{key} = {value}");
+            }
+            let _ = Config::parse(&lines.join("\n"), &env);
+        }
+    }
+}

@@ -1,0 +1,33 @@
+//! SHA-256 digests as map keys: callers' tokens and upstream-token cache keys are looked up by digest.
+
+/// SHA-256 of `bytes`.
+pub(crate) fn sha256(bytes: &[u8]) -> [u8; 32] {
+    let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, bytes);
+    let mut out = [0u8; 32];
+    out.copy_from_slice(digest.as_ref());
+    out
+}
+
+/// Hashes a key that is already a SHA-256 digest by taking its first eight bytes: the digest is uniformly
+/// spread, so `SipHash` over it again would only cost time on every lookup. Flooding one hash bucket would
+/// take many entries whose digests share a prefix, and an entry only gets in after a verified signature or
+/// an IdP exchange, so no caller can plant them cheaply.
+#[derive(Clone, Copy, Default)]
+pub(crate) struct DigestHasher(u64);
+
+impl std::hash::Hasher for DigestHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        // `[u8; 32]` hashes as its length then its bytes; the constant length mixes in harmlessly.
+        let mut word = [0u8; 8];
+        let n = bytes.len().min(8);
+        word[..n].copy_from_slice(&bytes[..n]);
+        self.0 ^= u64::from_le_bytes(word);
+    }
+}
+
+/// Builds [`DigestHasher`]s.
+pub(crate) type DigestHash = std::hash::BuildHasherDefault<DigestHasher>;

@@ -1,0 +1,439 @@
+//! One request: route -> authenticate -> acquire the upstream token -> forward (or answer from the token
+//! API). Errors become responses here and only here, each logged once at the level its fault calls for;
+//! every request ends with one access-log event.
+
+mod request_id;
+mod token_api;
+mod tunnel;
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use futures_util::FutureExt as _;
+use http::{HeaderValue, Request, Response, StatusCode, header};
+use http_body_util::{Either, Full};
+use hyper::body::Incoming;
+
+use crate::auth::{Authenticator, Caller, authorize};
+use crate::config::{CallerAuth, Config, Route, TokenKind};
+use crate::error::{Fault, ProxyError};
+use crate::exchange::cache::Lookup;
+use crate::exchange::{Acquired, Exchanger, Subject};
+use crate::forward::{self, Outgoing};
+use crate::route::{Prefix, RequestPath, RouteEntry, RouteTable, request_host};
+use crate::server::{Peer, Tunnels};
+use crate::telemetry::{CacheKind, CacheResult, Metrics, RouteMetrics, UpstreamErrorKind};
+
+/// What the proxy answers: the upstream's streamed body, or one the sidecar made.
+pub(crate) type ProxyBody = Either<Incoming, Full<Bytes>>;
+
+/// The request path of one configuration generation, shared by every connection.
+pub(crate) struct Proxy {
+    routes: RouteTable,
+    authenticator: Arc<Authenticator>,
+    exchanger: Exchanger,
+    api_prefix: Option<Prefix>,
+    /// `[inbound]`'s policy, for `GET {api_prefix}/validate`.
+    inbound_route: Route,
+    max_header_bytes: usize,
+    idle_timeout: std::time::Duration,
+    metrics: Arc<Metrics>,
+    validate_metrics: RouteMetrics,
+}
+
+/// How a request ended, for the access log.
+struct Outcome<'a> {
+    route: Option<&'a str>,
+    metrics: Option<&'a RouteMetrics>,
+    cache: &'static str,
+    idp_call: bool,
+    upstream_error: Option<UpstreamErrorKind>,
+}
+
+/// A request that passed its route's checks: its validated caller (none for `caller_auth = "none"`), the
+/// upstream token acquired for it, and the deadline that still runs.
+struct Admitted {
+    caller: Option<Caller>,
+    acquired: Acquired,
+    deadline: tokio::time::Instant,
+}
+
+impl Proxy {
+    pub(crate) fn new(
+        config: &Config,
+        authenticator: Arc<Authenticator>,
+        exchanger: Exchanger,
+        metrics: &Arc<Metrics>,
+    ) -> Result<Self, crate::tls::TlsError> {
+        Ok(Proxy {
+            routes: RouteTable::new(&config.routes, metrics)?,
+            metrics: Arc::clone(metrics),
+            validate_metrics: metrics.route(token_api::VALIDATE_ROUTE),
+            inbound_route: token_api::inbound_route(config),
+            max_header_bytes: config.listen.max_header_bytes,
+            idle_timeout: config.listen.idle_timeout,
+            authenticator,
+            exchanger,
+            api_prefix: config.listen.api_prefix.as_deref().map(Prefix::new),
+        })
+    }
+
+    pub(crate) fn authenticator(&self) -> &Arc<Authenticator> {
+        &self.authenticator
+    }
+
+    /// Serves one caller request.
+    pub(crate) async fn handle(
+        &self,
+        request: Request<Incoming>,
+        peer: Peer,
+    ) -> Response<ProxyBody> {
+        let started = Instant::now();
+        let method = request.method().clone();
+        let request_id = request_id::of(&request);
+        let mut outcome = Outcome {
+            route: None,
+            metrics: None,
+            cache: "-",
+            idp_call: false,
+            upstream_error: None,
+        };
+        // A bug that panics answers this request with 500 instead of resetting the caller's connection (and
+        // every other request multiplexed on it).
+        let answered =
+            std::panic::AssertUnwindSafe(self.answer(request, peer, &request_id, &mut outcome))
+                .catch_unwind()
+                .await
+                .unwrap_or(Err(ProxyError::Internal("the request handler panicked")));
+        let mut response = match answered {
+            Ok(response) => response,
+            Err(error) => {
+                log_error(&error, outcome.route, &request_id);
+                error.to_response::<Full<Bytes>>().map(Either::Right)
+            }
+        };
+        response
+            .headers_mut()
+            .insert("x-request-id", request_id.clone());
+        let status = response.status().as_u16();
+        match outcome.metrics {
+            Some(route) => {
+                route.record_request(status, started.elapsed());
+                if let Some(kind) = outcome.upstream_error {
+                    route.record_upstream_error(kind);
+                }
+            }
+            None => {
+                self.metrics
+                    .record_request(crate::telemetry::NO_ROUTE, status, started.elapsed());
+            }
+        }
+        tracing::info!(
+            target: "access",
+            route = outcome.route.unwrap_or("-"),
+            %method,
+            status = response.status().as_u16(),
+            cache = outcome.cache,
+            idp_call = outcome.idp_call,
+            duration_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
+            request_id = request_id.to_str().unwrap_or("-"),
+            "request"
+        );
+        response
+    }
+
+    /// route -> authenticate -> acquire -> forward.
+    async fn answer<'a>(
+        &'a self,
+        request: Request<Incoming>,
+        peer: Peer,
+        request_id: &HeaderValue,
+        outcome: &mut Outcome<'a>,
+    ) -> Result<Response<ProxyBody>, ProxyError> {
+        let header_bytes: usize = request
+            .headers()
+            .iter()
+            .map(|(n, v)| n.as_str().len() + v.len() + 4)
+            .sum();
+        if header_bytes > self.max_header_bytes {
+            return Err(ProxyError::HeadersTooLarge);
+        }
+        let host = request_host(&request)?;
+        let path = RequestPath::parse(request.uri().path())?;
+        if let Some(prefix) = &self.api_prefix
+            && prefix.matches(&path)
+        {
+            return self
+                .token_api(
+                    &request,
+                    token_api::endpoint(request.method(), prefix, &path)?,
+                    outcome,
+                )
+                .await;
+        }
+        let entry = self
+            .routes
+            .find(&path, host.as_deref(), request.method())
+            .ok_or(ProxyError::NoRoute)?;
+        let admitted = self.admit(&request, entry, outcome).await?;
+        self.forward(request, peer, &path, entry, admitted, request_id, outcome)
+            .await
+    }
+
+    /// The checks every way of using a route shares (proxying, the token API): the route's deadline
+    /// starts, its caller is authenticated and authorized, and its upstream token is acquired.
+    async fn admit<'a>(
+        &self,
+        request: &Request<Incoming>,
+        entry: &'a RouteEntry,
+        outcome: &mut Outcome<'a>,
+    ) -> Result<Admitted, ProxyError> {
+        let route = &entry.route;
+        outcome.route = Some(&route.name);
+        outcome.metrics = Some(&entry.metrics);
+        let deadline = tokio::time::Instant::now() + route.timeout;
+        let caller = self.caller(request, route, deadline).await?;
+        let acquired = tokio::time::timeout_at(
+            deadline,
+            self.exchanger.acquire(route, subject(caller.as_ref())),
+        )
+        .await
+        .map_err(|_| ProxyError::TokenDeadline)??;
+        record_lookup(route, acquired.lookup, outcome);
+        Ok(Admitted {
+            caller,
+            acquired,
+            deadline,
+        })
+    }
+
+    /// Sends the request upstream with the acquired token and streams the answer back; a WebSocket upgrade
+    /// both sides agreed to becomes a tunnel.
+    #[allow(
+        clippy::too_many_arguments,
+        reason = "the one request's parts, each used once"
+    )]
+    async fn forward<'a>(
+        &'a self,
+        mut request: Request<Incoming>,
+        peer: Peer,
+        path: &RequestPath,
+        entry: &'a RouteEntry,
+        admitted: Admitted,
+        request_id: &HeaderValue,
+        outcome: &mut Outcome<'a>,
+    ) -> Result<Response<ProxyBody>, ProxyError> {
+        let route = &entry.route;
+        let Admitted {
+            caller,
+            acquired,
+            deadline,
+        } = admitted;
+        let claim_headers = match &caller {
+            Some(caller) if !route.forward_claims.is_empty() => claim_headers(route, caller),
+            _ => Vec::new(),
+        };
+        let uri =
+            forward::upstream_uri(route, path.after(entry.prefix.len()), request.uri().query())?;
+        let upgrade = forward::requested_upgrade(&request).filter(|_| !route.http2);
+        let caller_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut request));
+        let tunnels = request.extensions().get::<Tunnels>().cloned();
+        let upstream = forward::upstream_request(
+            request,
+            Outgoing {
+                uri,
+                peer,
+                route,
+                authorization: acquired.header.clone(),
+                claim_headers,
+                request_id: request_id.clone(),
+                upgrade,
+                strip: &entry.strip,
+            },
+        );
+        let mut response =
+            match tokio::time::timeout_at(deadline, entry.client.request(upstream)).await {
+                Err(_) => {
+                    outcome.upstream_error = Some(UpstreamErrorKind::Timeout);
+                    return Err(ProxyError::UpstreamTimeout);
+                }
+                Ok(Err(error)) => {
+                    outcome.upstream_error = Some(forward::upstream_error_kind(&error));
+                    return Err(ProxyError::UpstreamConnect(Box::new(error)));
+                }
+                Ok(Ok(response)) => response,
+            };
+        if response.status() == StatusCode::UNAUTHORIZED
+            && let Some(sent) = &acquired.sent
+            && self.exchanger.forget(sent).await
+        {
+            tracing::info!(route = %route.name, "upstream refused its token; dropped the cached one");
+        }
+        let switching = response.status() == StatusCode::SWITCHING_PROTOCOLS;
+        if switching {
+            let agreed = response
+                .headers()
+                .get(header::UPGRADE)
+                .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"websocket"));
+            let Some(caller_upgrade) = caller_upgrade.filter(|_| agreed) else {
+                // A 101 nobody asked for, or to another protocol: never splice an unvalidated tunnel.
+                outcome.upstream_error = Some(UpstreamErrorKind::Reset);
+                return Err(ProxyError::UpstreamSwitched);
+            };
+            let tunnel = tunnel::splice(
+                caller_upgrade,
+                hyper::upgrade::on(&mut response),
+                route.name.clone(),
+                self.idle_timeout,
+            );
+            // In the caller's connection task: the tunnel holds its max_connections permit and is drained
+            // with it. A connection served outside `server` (none today) runs it on its own.
+            match tunnels {
+                Some(tunnels) => tunnels.run(Box::pin(tunnel)),
+                None => drop(tokio::spawn(tunnel)),
+            }
+        }
+        forward::clean_response_headers(response.headers_mut(), switching);
+        Ok(response.map(Either::Left))
+    }
+
+    /// Serves a token API endpoint with the proxy's validation, policy, cache and errors.
+    async fn token_api<'a>(
+        &'a self,
+        request: &Request<Incoming>,
+        endpoint: token_api::Endpoint<'_>,
+        outcome: &mut Outcome<'a>,
+    ) -> Result<Response<ProxyBody>, ProxyError> {
+        let body = match endpoint {
+            token_api::Endpoint::Validate => {
+                outcome.route = Some(token_api::VALIDATE_ROUTE);
+                outcome.metrics = Some(&self.validate_metrics);
+                let deadline = tokio::time::Instant::now() + self.inbound_route.timeout;
+                let caller = self.caller(request, &self.inbound_route, deadline).await?;
+                let claims = caller.map(|c| serde_json::Value::Object(c.all_claims()));
+                serde_json::json!({ "claims": claims })
+            }
+            token_api::Endpoint::AuthorizationHeader(name) => {
+                let entry = self
+                    .routes
+                    .named(name)
+                    .filter(|e| e.route.token_api)
+                    .ok_or(ProxyError::NoRoute)?;
+                let admitted = self.admit(request, entry, outcome).await?;
+                let expires_on = admitted
+                    .acquired
+                    .expires_on(subject(admitted.caller.as_ref()));
+                let header = admitted
+                    .acquired
+                    .header
+                    .as_ref()
+                    .and_then(|h| h.to_str().ok())
+                    .ok_or(ProxyError::NoRoute)?;
+                serde_json::json!({ "authorization_header": header, "expires_on": expires_on })
+            }
+        };
+        Ok(token_api::answer(&body).map(Either::Right))
+    }
+
+    /// The validated caller of `route` (none for `caller_auth = "none"`), its policy applied.
+    async fn caller(
+        &self,
+        request: &Request<Incoming>,
+        route: &Route,
+        deadline: tokio::time::Instant,
+    ) -> Result<Option<Caller>, ProxyError> {
+        if route.caller_auth == CallerAuth::None {
+            return Ok(None);
+        }
+        let caller =
+            tokio::time::timeout_at(deadline, self.authenticator.authenticate(request.headers()))
+                .await
+                .map_err(|_| ProxyError::KeysUnavailable {
+                    retry_after: crate::auth::jwks::KEYS_RETRY_AFTER,
+                })??;
+        authorize(&caller.claims, route)?;
+        Ok(Some(caller))
+    }
+}
+
+/// What the exchanger needs of a validated caller.
+fn subject(caller: Option<&Caller>) -> Option<Subject<'_>> {
+    caller.map(|caller| Subject {
+        token: &caller.token,
+        digest: &caller.digest,
+        exp: caller.claims.exp,
+        tid: caller.claims.tid.as_deref(),
+    })
+}
+
+/// Notes a token cache lookup in the access log fields and the route's metrics.
+fn record_lookup(route: &Route, lookup: Option<Lookup>, outcome: &mut Outcome<'_>) {
+    let Some(lookup) = lookup else { return };
+    outcome.cache = lookup.as_str();
+    outcome.idp_call = lookup == Lookup::Miss;
+    let kind = match route.token {
+        TokenKind::Obo => CacheKind::Obo,
+        TokenKind::App => CacheKind::App,
+        TokenKind::Passthrough | TokenKind::None => CacheKind::Passthrough,
+    };
+    let result = match lookup {
+        Lookup::Hit => CacheResult::Hit,
+        Lookup::Stale => CacheResult::Stale,
+        Lookup::Miss => CacheResult::Miss,
+    };
+    if let Some(metrics) = outcome.metrics {
+        metrics.record_cache(kind, result);
+    }
+}
+
+/// The `forward_claims` headers of `route` from the caller's validated claims. Strings as they are, numbers
+/// and booleans as JSON, arrays of those joined with `,`; a claim that is absent, an object, or not a valid
+/// header value is not sent.
+fn claim_headers(route: &Route, caller: &Caller) -> Vec<(http::HeaderName, HeaderValue)> {
+    fn text(value: &serde_json::Value) -> Option<String> {
+        match value {
+            serde_json::Value::String(s) => Some(s.clone()),
+            serde_json::Value::Number(n) => Some(n.to_string()),
+            serde_json::Value::Bool(b) => Some(b.to_string()),
+            serde_json::Value::Null
+            | serde_json::Value::Array(_)
+            | serde_json::Value::Object(_) => None,
+        }
+    }
+    let claims = caller.all_claims();
+    route
+        .forward_claims
+        .iter()
+        .filter_map(|(header, claim)| {
+            let value = match claims.get(claim)? {
+                serde_json::Value::Array(items) => items
+                    .iter()
+                    .map(text)
+                    .collect::<Option<Vec<_>>>()?
+                    .join(","),
+                other => text(other)?,
+            };
+            Some((header.clone(), HeaderValue::from_str(&value).ok()?))
+        })
+        .collect()
+}
+
+/// Logs a refused request once. IdP failures were already logged where they happened (with the
+/// `client-request-id`), so here they are only a debug line.
+fn log_error(error: &ProxyError, route: Option<&str>, request_id: &HeaderValue) {
+    let route = route.unwrap_or("-");
+    let request_id = request_id.to_str().unwrap_or("-");
+    let detail = crate::error::chain(error);
+    match (error.fault(), error) {
+        (Fault::Caller | Fault::Idp, _) | (Fault::Internal, ProxyError::IdpMisconfigured) => {
+            tracing::debug!(route, request_id, error = %detail, "request refused");
+        }
+        (Fault::Upstream, _) => {
+            tracing::warn!(route, request_id, error = %detail, "request failed");
+        }
+        (Fault::Internal, _) => {
+            tracing::error!(route, request_id, error = %detail, "request failed");
+        }
+    }
+}

@@ -1,0 +1,68 @@
+//! The token API (SPEC §5), under `listen.api_prefix`: `GET {prefix}/validate` and
+//! `GET {prefix}/authorization-header/{route}`. What the endpoints are and how they answer; the proxy serves
+//! them with its own validation, policy, cache and errors.
+
+use bytes::Bytes;
+use http::{HeaderValue, Method, Response, header};
+use http_body_util::Full;
+
+use crate::config::{CallerAuth, Config, Route, TokenKind};
+use crate::error::ProxyError;
+use crate::route::{Prefix, RequestPath};
+
+/// The route label of `GET {api_prefix}/validate`; `:` cannot appear in a configured route name.
+pub(super) const VALIDATE_ROUTE: &str = "token-api:validate";
+
+/// A token API endpoint.
+pub(super) enum Endpoint<'a> {
+    /// `GET {prefix}/validate`: the caller's claims, validated with `[inbound]`'s policy.
+    Validate,
+    /// `GET {prefix}/authorization-header/{route}`: the header the route would send upstream.
+    AuthorizationHeader(&'a str),
+}
+
+/// The endpoint a request under the API prefix asks for; anything else is 404.
+pub(super) fn endpoint<'a>(
+    method: &Method,
+    prefix: &Prefix,
+    path: &'a RequestPath,
+) -> Result<Endpoint<'a>, ProxyError> {
+    if method != Method::GET && method != Method::HEAD {
+        return Err(ProxyError::NoRoute);
+    }
+    let mut rest = prefix.rest(path).map(|segment| segment.name);
+    match (rest.next(), rest.next(), rest.next()) {
+        (Some(endpoint), None, None) if endpoint.eq_ignore_ascii_case(b"validate") => {
+            Ok(Endpoint::Validate)
+        }
+        (Some(endpoint), Some(name), None)
+            if endpoint.eq_ignore_ascii_case(b"authorization-header") =>
+        {
+            let name = std::str::from_utf8(name).map_err(|_| ProxyError::NoRoute)?;
+            Ok(Endpoint::AuthorizationHeader(name))
+        }
+        _ => Err(ProxyError::NoRoute),
+    }
+}
+
+/// The pseudo-route of `GET {api_prefix}/validate`: caller validation with `[inbound]`'s policy.
+pub(super) fn inbound_route(config: &Config) -> Route {
+    Route {
+        name: VALIDATE_ROUTE.to_owned(),
+        policy: config.inbound.policy.clone(),
+        caller_auth: CallerAuth::Required,
+        ..Route::placeholder(TokenKind::None)
+    }
+}
+
+/// A token API answer: JSON, never cached.
+pub(super) fn answer(body: &serde_json::Value) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from(body.to_string())));
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    response
+}

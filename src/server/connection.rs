@@ -1,0 +1,251 @@
+//! One connection: HTTP/1.1 or HTTP/2 served until it closes, goes idle or is asked to finish, then what it
+//! upgraded (WebSocket tunnels), inside the same task, so a tunnel holds the connection's permit and is
+//! drained with it.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use futures_util::future::BoxFuture;
+use http::{Request, Response};
+use hyper::body::{Body, Incoming};
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+use super::options::{HttpBuilder, Peer, ServeOptions};
+
+/// A connection's upgraded tunnels (WebSocket) run inside its task, so they hold its `max_connections`
+/// permit and are drained with it (SPEC §8): the proxy hands them over through this request extension.
+#[derive(Clone)]
+pub(crate) struct Tunnels(tokio::sync::mpsc::UnboundedSender<BoxFuture<'static, ()>>);
+
+impl Tunnels {
+    /// Runs `tunnel` in the connection's task, once the connection has handed its bytes over.
+    pub(crate) fn run(&self, tunnel: BoxFuture<'static, ()>) {
+        // The receiver lives as long as the connection's task; if it is gone, so is the caller.
+        let _ = self.0.send(tunnel);
+    }
+}
+
+/// Serves one connection until it closes, goes idle for `idle_timeout`, or shutdown asks it to finish; then
+/// runs what it upgraded, until that ends too.
+pub(super) async fn drive<I, H, Fut, B, E>(
+    builder: &HttpBuilder,
+    io: I,
+    peer: Peer,
+    handler: H,
+    mut stop: watch::Receiver<bool>,
+    options: &ServeOptions,
+) where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    H: Fn(Request<Incoming>, Peer) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Result<Response<B>, E>> + Send + 'static,
+    E: Into<Box<dyn std::error::Error + Send + Sync>>,
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let io = IdleIo::new(io);
+    let activity = io.activity();
+    let requests = Requests::default();
+    let (tunnels, mut upgraded) = tokio::sync::mpsc::unbounded_channel();
+    let service = {
+        let requests = requests.clone();
+        let tunnels = Tunnels(tunnels);
+        service_fn(move |mut request: Request<Incoming>| {
+            let handler = handler.clone();
+            let open = requests.open();
+            request.extensions_mut().insert(tunnels.clone());
+            async move {
+                let response = handler(request, peer).await;
+                drop(open);
+                response
+            }
+        })
+    };
+    let mut connection =
+        Box::pin(builder.serve_connection_with_upgrades(TokioIo::new(io), service));
+    let finished = tokio::select! {
+        result = connection.as_mut() => Some(result),
+        _ = stop.wait_for(|stop| *stop) => None,
+        () = activity.idle_for(options.idle_timeout) => None,
+        () = requests.idle_for(options.idle_timeout) => None,
+    };
+    let result = if let Some(result) = finished {
+        result
+    } else {
+        connection.as_mut().graceful_shutdown();
+        // What is in flight may finish; a connection that stays silent meanwhile is closed.
+        tokio::select! {
+            result = connection.as_mut() => result,
+            () = activity.idle_for(options.idle_timeout) => Ok(()),
+        }
+    };
+    if let Err(error) = result {
+        tracing::debug!(listener = options.name, remote = %peer.remote, %error, "connection ended with an error");
+    }
+    // Dropping the connection drops every sender but those of tunnels already handed over.
+    drop(connection);
+    let mut tunnels = JoinSet::new();
+    while let Some(tunnel) = upgraded.recv().await {
+        tunnels.spawn(tunnel);
+    }
+    while tunnels.join_next().await.is_some() {}
+}
+
+/// A connection's requests: how many wait for their answer, and when one last started or was answered. An
+/// HTTP/2 connection that only exchanges PINGs moves bytes but no request, and is idle all the same.
+#[derive(Clone)]
+struct Requests {
+    open: Arc<std::sync::atomic::AtomicUsize>,
+    activity: Activity,
+}
+
+impl Default for Requests {
+    fn default() -> Self {
+        Requests {
+            open: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
+            activity: Activity::new(),
+        }
+    }
+}
+
+/// One request waiting for its answer.
+struct OpenRequest(Requests);
+
+impl Drop for OpenRequest {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::AcqRel);
+        self.0.activity.touch();
+    }
+}
+
+impl Requests {
+    fn open(&self) -> OpenRequest {
+        self.open.fetch_add(1, Ordering::AcqRel);
+        self.activity.touch();
+        OpenRequest(self.clone())
+    }
+
+    /// Resolves once no request has waited, started or been answered for `limit`.
+    async fn idle_for(&self, limit: Duration) {
+        loop {
+            self.activity.idle_for(limit).await;
+            if self.open.load(Ordering::Acquire) == 0 {
+                return;
+            }
+            // A request is waiting for its answer (bounded by its route's timeout): look again later.
+            tokio::time::sleep(limit).await;
+        }
+    }
+}
+
+/// When a connection last moved a byte, shared with its watchdog.
+#[derive(Clone)]
+pub(crate) struct Activity {
+    epoch: tokio::time::Instant,
+    last_ms: Arc<AtomicU64>,
+}
+
+impl Activity {
+    fn new() -> Activity {
+        Activity {
+            epoch: tokio::time::Instant::now(),
+            last_ms: Arc::new(AtomicU64::new(0)),
+        }
+    }
+
+    fn touch(&self) {
+        let now = u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.last_ms.store(now, Ordering::Relaxed);
+    }
+
+    /// Resolves once no byte has moved for `limit`.
+    pub(crate) async fn idle_for(&self, limit: Duration) {
+        loop {
+            let last = Duration::from_millis(self.last_ms.load(Ordering::Relaxed));
+            let idle = self.epoch.elapsed().saturating_sub(last);
+            if idle >= limit {
+                return;
+            }
+            tokio::time::sleep(limit.saturating_sub(idle)).await;
+        }
+    }
+}
+
+/// An I/O stream that records when it last read or wrote a byte.
+pub(crate) struct IdleIo<I> {
+    inner: I,
+    activity: Activity,
+}
+
+impl<I> IdleIo<I> {
+    pub(crate) fn new(inner: I) -> Self {
+        IdleIo {
+            inner,
+            activity: Activity::new(),
+        }
+    }
+
+    pub(crate) fn activity(&self) -> Activity {
+        self.activity.clone()
+    }
+}
+
+impl<I: AsyncRead + Unpin> AsyncRead for IdleIo<I> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let poll = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            self.activity.touch();
+        }
+        poll
+    }
+}
+
+impl<I: AsyncWrite + Unpin> AsyncWrite for IdleIo<I> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let poll = Pin::new(&mut self.inner).poll_write(cx, buf);
+        if matches!(poll, Poll::Ready(Ok(n)) if n > 0) {
+            self.activity.touch();
+        }
+        poll
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let poll = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        if matches!(poll, Poll::Ready(Ok(n)) if n > 0) {
+            self.activity.touch();
+        }
+        poll
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
