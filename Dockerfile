@@ -2,7 +2,8 @@
 #
 #   docker build -t obo-sidecar .
 #
-# The build runs the command CI runs (`cargo build --release --locked`) on Debian 12 "bookworm", the
+# The build makes the production binary (`cargo build --release --locked --no-default-features`: no `demo`, no
+# `dev-idp`, no token-minting code) on Debian 12 "bookworm", the
 # Debian release the runtime image is built from: the binary links glibc and libgcc dynamically (aws-lc is
 # compiled in), which is all that distroless/cc carries, together with CA certificates.
 #
@@ -22,13 +23,13 @@ COPY Cargo.toml Cargo.lock ./
 RUN mkdir src \
  && echo 'fn main() {}' > src/main.rs \
  && touch src/lib.rs \
- && cargo build --release --locked
+ && cargo build --release --locked --no-default-features
 
 COPY src ./src
 # COPY keeps the files' own mtimes, which can be older than the placeholder build's outputs: touch the crate
 # roots so cargo rebuilds the crate itself rather than keeping the placeholder binary.
 RUN touch src/lib.rs src/main.rs \
- && cargo build --release --locked
+ && cargo build --release --locked --no-default-features
 
 FROM gcr.io/distroless/cc-debian12:nonroot
 COPY --from=builder /build/target/release/obo-sidecar /usr/local/bin/obo-sidecar

@@ -1,15 +1,19 @@
 //! The binary's `check` command: the repository's `sidecar.toml` passes; bad configs exit 64 naming every
 //! problem with its key path.
+// Every integration test runs against the development IdP and echo upstream.
+#![cfg(feature = "dev")]
 #![allow(
     clippy::expect_used,
     clippy::unwrap_used,
     reason = "helpers of tests: a failure is a test failure"
 )]
 
+mod support;
+
 use std::process::Command;
 
 fn check(config: &std::path::Path, secret: Option<&str>) -> (i32, String, String) {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_obo-sidecar"));
+    let mut command = Command::new(support::sidecar_binary());
     command
         .arg("check")
         .arg("-c")
@@ -91,7 +95,7 @@ token = "sometimes"
     .expect("write");
     let (code, _, stderr) = check(&path, Some("x"));
     assert_eq!(code, 64);
-    let run = Command::new(env!("CARGO_BIN_EXE_obo-sidecar"))
+    let run = Command::new(support::sidecar_binary())
         .arg("-c")
         .arg(&path)
         .output()

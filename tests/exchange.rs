@@ -1,6 +1,7 @@
 //! Token acquisition end to end against the development IdP: single flight under load, both exchange
 //! flavors, every client authentication method, Entra wire parity, and the IdP answers of SPEC §4.
-
+// Every integration test runs against the development IdP and echo upstream.
+#![cfg(feature = "dev")]
 #![allow(
     clippy::expect_used,
     clippy::unwrap_used,

@@ -1,5 +1,7 @@
 //! Everything that must not reach the upstream: bad caller tokens (401), missing scopes (403), and every
 //! IdP failure mapped per SPEC §4. None of them ever reaches the upstream or echoes a token.
+// Every integration test runs against the development IdP and echo upstream.
+#![cfg(feature = "dev")]
 #![allow(
     clippy::expect_used,
     clippy::unwrap_used,

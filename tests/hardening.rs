@@ -1,6 +1,8 @@
 //! End to end, the bypasses an adversarial read found around the checks (issue 12, SPEC §4 and §8 "turn
 //! 2"): each test sends what an attacker would over real sockets and reads what the echo upstream received,
 //! with the development IdP injecting the IdP's answers.
+// Every integration test runs against the development IdP and echo upstream.
+#![cfg(feature = "dev")]
 #![allow(
     clippy::expect_used,
     clippy::unwrap_used,

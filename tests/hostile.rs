@@ -2,6 +2,8 @@
 //! malformed and confused tokens sent to an `obo` route. Every case must be refused with 401 (or, where a
 //! request-level limit answers first, 400/431), carry a `Bearer` challenge, quote no part of the token, and
 //! reach neither the upstream, nor the IdP's token endpoint, nor any URL the token itself names.
+// Every integration test runs against the development IdP and echo upstream.
+#![cfg(feature = "dev")]
 #![allow(
     clippy::expect_used,
     clippy::unwrap_used,

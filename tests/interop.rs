@@ -3,6 +3,8 @@
 //! built-in client credentials grant. oidc-provider authenticates the sidecar's client (`client_secret_post`,
 //! `client_secret_basic`, `private_key_jwt` with a certificate) before any grant runs. Skipped, with a message,
 //! only when `node` is not installed.
+// Every integration test runs against the development IdP and echo upstream.
+#![cfg(feature = "dev")]
 #![allow(
     clippy::expect_used,
     clippy::unwrap_used,

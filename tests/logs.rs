@@ -1,7 +1,8 @@
 //! No token, secret or assertion reaches a log line at any level. Every harness-based test of the suite
 //! checks this when its harness is dropped (`support::assert_no_secret_in_logs`); this test drives the paths
 //! most likely to log a token — failures of every kind — and checks the capture itself works.
-
+// Every integration test runs against the development IdP and echo upstream.
+#![cfg(feature = "dev")]
 #![allow(
     clippy::expect_used,
     clippy::unwrap_used,

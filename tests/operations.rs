@@ -1,6 +1,8 @@
 //! End to end, the operations features: HTTP/2 on both sides (h2c, and ALPN `h2` over TLS), inbound mTLS,
 //! WebSocket upgrades, the SIGTERM drain of the real binary, reloads under traffic and from the watched file,
 //! `/metrics` after traffic, and the token API.
+// Every integration test runs against the development IdP and echo upstream.
+#![cfg(feature = "dev")]
 #![allow(
     clippy::expect_used,
     clippy::unwrap_used,
@@ -634,7 +636,7 @@ async fn sigterm_lets_an_in_flight_request_finish_and_exits_zero() {
     let log_path = dir.join("stderr.log");
     let log = || std::fs::read_to_string(&log_path).unwrap_or_default();
     let mut child = Child(
-        std::process::Command::new(env!("CARGO_BIN_EXE_obo-sidecar"))
+        std::process::Command::new(support::sidecar_binary())
             .arg("run")
             .arg("-c")
             .arg(&config_path)

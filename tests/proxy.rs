@@ -1,5 +1,7 @@
 //! End to end through the sidecar: routing, the token swap for each token kind, the token cache, header
 //! hygiene, streaming, and upstream failures.
+// Every integration test runs against the development IdP and echo upstream.
+#![cfg(feature = "dev")]
 #![allow(
     clippy::expect_used,
     clippy::unwrap_used,

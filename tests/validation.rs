@@ -1,6 +1,7 @@
 //! Caller validation under key rotation, IdP outages and multi-tenant issuers, and the route features that
 //! build on validated claims: host and method selectors, `caller_auth = "none"`, `forward_claims`.
-
+// Every integration test runs against the development IdP and echo upstream.
+#![cfg(feature = "dev")]
 #![allow(
     clippy::expect_used,
     clippy::unwrap_used,

@@ -1,4 +1,3 @@
-
 use super::bearer::{MAX_BEARER_BYTES, bearer_token};
 use super::token::{caller_claims, parse_unverified};
 use super::*;

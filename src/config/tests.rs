@@ -1,4 +1,3 @@
-
 use super::routes::normalize_prefix;
 use super::*;
 use jsonwebtoken::Algorithm;

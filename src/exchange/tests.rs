@@ -1,4 +1,3 @@
-
 use super::answer::*;
 use serde_json::Value;
 use std::time::Duration;

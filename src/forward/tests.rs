@@ -1,4 +1,3 @@
-
 use super::headers::strip;
 use super::*;
 use crate::config::Route;

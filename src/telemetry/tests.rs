@@ -1,4 +1,3 @@
-
 use super::*;
 
 use super::exposition::{Sample, parse, value};

@@ -21,6 +21,15 @@ use tokio::net::TcpListener;
 
 pub(crate) const SECRET_VARIABLE: &str = "TEST_OBO_CLIENT_SECRET";
 
+/// The `obo-sidecar` binary the tests that run a process use: `OBO_SIDECAR_BIN` when set (CI points it at
+/// the production build, `--no-default-features`), else the one cargo built for these tests.
+pub(crate) fn sidecar_binary() -> std::path::PathBuf {
+    std::env::var_os("OBO_SIDECAR_BIN").map_or_else(
+        || std::path::PathBuf::from(env!("CARGO_BIN_EXE_obo-sidecar")),
+        std::path::PathBuf::from,
+    )
+}
+
 /// Every log event of this test process at TRACE, from every crate (ours, hyper, reqwest, rustls, moka).
 #[derive(Clone, Default)]
 pub(crate) struct CapturedLogs(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);

@@ -1,4 +1,3 @@
-
 #![allow(
     unused_imports,
     clippy::wildcard_imports,
