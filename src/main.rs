@@ -6,7 +6,7 @@ use anyhow::Context as _;
 use clap::Parser as _;
 use obo_sidecar::cli::{self, Cli, Command, EXIT_CONFIG, LogFormat};
 use obo_sidecar::config::Config;
-use tracing_subscriber::EnvFilter;
+use tracing_subscriber::filter::Targets;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -90,15 +90,35 @@ async fn dev_idp(listen: std::net::SocketAddr) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// Logs to stderr at the levels `RUST_LOG` names (`info` by default): a level, or `target=level` pairs
+/// (`info,obo_sidecar=debug,hyper=warn`). Span and field filters are not supported: they would cost the
+/// binary a regular-expression engine.
 fn init_tracing(format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let configured = std::env::var("RUST_LOG")
+        .ok()
+        .filter(|v| !v.trim().is_empty());
+    let parsed = configured.as_deref().map(str::parse::<Targets>);
+    let filter = match &parsed {
+        Some(Ok(targets)) => targets.clone(),
+        Some(Err(_)) | None => Targets::new().with_default(tracing::Level::INFO),
+    };
     let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+        .with_max_level(tracing::Level::TRACE)
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
-    match format {
-        LogFormat::Json => builder.json().init(),
-        LogFormat::Text => builder.init(),
+    let subscriber: Box<dyn tracing::Subscriber + Send + Sync> = match format {
+        LogFormat::Json => Box::new(tracing_subscriber::layer::SubscriberExt::with(
+            builder.json().finish(),
+            filter,
+        )),
+        LogFormat::Text => Box::new(tracing_subscriber::layer::SubscriberExt::with(
+            builder.finish(),
+            filter,
+        )),
+    };
+    let _ = tracing::subscriber::set_global_default(subscriber);
+    if let Some(Err(error)) = parsed {
+        tracing::warn!(%error, "RUST_LOG is not a level or target=level list; logging at info");
     }
 }
 

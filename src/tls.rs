@@ -64,6 +64,20 @@ fn system_roots() -> &'static [CertificateDer<'static>] {
 
 /// A rustls client config trusting the system roots plus every certificate in `extra` PEM files.
 pub(crate) fn client_config(extra: &[&Path]) -> Result<rustls::ClientConfig, TlsError> {
+    // Without extra roots every client shares one configuration (its root store behind an `Arc`): the
+    // parsed system roots are then held once, not once per route and identity.
+    static SYSTEM_ONLY: std::sync::OnceLock<rustls::ClientConfig> = std::sync::OnceLock::new();
+    if extra.is_empty() {
+        if let Some(config) = SYSTEM_ONLY.get() {
+            return Ok(config.clone());
+        }
+        let config = build_client_config(&[])?;
+        return Ok(SYSTEM_ONLY.get_or_init(|| config).clone());
+    }
+    build_client_config(extra)
+}
+
+fn build_client_config(extra: &[&Path]) -> Result<rustls::ClientConfig, TlsError> {
     install_crypto_provider();
     let mut roots = RootCertStore::empty();
     roots.add_parsable_certificates(system_roots().iter().cloned());

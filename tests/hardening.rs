@@ -564,6 +564,33 @@ async fn tokens_without_scopes_or_roles_are_refused_unless_allowed() {
 // ---------------------------------------------------------------------------------------------------------
 // 10. resource edges
 
+/// An IdP, an upstream and a ready sidecar with a `/pass/` passthrough route and `listen` keys added, owned by
+/// the test (which can then stop the sidecar).
+async fn owned_sidecar(listen: &str) -> (DevIdp, EchoUpstream, obo_sidecar::Sidecar) {
+    support::captured_logs();
+    let idp = DevIdp::start(support::bind().await, DevIdpConfig::default())
+        .await
+        .expect("idp");
+    let upstream = EchoUpstream::start(support::bind().await)
+        .await
+        .expect("upstream");
+    let config = support::inbound_config(&idp).replacen(
+        "admin = \"127.0.0.1:0\"",
+        &format!("admin = \"127.0.0.1:0\"\n{listen}"),
+        1,
+    ) + &route(
+        "pass",
+        "/pass/",
+        &format!("{}/", upstream.url()),
+        "token = \"passthrough\"",
+    );
+    let sidecar = support::start_sidecar(support::parse(&config)).await;
+    tokio::time::timeout(PATIENCE, sidecar.ready())
+        .await
+        .expect("ready");
+    (idp, upstream, sidecar)
+}
+
 /// Sends a WebSocket handshake on a new connection; the stream once the `101` is read.
 async fn open_tunnel(proxy: std::net::SocketAddr, token: &str) -> TcpStream {
     let mut stream = TcpStream::connect(proxy).await.expect("connect");
@@ -594,27 +621,8 @@ async fn open_tunnel(proxy: std::net::SocketAddr, token: &str) -> TcpStream {
 /// `drain_timeout`.
 #[tokio::test]
 async fn websocket_tunnels_count_toward_max_connections_and_are_drained() {
-    support::captured_logs();
-    let idp = DevIdp::start(support::bind().await, DevIdpConfig::default())
-        .await
-        .expect("idp");
-    let upstream = EchoUpstream::start(support::bind().await)
-        .await
-        .expect("upstream");
-    let config = support::inbound_config(&idp).replacen(
-        "admin = \"127.0.0.1:0\"",
-        "admin = \"127.0.0.1:0\"\nmax_connections = 2\ndrain_timeout = \"1s\"",
-        1,
-    ) + &route(
-        "pass",
-        "/pass/",
-        &format!("{}/", upstream.url()),
-        "token = \"passthrough\"",
-    );
-    let sidecar = support::start_sidecar(support::parse(&config)).await;
-    tokio::time::timeout(PATIENCE, sidecar.ready())
-        .await
-        .expect("ready");
+    let (idp, _upstream, sidecar) =
+        owned_sidecar("max_connections = 2\ndrain_timeout = \"1s\"").await;
     let proxy = sidecar.proxy_addr;
     let token = idp.mint(&user("alice"));
     let first = open_tunnel(proxy, &token).await;
@@ -776,27 +784,8 @@ async fn a_reload_during_a_jwks_outage_keeps_the_key_sets() {
 /// waits in the queue until the stop.
 #[tokio::test]
 async fn connections_queued_at_the_stop_are_served_not_reset() {
-    support::captured_logs();
-    let idp = DevIdp::start(support::bind().await, DevIdpConfig::default())
-        .await
-        .expect("idp");
-    let upstream = EchoUpstream::start(support::bind().await)
-        .await
-        .expect("upstream");
-    let config = support::inbound_config(&idp).replacen(
-        "admin = \"127.0.0.1:0\"",
-        "admin = \"127.0.0.1:0\"\nmax_connections = 1\ndrain_timeout = \"10s\"",
-        1,
-    ) + &route(
-        "pass",
-        "/pass/",
-        &format!("{}/", upstream.url()),
-        "token = \"passthrough\"",
-    );
-    let sidecar = support::start_sidecar(support::parse(&config)).await;
-    tokio::time::timeout(PATIENCE, sidecar.ready())
-        .await
-        .expect("ready");
+    let (idp, upstream, sidecar) =
+        owned_sidecar("max_connections = 1\ndrain_timeout = \"10s\"").await;
     let proxy = sidecar.proxy_addr;
     let token = idp.mint(&user("alice"));
     let request = |delay: u32| {

@@ -256,7 +256,7 @@ impl IssuerKeys {
                 });
             }
             Err(error) => {
-                tracing::warn!(issuer = %self.issuer, error = %error_chain(&error), "signing keys fetch failed; keeping the last good set");
+                tracing::warn!(issuer = %self.issuer, error = %crate::error::chain(&error), "signing keys fetch failed; keeping the last good set");
                 self.state.send_modify(|s| s.attempted = true);
             }
         }
@@ -454,18 +454,6 @@ fn key_algorithm(ka: KeyAlgorithm) -> Option<Algorithm> {
         KeyAlgorithm::ES384 => Algorithm::ES384,
         _ => return None,
     })
-}
-
-/// An error and its sources on one line, for logs.
-pub(crate) fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
 }
 
 #[cfg(test)]
