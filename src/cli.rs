@@ -69,6 +69,23 @@ pub fn check(path: &std::path::Path) -> Result<Config, ConfigError> {
         config.listen.proxy, config.listen.admin
     );
     let _ = write!(out, "{}", route_table(&config));
+    for (key, value) in &config.derived {
+        let _ = writeln!(out, "derived: {key} = {value}");
+    }
+    for identity in config.identities.values() {
+        let _ = writeln!(
+            out,
+            "identity {}: {} at {}, credential: {}",
+            identity.name,
+            identity.flavor.as_str(),
+            if identity.token_endpoint.is_empty() {
+                "its managed identity endpoint"
+            } else {
+                identity.token_endpoint.as_str()
+            },
+            identity.credential.kind()
+        );
+    }
     for warning in &config.warnings {
         let _ = writeln!(out, "warning: {warning}");
     }

@@ -126,3 +126,153 @@ token = "sometimes"
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+fn write_config(name: &str, text: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("obo-sidecar-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let path = dir.join(name);
+    std::fs::write(&path, text).expect("write");
+    path
+}
+
+const TENANT: &str = "72f988bf-86f1-41af-91ab-2d7cd011db47";
+const CLIENT: &str = "0ab2c1f4-6d0e-4c8e-9a55-6f0e1c2b3a4d";
+
+/// `check` prints every value `[entra]` derived and the credential kind each identity uses; a secret by its
+/// variable's name only.
+#[test]
+fn check_prints_what_the_entra_shorthand_derived() {
+    let path = write_config(
+        "entra.toml",
+        &format!(
+            r#"
+[entra]
+tenant_id = "{TENANT}"
+client_id = "{CLIENT}"
+
+[identity]
+client_secret = {{ env = "OBO_CLIENT_SECRET" }}
+
+[identities.vm]
+flavor = "managed_identity"
+
+[[routes]]
+name = "graph"
+path_prefix = "/graph/"
+upstream = "https://graph.microsoft.com/"
+token = "obo"
+scopes = ["https://graph.microsoft.com/User.Read"]
+
+[[routes]]
+name = "vault"
+path_prefix = "/vault/"
+upstream = "https://contoso.vault.azure.net/"
+token = "app"
+identity = "vm"
+scopes = ["https://vault.azure.net/.default"]
+"#
+        ),
+    );
+    let (code, stdout, stderr) = check(&path, Some("the-secret-value"));
+    assert_eq!(code, 0, "{stderr}");
+    for expected in [
+        format!(
+            "derived: inbound.issuers = [\"https://login.microsoftonline.com/{TENANT}/v2.0\", \"https://sts.windows.net/{TENANT}/\"]"
+        ),
+        format!("derived: inbound.audiences = [\"{CLIENT}\", \"api://{CLIENT}\"]"),
+        "derived: identity.flavor = \"entra\"".to_owned(),
+        format!("derived: identity.client_id = \"{CLIENT}\""),
+        format!(
+            "derived: identity.token_endpoint = \"https://login.microsoftonline.com/{TENANT}/oauth2/v2.0/token\""
+        ),
+        format!(
+            "identity default: entra at https://login.microsoftonline.com/{TENANT}/oauth2/v2.0/token, credential: client secret from the environment"
+        ),
+        "identity vm: managed_identity at its managed identity endpoint, credential: system-assigned managed identity via IMDS".to_owned(),
+    ] {
+        assert!(stdout.contains(&expected), "{expected}\n{stdout}");
+    }
+    assert!(!stdout.contains("the-secret-value") && !stderr.contains("the-secret-value"));
+}
+
+/// A config of routes alone, with Microsoft's auth sidecar's `AzureAd__*` variables, passes `check`; the
+/// derived credential is named by its variable, never shown.
+#[test]
+fn routes_alone_and_azure_ad_variables_pass_check() {
+    let path = write_config(
+        "routes-only.toml",
+        "[[routes]]\nname = \"graph\"\npath_prefix = \"/graph/\"\nupstream = \"https://graph.microsoft.com/\"\ntoken = \"obo\"\nscopes = [\"https://graph.microsoft.com/.default\"]\n",
+    );
+    let output = Command::new(support::sidecar_binary())
+        .args(["check", "-c"])
+        .arg(&path)
+        .env("AzureAd__Instance", "https://login.microsoftonline.com/")
+        .env("AzureAd__TenantId", TENANT)
+        .env("AzureAd__ClientId", CLIENT)
+        .env("AzureAd__ClientCredentials__0__SourceType", "ClientSecret")
+        .env(
+            "AzureAd__ClientCredentials__0__ClientSecret",
+            "azure-ad-secret-value",
+        )
+        .output()
+        .expect("run obo-sidecar");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(0), "{stderr}");
+    assert!(
+        stdout.contains(
+            "derived: identity.client_secret = { env = \"AzureAd__ClientCredentials__0__ClientSecret\" }"
+        ),
+        "{stdout}"
+    );
+    assert!(!stdout.contains("azure-ad-secret-value") && !stderr.contains("azure-ad-secret-value"));
+}
+
+/// The three Entra mistakes a new user makes (issue 14): an `app` route with a non-`.default` scope and an
+/// issuer of another cloud than the token endpoint are errors, each with its key and fix; a fully qualified
+/// `required_scopes` entry is a warning.
+#[test]
+fn check_knows_what_entra_refuses() {
+    let path = write_config(
+        "entra-mistakes.toml",
+        &format!(
+            r#"
+[inbound]
+issuers = ["https://login.microsoftonline.com/{TENANT}/v2.0"]
+audiences = ["api://my-api"]
+required_scopes = ["api://my-api/access_as_user"]
+
+[identity]
+token_endpoint = "https://login.chinacloudapi.cn/{TENANT}/oauth2/v2.0/token"
+client_id = "{CLIENT}"
+client_secret = {{ env = "OBO_CLIENT_SECRET" }}
+
+[[routes]]
+name = "reports"
+path_prefix = "/reports/"
+upstream = "https://reports.example.com/"
+token = "app"
+scopes = ["api://reports/Reports.Read"]
+"#
+        ),
+    );
+    let (code, _, stderr) = check(&path, Some("x"));
+    assert_eq!(code, 64, "{stderr}");
+    for expected in [
+        "routes[0].scopes: route \"reports\": Entra needs `<resource>/.default` for app tokens: use `api://reports/.default`",
+        "inbound.issuers[0]: https://login.microsoftonline.com/",
+    ] {
+        assert!(stderr.contains(expected), "{expected}\n{stderr}");
+    }
+    let fixed = std::fs::read_to_string(&path)
+        .unwrap()
+        .replace("Reports.Read", ".default")
+        .replace("login.chinacloudapi.cn", "login.microsoftonline.com");
+    std::fs::write(&path, fixed).unwrap();
+    let (code, stdout, stderr) = check(&path, Some("x"));
+    assert_eq!(code, 0, "{stderr}");
+    assert!(
+        stdout.contains("warning: inbound.required_scopes[0]: \"api://my-api/access_as_user\" looks fully qualified; Entra's scp holds only the scope's name: use \"access_as_user\""),
+        "{stdout}"
+    );
+}

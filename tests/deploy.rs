@@ -555,7 +555,7 @@ fn workload_identity_variant_projects_the_azure_token_into_the_sidecar() {
     assert_eq!(fallback.client_id, identity.client_id);
     assert_eq!(fallback.token_endpoint, identity.token_endpoint);
     assert!(
-        matches!(&fallback.credential, Credential::AssertionFile(p) if p == token),
+        matches!(&fallback.credential, Credential::AssertionFile(f) if f.path == token),
         "{:?}",
         fallback.credential
     );
@@ -570,12 +570,53 @@ fn every_deploy_sidecar_toml_passes_config_parse() {
     for path in &files {
         let (config, secrets) = parse_deployed(path);
         assert!(!config.routes.is_empty(), "{}", path.display());
+        let managed_identity = config
+            .identities
+            .values()
+            .any(|i| matches!(i.credential, Credential::ManagedIdentity(_)));
         assert!(
-            !secrets.is_empty(),
-            "{}: a credential from a file",
+            !secrets.is_empty() || managed_identity,
+            "{}: a credential from a file, or a managed identity",
             path.display()
         );
     }
+}
+
+/// The Azure VM example needs no secret: its identity is the VM's managed identity (through IMDS), the
+/// `[entra]` shorthand derives the rest, and its systemd drop-in clears the base unit's `LoadCredential=`.
+#[test]
+fn azure_vm_example_uses_the_managed_identity_and_no_secret() {
+    let dir = repo().join("deploy/azure-vm");
+    let (config, secrets) = parse_deployed(&dir.join("sidecar.toml"));
+    assert!(secrets.is_empty(), "{secrets:?}");
+    let default = &config.identities["default"];
+    assert_eq!(
+        default.auth_method,
+        obo_sidecar::config::AuthMethod::ManagedIdentity
+    );
+    assert!(
+        default
+            .token_endpoint
+            .starts_with("https://login.microsoftonline.com/"),
+        "derived by [entra]"
+    );
+    assert_eq!(
+        config.identities["vm"].flavor,
+        obo_sidecar::config::Flavor::ManagedIdentity
+    );
+    for route in &config.routes {
+        assert!(
+            obo_sidecar::config::is_loopback(&route.upstream),
+            "{}",
+            route.name
+        );
+    }
+    let drop_in = read(&dir.join("managed-identity.conf"));
+    assert!(
+        drop_in.lines().any(|line| line == "LoadCredential="),
+        "the drop-in clears the base unit's LoadCredential"
+    );
+    assert!(drop_in.contains("deploy/systemd/obo-sidecar.service"));
 }
 
 /// The systemd unit runs the configuration it installs, hands it the secret it reads, reloads on SIGHUP and

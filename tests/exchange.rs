@@ -255,7 +255,8 @@ async fn private_key_jwt_is_verified_against_the_registered_certificate() {
 }
 
 /// A client assertion file (Kubernetes workload identity) is read on every token request, so a rotated file
-/// is used at once; an unreadable or rejected one is 500, never a forwarded caller token.
+/// is used at once; a rejected one is 500, never a forwarded caller token; an unreadable one falls back to
+/// the last good assertion while it lasts, and without one is 500.
 #[tokio::test]
 async fn client_assertion_file_is_reread_on_every_token_request() {
     use obo_sidecar::dev::{ClientAuth, DevClient, FEDERATED_AUDIENCE};
@@ -300,6 +301,11 @@ async fn client_assertion_file_is_reread_on_every_token_request() {
             ..obo_sidecar::dev::TokenClaims::user(sub)
         })
     };
+    assert_eq!(
+        h.get("/wi/x", Some(&caller("zoe"))).await.status(),
+        500,
+        "a file that holds no token yet, and no earlier one: our misconfiguration"
+    );
     std::fs::write(&file, kubelet_token("system:serviceaccount:apps:api")).unwrap();
     assert_eq!(
         claims_of(&echoed(h.get("/wi/x", Some(&caller("alice"))).await).await)["sub"],
@@ -322,13 +328,13 @@ async fn client_assertion_file_is_reread_on_every_token_request() {
         claims_of(&echoed(h.get("/wi/x", Some(&caller("carol"))).await).await)["sub"],
         "carol"
     );
+    // Gone (or half-written): the last good assertion serves until its exp.
     std::fs::remove_file(&file).unwrap();
     assert_eq!(
-        h.get("/wi/x", Some(&caller("dave"))).await.status(),
-        500,
-        "an unreadable file is our misconfiguration"
+        claims_of(&echoed(h.get("/wi/x", Some(&caller("dave"))).await).await)["sub"],
+        "dave"
     );
-    assert_eq!(h.upstream.requests(), 2);
+    assert_eq!(h.upstream.requests(), 3);
     let _ = std::fs::remove_dir_all(dir);
 }
 

@@ -365,8 +365,10 @@ async fn idp_invalid_client_is_500() {
         .expect("upstream");
     let dead = support::dead_addr().await;
     let text = support::base_config(&idp, &upstream.url(), &idp.token_endpoint(), dead);
-    let config = obo_sidecar::config::Config::parse(&text, &|_| Some("wrong-secret".to_owned()))
-        .expect("config");
+    let config = obo_sidecar::config::Config::parse(&text, &|name| {
+        (name == support::SECRET_VARIABLE).then(|| "wrong-secret".to_owned())
+    })
+    .expect("config");
     let sidecar = support::start_sidecar(config).await;
     sidecar.ready().await;
     let token = idp.mint(&TokenClaims {

@@ -2,13 +2,16 @@
 //! credentials. The only place secrets and keys are read from files and the environment.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use toml::{Table, Value};
 
-use super::credential::{AuthMethod, CertificateKey, Credential};
+use super::credential::{
+    AssertionFile, AuthMethod, Credential, ManagedIdentity, ManagedIdentityEndpoint, Watched,
+    load_certificate, load_secret_file,
+};
 use super::model::{
     DEFAULT_AZURE_AUTHORITY_HOST, DEFAULT_IDENTITY, DEFAULT_IDP_TIMEOUT, DEFAULT_MAX_CONCURRENT,
     EnvLookup, Flavor, Identity, MAX_IDP_TIMEOUT,
@@ -16,12 +19,13 @@ use super::model::{
 use super::walk::{Fields, Problems, is_name, require_https, template_url};
 use crate::secret::Secret;
 
+/// A secret from `{ env = "NAME" }` (fixed) or `{ file = "/path" }` (watched: re-read when it changes).
 pub(super) fn read_secret(
     f: &Fields<'_>,
     key: &str,
     env: EnvLookup<'_>,
     p: &mut Problems,
-) -> Option<Secret> {
+) -> Option<Watched<Secret>> {
     let at = f.at(key);
     match f.value(key)? {
         Value::String(_) => {
@@ -35,7 +39,9 @@ pub(super) fn read_secret(
             let sf = Fields::new(t, at.clone(), &["env", "file"], p);
             match (sf.string("env", p), sf.string("file", p)) {
                 (Some(name), None) => match env(name) {
-                    Some(value) if !value.trim().is_empty() => Some(Secret::new(value.trim())),
+                    Some(value) if !value.trim().is_empty() => {
+                        Some(Watched::fixed(Secret::new(value.trim())))
+                    }
                     Some(_) => {
                         p.add(
                             &sf.at("env"),
@@ -51,17 +57,15 @@ pub(super) fn read_secret(
                         None
                     }
                 },
-                (None, Some(path)) => match std::fs::read_to_string(path) {
-                    Ok(value) if !value.trim().is_empty() => Some(Secret::new(value.trim())),
-                    Ok(_) => {
-                        p.add(&sf.at("file"), format!("{path} is empty"));
-                        None
+                (None, Some(path)) => {
+                    match Watched::from_files(vec![PathBuf::from(path)], load_secret_file) {
+                        Ok(watched) => Some(watched),
+                        Err(e) => {
+                            p.add(&sf.at("file"), crate::error::chain(&e));
+                            None
+                        }
                     }
-                    Err(e) => {
-                        p.add(&sf.at("file"), format!("cannot read {path}: {e}"));
-                        None
-                    }
-                },
+                }
                 (Some(_), Some(_)) => {
                     p.add(&at, "set env or file, not both");
                     None
@@ -85,6 +89,66 @@ pub(super) fn read_secret(
     }
 }
 
+/// Where a managed identity's tokens come from: `IDENTITY_ENDPOINT` with `IDENTITY_HEADER` (App Service,
+/// Container Apps, Functions), else IMDS (`AZURE_POD_IDENTITY_AUTHORITY_HOST` overrides its host, as the
+/// Azure SDKs let it).
+fn managed_identity_endpoint(
+    env: EnvLookup<'_>,
+    at: &str,
+    p: &mut Problems,
+) -> Option<ManagedIdentityEndpoint> {
+    let var = |name: &str| {
+        env(name)
+            .map(|v| v.trim().to_owned())
+            .filter(|v| !v.is_empty())
+    };
+    if let (Some(endpoint), Some(header)) = (var("IDENTITY_ENDPOINT"), var("IDENTITY_HEADER")) {
+        return match url::Url::parse(&endpoint) {
+            Ok(url) => Some(ManagedIdentityEndpoint::AppService {
+                url,
+                header: Secret::new(header),
+            }),
+            Err(e) => {
+                p.add(at, format!("IDENTITY_ENDPOINT is not a URL: {e}"));
+                None
+            }
+        };
+    }
+    let host =
+        var("AZURE_POD_IDENTITY_AUTHORITY_HOST").unwrap_or_else(|| DEFAULT_IMDS_HOST.to_owned());
+    match url::Url::parse(&format!(
+        "{}/metadata/identity/oauth2/token",
+        host.trim_end_matches('/')
+    )) {
+        Ok(url) => Some(ManagedIdentityEndpoint::Imds { url }),
+        Err(e) => {
+            p.add(
+                at,
+                format!("AZURE_POD_IDENTITY_AUTHORITY_HOST is not a URL: {e}"),
+            );
+            None
+        }
+    }
+}
+
+/// The instance metadata service, where every Azure VM finds its managed identity.
+const DEFAULT_IMDS_HOST: &str = "http://169.254.169.254";
+
+/// `managed_identity = {}` or `{ client_id = "…" }`.
+fn read_managed_identity(
+    f: &Fields<'_>,
+    env: EnvLookup<'_>,
+    p: &mut Problems,
+) -> Option<ManagedIdentity> {
+    let t = f.table("managed_identity", p)?;
+    let mf = Fields::new(t, f.at("managed_identity"), &["client_id"], p);
+    let client_id = mf.string("client_id", p).map(str::to_owned);
+    Some(ManagedIdentity {
+        client_id,
+        endpoint: managed_identity_endpoint(env, &f.at("managed_identity"), p)?,
+    })
+}
+
 fn read_identity(
     table: &Table,
     name: &str,
@@ -102,6 +166,7 @@ fn read_identity(
             "client_secret",
             "client_certificate",
             "client_assertion_file",
+            "managed_identity",
             "auth_method",
             "client_capabilities",
             "ca_file",
@@ -113,14 +178,18 @@ fn read_identity(
     let flavor = match f.string("flavor", p).unwrap_or("entra") {
         "entra" => Some(Flavor::Entra),
         "rfc8693" => Some(Flavor::Rfc8693),
+        "managed_identity" => Some(Flavor::ManagedIdentity),
         other => {
             p.add(
                 &f.at("flavor"),
-                format!("unknown flavor {other:?}: \"entra\" or \"rfc8693\""),
+                format!("unknown flavor {other:?}: \"entra\", \"rfc8693\" or \"managed_identity\""),
             );
             None
         }
     };
+    if flavor == Some(Flavor::ManagedIdentity) {
+        return read_managed_identity_flavor(&f, name, env, p);
+    }
     let entra = flavor == Some(Flavor::Entra);
     // Entra: unset keys fall back to what the Azure workload-identity webhook injects.
     let token_endpoint = match f.string("token_endpoint", p) {
@@ -169,6 +238,7 @@ fn read_identity(
             Credential::Secret(_) => AuthMethod::ClientSecretPost,
             Credential::Certificate(_) => AuthMethod::PrivateKeyJwt,
             Credential::AssertionFile(_) => AuthMethod::ClientAssertionFile,
+            Credential::ManagedIdentity(_) => AuthMethod::ManagedIdentity,
         }),
         Some(text) => {
             if let Some(method) = AuthMethod::parse(text) {
@@ -182,19 +252,23 @@ fn read_identity(
                             Some(Credential::AssertionFile(_)),
                             AuthMethod::ClientAssertionFile
                         )
+                        | (
+                            Some(Credential::ManagedIdentity(_)),
+                            AuthMethod::ManagedIdentity
+                        )
                         | (None, _)
                 );
                 if !fits {
                     p.add(
                     &f.at("auth_method"),
-                    format!("{text:?} does not fit the credential given (client_secret: client_secret_post or client_secret_basic; client_certificate: private_key_jwt; client_assertion_file: client_assertion_file)"),
+                    format!("{text:?} does not fit the credential given (client_secret: client_secret_post or client_secret_basic; client_certificate: private_key_jwt; client_assertion_file: client_assertion_file; managed_identity: managed_identity)"),
                 );
                 }
                 Some(method)
             } else {
                 p.add(
                 &f.at("auth_method"),
-                format!("unknown auth_method {text:?}: client_secret_post, client_secret_basic, private_key_jwt or client_assertion_file"),
+                format!("unknown auth_method {text:?}: client_secret_post, client_secret_basic, private_key_jwt, client_assertion_file or managed_identity"),
             );
                 None
             }
@@ -230,8 +304,63 @@ fn read_identity(
     })
 }
 
-/// Exactly one of `client_secret`, `client_certificate`, `client_assertion_file` (for Entra, the last falls
-/// back to `AZURE_FEDERATED_TOKEN_FILE`). Loaded now, so `check` reports what cannot be read.
+/// An identity with `flavor = "managed_identity"`: the managed identity itself, whose tokens `app` routes
+/// send. `client_id` (or `managed_identity.client_id`) picks a user-assigned identity; no token endpoint.
+fn read_managed_identity_flavor(
+    f: &Fields<'_>,
+    name: &str,
+    env: EnvLookup<'_>,
+    p: &mut Problems,
+) -> Option<Identity> {
+    for key in [
+        "token_endpoint",
+        "client_secret",
+        "client_certificate",
+        "client_assertion_file",
+        "client_capabilities",
+    ] {
+        if f.value(key).is_some() {
+            p.add(
+                &f.at(key),
+                "a managed identity has no client registration: leave it out",
+            );
+        }
+    }
+    let client_id = f.string("client_id", p).map(str::to_owned);
+    let mut identity = match f.value("managed_identity") {
+        Some(_) => read_managed_identity(f, env, p)?,
+        None => ManagedIdentity {
+            client_id: None,
+            endpoint: managed_identity_endpoint(env, &f.path, p)?,
+        },
+    };
+    if identity.client_id.is_none() {
+        identity.client_id.clone_from(&client_id);
+    }
+    let timeout = f.bounded_duration(
+        "timeout",
+        DEFAULT_IDP_TIMEOUT,
+        Duration::from_millis(100),
+        MAX_IDP_TIMEOUT,
+        p,
+    );
+    Some(Identity {
+        name: name.to_owned(),
+        flavor: Flavor::ManagedIdentity,
+        token_endpoint: String::new(),
+        client_id: identity.client_id.clone().unwrap_or_default(),
+        credential: Credential::ManagedIdentity(identity),
+        auth_method: AuthMethod::ManagedIdentity,
+        client_capabilities: Vec::new(),
+        ca_file: f.pem_roots("ca_file", p),
+        timeout,
+        max_concurrent: f.integer("max_concurrent", DEFAULT_MAX_CONCURRENT, 1, 10_000, p),
+    })
+}
+
+/// Exactly one of `client_secret`, `client_certificate`, `client_assertion_file`, `managed_identity` (for
+/// Entra, the assertion file falls back to `AZURE_FEDERATED_TOKEN_FILE`). Loaded now, so `check` reports
+/// what cannot be read.
 fn read_credential(
     f: &Fields<'_>,
     entra: bool,
@@ -242,6 +371,7 @@ fn read_credential(
         "client_secret",
         "client_certificate",
         "client_assertion_file",
+        "managed_identity",
     ]
     .into_iter()
     .filter(|k| f.value(k).is_some())
@@ -249,24 +379,29 @@ fn read_credential(
     match given.as_slice() {
         [] => {
             if let Some(path) = env("AZURE_FEDERATED_TOKEN_FILE").filter(|_| entra) {
-                return Some(Credential::AssertionFile(PathBuf::from(path)));
+                return Some(Credential::AssertionFile(Arc::new(AssertionFile::new(
+                    PathBuf::from(path),
+                ))));
             }
             p.add(
                 &f.path,
-                "no client credential: set client_secret, client_certificate or client_assertion_file",
+                "no client credential: set client_secret, client_certificate, client_assertion_file or managed_identity",
             );
             None
         }
-        ["client_secret"] => read_secret(f, "client_secret", env, p).map(Credential::Secret),
+        ["client_secret"] => {
+            read_secret(f, "client_secret", env, p).map(|w| Credential::Secret(Arc::new(w)))
+        }
         ["client_certificate"] => {
             let t = f.table("client_certificate", p)?;
             let cf = Fields::new(t, f.at("client_certificate"), &["cert_file", "key_file"], p);
             let cert = cf.required_string("cert_file", p);
             let key = cf.required_string("key_file", p);
-            match CertificateKey::load(Path::new(cert?), Path::new(key?)) {
-                Ok(loaded) => Some(Credential::Certificate(std::sync::Arc::new(loaded))),
+            let files = vec![PathBuf::from(cert?), PathBuf::from(key?)];
+            match Watched::from_files(files, load_certificate) {
+                Ok(watched) => Some(Credential::Certificate(Arc::new(watched))),
                 Err(e) => {
-                    p.add(&f.at("client_certificate"), e.to_string());
+                    p.add(&f.at("client_certificate"), crate::error::chain(&e));
                     None
                 }
             }
@@ -279,7 +414,18 @@ fn read_credential(
                     format!("cannot read {path}: {e}"),
                 );
             }
-            Some(Credential::AssertionFile(PathBuf::from(path)))
+            Some(Credential::AssertionFile(Arc::new(AssertionFile::new(
+                PathBuf::from(path),
+            ))))
+        }
+        ["managed_identity"] => {
+            if !entra {
+                p.add(
+                    &f.at("managed_identity"),
+                    "a managed identity is an Entra federated credential (flavor = \"entra\")",
+                );
+            }
+            read_managed_identity(f, env, p).map(Credential::ManagedIdentity)
         }
         several => {
             p.add(

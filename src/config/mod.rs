@@ -11,6 +11,7 @@ use std::path::Path;
 use toml::Table;
 
 mod credential;
+mod entra;
 mod env;
 mod identity;
 mod inbound;
@@ -21,8 +22,11 @@ mod routes;
 mod tests;
 mod walk;
 
-pub(crate) use credential::read_assertion_file;
-pub use credential::{AuthMethod, CertificateKey, Credential, CredentialError};
+pub use credential::{
+    AssertionFile, AuthMethod, CertificateKey, Credential, CredentialError, ManagedIdentity,
+    ManagedIdentityEndpoint, Refresh, Watched,
+};
+pub(crate) use entra::token_exchange_audience;
 pub use env::ENV_OVERRIDE_PREFIX;
 use env::apply_override;
 use identity::read_identities;
@@ -72,7 +76,15 @@ impl Config {
         for (name, value) in overrides {
             apply_override(&mut table, name, value, &mut problems);
         }
-        let config = read_config(&table, env, &mut problems);
+        let mut derived = Vec::new();
+        let multi_tenant = entra::apply(&mut table, env, &mut problems, &mut derived);
+        let mut config = read_config(&table, env, &mut problems);
+        if let Some(config) = config.as_mut() {
+            let (errors, warnings) = entra::check(config, multi_tenant);
+            problems.0.extend(errors);
+            config.warnings.extend(warnings);
+            config.derived = derived;
+        }
         match config {
             Some(config) if problems.0.is_empty() => Ok(config),
             _ => Err(ConfigError {
@@ -162,6 +174,7 @@ fn read_config(root: &Table, env: EnvLookup<'_>, p: &mut Problems) -> Option<Con
         cache,
         routes,
         warnings,
+        derived: Vec::new(),
     })
 }
 

@@ -46,6 +46,8 @@ pub struct Config {
     pub routes: Vec<Route>,
     /// Accepted, but worth an operator's attention (`check` prints them).
     pub warnings: Vec<Problem>,
+    /// Keys `[entra]` or the `AzureAd__*` variables filled, with their values (`check` prints them).
+    pub derived: Vec<(String, String)>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -143,6 +145,8 @@ pub enum Flavor {
     Entra,
     /// RFC 8693 token exchange.
     Rfc8693,
+    /// An Azure managed identity itself: `app` routes get its token for their resource, no app registration.
+    ManagedIdentity,
 }
 
 impl Flavor {
@@ -150,6 +154,7 @@ impl Flavor {
         match self {
             Flavor::Entra => "entra",
             Flavor::Rfc8693 => "rfc8693",
+            Flavor::ManagedIdentity => "managed_identity",
         }
     }
 }

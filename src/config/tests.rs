@@ -39,7 +39,7 @@ fn good_config_parses_with_defaults() {
     assert_eq!(config.cache.expiry_margin, DEFAULT_EXPIRY_MARGIN);
     assert_eq!(config.inbound.algorithms, vec![Algorithm::RS256]);
     let identity = &config.identities["default"];
-    assert!(matches!(&identity.credential, Credential::Secret(s) if s.expose() == "s3cret"));
+    assert!(matches!(&identity.credential, Credential::Secret(s) if s.get().expose() == "s3cret"));
     assert_eq!(identity.auth_method, AuthMethod::ClientSecretPost);
     assert_eq!(
         config

@@ -49,6 +49,12 @@ pub(crate) enum Unavailable {
     AlreadyExpired,
     #[error("the token request did not finish")]
     Interrupted,
+    #[error("the managed identity endpoint could not be reached")]
+    ManagedIdentity(#[source] Arc<reqwest::Error>),
+    #[error("the managed identity endpoint answered {0}")]
+    ManagedIdentityStatus(u16),
+    #[error("the managed identity endpoint answered no token")]
+    ManagedIdentityAnswer,
 }
 
 /// Why the IdP refused the sidecar's own request, or the sidecar could not make one: our misconfiguration,
@@ -69,6 +75,8 @@ pub(crate) enum Misconfiguration {
     Signing(#[source] SigningError),
     #[error("reading the client credential")]
     Credential(#[source] Arc<CredentialError>),
+    #[error("the managed identity endpoint refused with {0}: is the identity assigned?")]
+    ManagedIdentityRefused(u16),
 }
 
 /// Why no upstream token could be had. Fields are for logs; the caller sees the mapped [`ProxyError`].
@@ -215,7 +223,7 @@ pub(crate) fn redacted_answer(body: &[u8], identity: &Identity) -> String {
     let mut description = answer.error_description.unwrap_or_default();
     // Redact before shortening, so a secret cut in half cannot leak its prefix.
     if let crate::config::Credential::Secret(secret) = &identity.credential {
-        description = description.replace(secret.expose(), "[redacted]");
+        description = description.replace(secret.get().expose(), "[redacted]");
     }
     // JWT-shaped words too: a token cut at the length limit would no longer look like one.
     let description = description

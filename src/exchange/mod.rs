@@ -6,6 +6,7 @@
 mod answer;
 pub(crate) mod cache;
 mod client_auth;
+mod managed_identity;
 mod request;
 #[cfg(test)]
 mod tests;

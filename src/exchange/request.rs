@@ -12,7 +12,7 @@ use http::HeaderValue;
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
 
-use crate::config::{AuthMethod, Credential, Flavor, Identity};
+use crate::config::{AuthMethod, Credential, Flavor, Identity, Refresh, Watched};
 use crate::oauth::{
     CLIENT_ASSERTION_TYPE, GRANT_CLIENT_CREDENTIALS, GRANT_JWT_BEARER, GRANT_TOKEN_EXCHANGE,
     TOKEN_TYPE_ACCESS_TOKEN, now_unix,
@@ -25,6 +25,7 @@ use super::answer::{
     cache_lifetime, expires_in_seconds, jwt_exp, map_error_answer, redacted_answer,
 };
 use super::client_auth::{self, AssertionAlg};
+use super::managed_identity::ManagedIdentityTokens;
 use super::token::{UpstreamToken, bearer_header};
 
 /// IdP answers are a few KiB; a larger one is refused rather than buffered.
@@ -87,6 +88,8 @@ pub(crate) struct IdentityClient {
     http: reqwest::Client,
     permits: Semaphore,
     backoff: Arc<IdpBackoff>,
+    /// The identity's managed identity, when it authenticates with one or is one.
+    managed_identity: Option<ManagedIdentityTokens>,
     last_error_log_ms: AtomicU64,
     epoch: Instant,
 }
@@ -100,6 +103,14 @@ impl IdentityClient {
     ) -> IdentityClient {
         IdentityClient {
             claims: capabilities_claims(identity),
+            managed_identity: match &identity.credential {
+                Credential::ManagedIdentity(mi) => {
+                    Some(ManagedIdentityTokens::new(mi, http.clone()))
+                }
+                Credential::Secret(_)
+                | Credential::Certificate(_)
+                | Credential::AssertionFile(_) => None,
+            },
             identity: Arc::clone(identity),
             metrics: Arc::clone(metrics),
             http,
@@ -112,6 +123,38 @@ impl IdentityClient {
 
     fn now_ms(&self) -> u64 {
         u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// A watched credential, re-read first if its files changed (a rotated secret is used at once; one that
+    /// does not load keeps the last good one, and is logged once).
+    async fn refreshed<T: Send + Sync + 'static>(&self, watched: &Arc<Watched<T>>) -> Arc<T> {
+        self.report(watched.refresh().await);
+        watched.get()
+    }
+
+    /// Logs and counts what a look at a credential's files found.
+    fn report(&self, refresh: Refresh) {
+        let identity = &self.identity.name;
+        match refresh {
+            Refresh::Unchanged => {}
+            Refresh::Reloaded => {
+                tracing::info!(%identity, "client credential changed on disk: reloaded");
+                self.metrics.record_credential_reload(identity, true);
+            }
+            Refresh::Rejected(error) => {
+                tracing::error!(%identity, error = %crate::error::chain(&error),
+                    "client credential changed on disk but does not load; keeping the last good one");
+                self.metrics.record_credential_reload(identity, false);
+            }
+        }
+    }
+
+    fn managed_identity(&self) -> Result<&ManagedIdentityTokens, ExchangeError> {
+        self.managed_identity
+            .as_ref()
+            .ok_or(ExchangeError::Misconfigured(
+                Misconfiguration::ManagedIdentityRefused(0),
+            ))
     }
 
     /// True at most once per [`ERROR_LOG_INTERVAL`].
@@ -164,8 +207,9 @@ impl TokenRequest {
     pub(crate) async fn send(&self) -> Result<UpstreamToken, ExchangeError> {
         let identity = &self.client.identity;
         let grant = match (&self.grant, identity.flavor) {
-            (Grant::App, _) => GrantLabel::ClientCredentials,
-            (Grant::OnBehalfOf { .. }, Flavor::Entra) => GrantLabel::Obo,
+            (Grant::App, Flavor::ManagedIdentity) => GrantLabel::ManagedIdentity,
+            (Grant::App, Flavor::Entra | Flavor::Rfc8693) => GrantLabel::ClientCredentials,
+            (Grant::OnBehalfOf { .. }, Flavor::Entra | Flavor::ManagedIdentity) => GrantLabel::Obo,
             (Grant::OnBehalfOf { .. }, Flavor::Rfc8693) => GrantLabel::TokenExchange,
         };
         let started = std::time::Instant::now();
@@ -247,7 +291,7 @@ impl TokenRequest {
         let identity = &self.client.identity;
         let mut form: Vec<(&'static str, String)> = Vec::new();
         match (&self.grant, identity.flavor) {
-            (Grant::OnBehalfOf { subject, .. }, Flavor::Entra) => {
+            (Grant::OnBehalfOf { subject, .. }, Flavor::Entra | Flavor::ManagedIdentity) => {
                 form.push(("grant_type", GRANT_JWT_BEARER.to_owned()));
                 form.push(("requested_token_use", "on_behalf_of".to_owned()));
                 form.push(("assertion", subject.expose().to_owned()));
@@ -275,23 +319,31 @@ impl TokenRequest {
             (Credential::Secret(secret), AuthMethod::ClientSecretBasic) => {
                 basic = Some(client_auth::basic_authorization(
                     &identity.client_id,
-                    secret,
+                    &*self.client.refreshed(secret).await,
                 ));
                 None
             }
             (Credential::Secret(secret), _) => {
                 form.push(("client_id", identity.client_id.clone()));
-                form.push(("client_secret", secret.expose().to_owned()));
+                form.push((
+                    "client_secret",
+                    self.client.refreshed(secret).await.expose().to_owned(),
+                ));
                 None
+            }
+            (Credential::ManagedIdentity(_), _) => {
+                let audience = crate::config::token_exchange_audience(&self.token_endpoint);
+                let (token, _) = self.client.managed_identity()?.token(audience).await?;
+                Some((*token).clone())
             }
             (Credential::Certificate(certificate), _) => {
                 let alg = match identity.flavor {
-                    Flavor::Entra => AssertionAlg::PS256,
+                    Flavor::Entra | Flavor::ManagedIdentity => AssertionAlg::PS256,
                     Flavor::Rfc8693 => AssertionAlg::RS256,
                 };
                 Some(
                     client_auth::sign_assertion(
-                        certificate,
+                        &*self.client.refreshed(certificate).await,
                         &identity.client_id,
                         &self.token_endpoint,
                         alg,
@@ -300,11 +352,14 @@ impl TokenRequest {
                     .map_err(Misconfiguration::Signing)?,
                 )
             }
-            (Credential::AssertionFile(path), _) => Some(
-                crate::config::read_assertion_file(path)
+            (Credential::AssertionFile(file), _) => {
+                let (assertion, refresh) = file
+                    .read()
                     .await
-                    .map_err(|e| Misconfiguration::Credential(Arc::new(e)))?,
-            ),
+                    .map_err(|e| Misconfiguration::Credential(Arc::new(e)))?;
+                self.client.report(refresh);
+                Some(assertion)
+            }
         };
         if let Some(assertion) = assertion {
             form.push(("client_id", identity.client_id.clone()));
@@ -316,6 +371,9 @@ impl TokenRequest {
 
     async fn send_once(&self) -> Result<UpstreamToken, ExchangeError> {
         let identity = &self.client.identity;
+        if identity.flavor == Flavor::ManagedIdentity {
+            return self.managed_identity_token().await;
+        }
         let client_request_id = crate::ids::random_uuid();
         let (form, basic) = self.form().await?;
         let started = std::time::Instant::now();
@@ -402,6 +460,26 @@ impl TokenRequest {
         let (until_stale, until_expired) =
             cache_lifetime(now, expires_on, subject_exp, self.expiry_margin);
         let token = Secret::new(answer.access_token);
+        let instant = Instant::now();
+        Ok(UpstreamToken {
+            header: bearer_header(&token).ok_or(Misconfiguration::TokenNotAHeader)?,
+            expires_on,
+            stale_at: instant + until_stale,
+            expires_at: instant + until_expired,
+        })
+    }
+}
+
+impl TokenRequest {
+    /// An `app` route's token straight from the managed identity (`flavor = "managed_identity"`): its
+    /// resource is the route's one scope without `/.default`.
+    async fn managed_identity_token(&self) -> Result<UpstreamToken, ExchangeError> {
+        let scope = self.scopes.first().map_or("", String::as_str);
+        let resource = scope.strip_suffix("/.default").unwrap_or(scope);
+        let (token, expires_on) = self.client.managed_identity()?.token(resource).await?;
+        let now = now_unix();
+        let (until_stale, until_expired) =
+            cache_lifetime(now, expires_on, None, self.expiry_margin);
         let instant = Instant::now();
         Ok(UpstreamToken {
             header: bearer_header(&token).ok_or(Misconfiguration::TokenNotAHeader)?,

@@ -125,6 +125,8 @@ pub(crate) enum Grant {
     TokenExchange,
     /// RFC 6749 §4.4 client credentials: the sidecar's own token.
     ClientCredentials,
+    /// An Azure managed identity's own token (`flavor = "managed_identity"`).
+    ManagedIdentity,
 }
 
 impl Grant {
@@ -133,6 +135,7 @@ impl Grant {
             Grant::Obo => "obo",
             Grant::TokenExchange => "token_exchange",
             Grant::ClientCredentials => "client_credentials",
+            Grant::ManagedIdentity => "managed_identity",
         }
     }
 }
@@ -295,6 +298,12 @@ struct ReloadLabels {
     outcome: ReloadOutcome,
 }
 
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct CredentialReloadLabels {
+    identity: Arc<str>,
+    outcome: ReloadOutcome,
+}
+
 /// Registers a family so it is listed (`# HELP`, `# TYPE`) even before its first series: prometheus-client
 /// 0.26 leaves out empty families, and a dashboard or alert on a listed family with no samples reads better
 /// than on one that is missing (a missing family also looks like a scrape of the wrong target).
@@ -343,6 +352,7 @@ pub(crate) struct Metrics {
     jwks_refresh: Family<JwksLabels, Counter>,
     reload_ok: Counter,
     reload_rejected: Counter,
+    credential_reload: Family<CredentialReloadLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -367,6 +377,7 @@ impl Metrics {
             Family::new_with_constructor(duration_histogram);
         let jwks_refresh = Family::<JwksLabels, Counter>::default();
         let config_reload = Family::<ReloadLabels, Counter>::default();
+        let credential_reload = Family::<CredentialReloadLabels, Counter>::default();
 
         // Counters are registered without `_total`: the encoder appends it (and 0.26 panics in debug builds
         // on a registered name that already ends in `_total`).
@@ -413,6 +424,11 @@ impl Metrics {
             Listed(route_families.upstream_errors.clone()),
         );
         registry.register(
+            "obo_credential_reload",
+            "Client credential files re-read after they changed, by identity and outcome",
+            Listed(credential_reload.clone()),
+        );
+        registry.register(
             "obo_config_reload",
             "Config reloads, by outcome",
             Listed(config_reload.clone()),
@@ -436,6 +452,7 @@ impl Metrics {
             jwks_refresh,
             reload_ok,
             reload_rejected,
+            credential_reload,
         }
     }
 
@@ -525,6 +542,21 @@ impl Metrics {
         } else {
             self.reload_rejected.inc();
         }
+    }
+
+    /// Counts one re-read of an identity's credential files: applied (`ok`) or not loadable, the last good
+    /// credential kept (`rejected`).
+    pub(crate) fn record_credential_reload(&self, identity: &str, ok: bool) {
+        self.credential_reload
+            .get_or_create(&CredentialReloadLabels {
+                identity: Arc::from(identity),
+                outcome: if ok {
+                    ReloadOutcome::Ok
+                } else {
+                    ReloadOutcome::Rejected
+                },
+            })
+            .inc();
     }
 
     /// Sets `obo_token_cache_entries`; the cache owner calls it when its size changes or before an encode.

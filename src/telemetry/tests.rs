@@ -10,7 +10,7 @@ fn samples(metrics: &Metrics) -> Vec<Sample> {
 const MS: Duration = Duration::from_millis(1);
 
 /// The sample names of SPEC §6.
-const SPEC_NAMES: [&str; 9] = [
+const SPEC_NAMES: [&str; 10] = [
     "obo_requests_total",
     "obo_request_duration_seconds",
     "obo_token_cache_requests_total",
@@ -20,6 +20,7 @@ const SPEC_NAMES: [&str; 9] = [
     "obo_jwks_refresh_total",
     "obo_upstream_errors_total",
     "obo_config_reload_total",
+    "obo_credential_reload_total",
 ];
 
 fn record_one_of_each(metrics: &Metrics) {
@@ -32,6 +33,7 @@ fn record_one_of_each(metrics: &Metrics) {
     metrics.record_idp("default", Grant::Obo, IdpOutcome::Ok, 40 * MS);
     metrics.record_jwks("https://login.microsoftonline.com/{tenantid}/v2.0", true);
     metrics.record_reload(false);
+    metrics.record_credential_reload("default", true);
 }
 
 #[test]
@@ -55,6 +57,7 @@ fn fresh_metrics_list_every_family() {
         "obo_jwks_refresh counter",
         "obo_upstream_errors counter",
         "obo_config_reload counter",
+        "obo_credential_reload counter",
     ] {
         assert!(
             text.contains(&format!("# TYPE {family}\n")),

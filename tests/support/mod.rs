@@ -109,6 +109,149 @@ pub(crate) struct Harness {
     pub http: reqwest::Client,
 }
 
+/// One request a [`RecordingServer`] received.
+#[derive(Debug, Clone)]
+pub(crate) struct Recorded {
+    pub(crate) method: String,
+    pub(crate) path: String,
+    pub(crate) query: Vec<(String, String)>,
+    pub(crate) headers: Vec<(String, String)>,
+}
+
+impl Recorded {
+    pub(crate) fn query(&self, name: &str) -> Option<&str> {
+        self.query
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    pub(crate) fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// A status, a JSON body and maybe one more header.
+type Answer = (u16, String, Option<(&'static str, &'static str)>);
+
+/// A loopback HTTP server that records every request and answers what the test set (status, JSON body):
+/// the stand-in for a managed identity endpoint (IMDS or App Service's `IDENTITY_ENDPOINT`).
+pub(crate) struct RecordingServer {
+    pub(crate) addr: SocketAddr,
+    requests: std::sync::Arc<std::sync::Mutex<Vec<Recorded>>>,
+    answer: std::sync::Arc<std::sync::Mutex<Answer>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for RecordingServer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl RecordingServer {
+    pub(crate) async fn start() -> RecordingServer {
+        let listener = bind().await;
+        let addr = listener.local_addr().expect("addr");
+        let requests = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let answer = std::sync::Arc::new(std::sync::Mutex::new((503_u16, String::new(), None)));
+        let task = tokio::spawn({
+            let requests = std::sync::Arc::clone(&requests);
+            let answer = std::sync::Arc::clone(&answer);
+            async move {
+                loop {
+                    let Ok((stream, _)) = listener.accept().await else {
+                        return;
+                    };
+                    let requests = std::sync::Arc::clone(&requests);
+                    let answer = std::sync::Arc::clone(&answer);
+                    tokio::spawn(async move {
+                        let service = hyper::service::service_fn(
+                            move |request: http::Request<hyper::body::Incoming>| {
+                                let uri = request.uri();
+                                let recorded = Recorded {
+                                    method: request.method().to_string(),
+                                    path: uri.path().to_owned(),
+                                    query: url::form_urlencoded::parse(
+                                        uri.query().unwrap_or("").as_bytes(),
+                                    )
+                                    .map(|(k, v)| (k.into_owned(), v.into_owned()))
+                                    .collect(),
+                                    headers: request
+                                        .headers()
+                                        .iter()
+                                        .map(|(n, v)| {
+                                            (
+                                                n.to_string(),
+                                                String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                                            )
+                                        })
+                                        .collect(),
+                                };
+                                requests.lock().unwrap().push(recorded);
+                                let (status, body, header) = answer.lock().unwrap().clone();
+                                async move {
+                                    let mut response = http::Response::new(
+                                        http_body_util::Full::new(bytes::Bytes::from(body)),
+                                    );
+                                    *response.status_mut() =
+                                        http::StatusCode::from_u16(status).unwrap();
+                                    response.headers_mut().insert(
+                                        http::header::CONTENT_TYPE,
+                                        http::HeaderValue::from_static("application/json"),
+                                    );
+                                    if let Some((name, value)) = header {
+                                        response.headers_mut().insert(
+                                            http::HeaderName::from_static(name),
+                                            http::HeaderValue::from_static(value),
+                                        );
+                                    }
+                                    Ok::<_, std::convert::Infallible>(response)
+                                }
+                            },
+                        );
+                        let _ = hyper::server::conn::http1::Builder::new()
+                            .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                            .await;
+                    });
+                }
+            }
+        });
+        RecordingServer {
+            addr,
+            requests,
+            answer,
+            task,
+        }
+    }
+
+    /// What the next requests are answered.
+    pub(crate) fn answer(&self, status: u16, body: &serde_json::Value) {
+        *self.answer.lock().unwrap() = (status, body.to_string(), None);
+    }
+
+    /// What the next requests are answered, with one more header.
+    pub(crate) fn answer_with_header(
+        &self,
+        status: u16,
+        body: &serde_json::Value,
+        header: (&'static str, &'static str),
+    ) {
+        *self.answer.lock().unwrap() = (status, body.to_string(), Some(header));
+    }
+
+    pub(crate) fn requests(&self) -> Vec<Recorded> {
+        self.requests.lock().unwrap().clone()
+    }
+
+    pub(crate) fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+}
+
 /// An address where nothing listens.
 pub(crate) async fn dead_addr() -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
@@ -253,8 +396,16 @@ timeout = "1s"
 }
 
 pub(crate) fn parse(text: &str) -> Config {
+    parse_with_env(text, &[])
+}
+
+/// As [`parse`], with these environment variables besides the test secret.
+pub(crate) fn parse_with_env(text: &str, vars: &[(String, String)]) -> Config {
     Config::parse(text, &|name| {
-        (name == SECRET_VARIABLE).then(|| DEFAULT_CLIENT_SECRET.to_owned())
+        if name == SECRET_VARIABLE {
+            return Some(DEFAULT_CLIENT_SECRET.to_owned());
+        }
+        vars.iter().find(|(n, _)| n == name).map(|(_, v)| v.clone())
     })
     .unwrap_or_else(|e| panic!("test config invalid: {e}"))
 }
@@ -286,13 +437,21 @@ impl Harness {
 
     /// IdP, upstream and a sidecar whose whole configuration `config` writes (from the IdP and upstream URL).
     pub(crate) async fn start_custom(config: impl FnOnce(&DevIdp, &str) -> String) -> Harness {
+        Harness::start_custom_env(config, &[]).await
+    }
+
+    /// As [`Harness::start_custom`], with these environment variables seen by the configuration.
+    pub(crate) async fn start_custom_env(
+        config: impl FnOnce(&DevIdp, &str) -> String,
+        vars: &[(String, String)],
+    ) -> Harness {
         captured_logs();
         let idp = DevIdp::start(bind().await, DevIdpConfig::default())
             .await
             .expect("idp");
         let upstream = EchoUpstream::start(bind().await).await.expect("upstream");
         let text = config(&idp, &upstream.url());
-        let sidecar = start_sidecar(parse(&text)).await;
+        let sidecar = start_sidecar(parse_with_env(&text, vars)).await;
         let http = reqwest::Client::builder()
             .no_proxy()
             .build()

@@ -152,13 +152,16 @@ pub(super) fn authenticate_client(
     state
         .client(&client_id)
         .filter(|client| {
-            client.client_secret.as_ref().is_some_and(|registered| {
-                aws_lc_rs::constant_time::verify_slices_are_equal(
-                    registered.as_bytes(),
-                    secret.as_bytes(),
-                )
-                .is_ok()
-            })
+            [&client.client_secret, &client.retiring_secret]
+                .into_iter()
+                .flatten()
+                .any(|registered| {
+                    aws_lc_rs::constant_time::verify_slices_are_equal(
+                        registered.as_bytes(),
+                        secret.as_bytes(),
+                    )
+                    .is_ok()
+                })
         })
         .ok_or_else(|| {
             OAuthError::invalid_client("AADSTS7000215: Invalid client secret provided.", used_basic)

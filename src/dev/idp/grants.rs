@@ -188,19 +188,25 @@ impl State {
             return Err(AssertionRejection::NotTheClient);
         }
         let client = self.client(iss).ok_or(AssertionRejection::UnknownClient)?;
-        let certificate = client
-            .certificate_der
-            .as_deref()
-            .ok_or(AssertionRejection::NoCertificate)?;
-        if let Some(thumbprint) = jws.header.get("x5t#S256") {
-            let expected = URL_SAFE_NO_PAD.encode(aws_lc_rs::digest::digest(
-                &aws_lc_rs::digest::SHA256,
-                certificate,
-            ));
-            if thumbprint.as_str() != Some(expected.as_str()) {
-                return Err(AssertionRejection::Thumbprint);
-            }
+        let registered: Vec<&[u8]> = [&client.certificate_der, &client.retiring_certificate_der]
+            .into_iter()
+            .flatten()
+            .map(Vec::as_slice)
+            .collect();
+        if registered.is_empty() {
+            return Err(AssertionRejection::NoCertificate);
         }
+        let certificate = match jws.header.get("x5t#S256") {
+            Some(thumbprint) => *registered
+                .iter()
+                .find(|der| {
+                    let expected = URL_SAFE_NO_PAD
+                        .encode(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, der));
+                    thumbprint.as_str() == Some(expected.as_str())
+                })
+                .ok_or(AssertionRejection::Thumbprint)?,
+            None => registered[0],
+        };
         let certificate = CertificateDer::from(certificate);
         let end_entity = webpki::EndEntityCert::try_from(&certificate)
             .map_err(|_| AssertionRejection::NoCertificate)?;

@@ -90,6 +90,10 @@ pub struct DevClient {
     /// with `aud` [`FEDERATED_AUDIENCE`], as Azure workload identity presents a Kubernetes service-account
     /// token (e.g. `system:serviceaccount:apps:api`).
     pub federated_subject: Option<String>,
+    /// A secret and a certificate still accepted while a rotation is under way, as Entra keeps a client's
+    /// old credential valid until it is deleted.
+    pub retiring_secret: Option<String>,
+    pub retiring_certificate_der: Option<Vec<u8>>,
 }
 
 impl DevClient {
@@ -100,6 +104,8 @@ impl DevClient {
             client_secret: Some(client_secret.into()),
             certificate_der: None,
             federated_subject: None,
+            retiring_secret: None,
+            retiring_certificate_der: None,
         }
     }
 
@@ -113,6 +119,8 @@ impl DevClient {
             client_secret: None,
             certificate_der: Some(certificate_der.into()),
             federated_subject: None,
+            retiring_secret: None,
+            retiring_certificate_der: None,
         }
     }
 
@@ -126,6 +134,8 @@ impl DevClient {
             client_secret: None,
             certificate_der: None,
             federated_subject: Some(subject.into()),
+            retiring_secret: None,
+            retiring_certificate_der: None,
         }
     }
 
@@ -155,6 +165,17 @@ impl fmt::Debug for DevClient {
                     .map(|der| format!("{} bytes", der.len())),
             )
             .field("federated_subject", &self.federated_subject)
+            .field(
+                "retiring_secret",
+                &self.retiring_secret.as_ref().map(|_| REDACTED),
+            )
+            .field(
+                "retiring_certificate_der",
+                &self
+                    .retiring_certificate_der
+                    .as_ref()
+                    .map(|der| format!("{} bytes", der.len())),
+            )
             .finish()
     }
 }
