@@ -73,9 +73,22 @@ pub fn check(path: &std::path::Path) -> Result<Config, ConfigError> {
         let _ = writeln!(out, "derived: {key} = {value}");
     }
     for identity in config.identities.values() {
+        // A managed identity as the credential: the audience its token is asked for must be the one the app
+        // registration's federated credential names.
+        let audience = match identity.credential {
+            crate::config::Credential::ManagedIdentity(_)
+                if !identity.token_endpoint.is_empty() =>
+            {
+                format!(
+                    ", assertion audience {}",
+                    crate::config::token_exchange_audience(&identity.token_endpoint)
+                )
+            }
+            _ => String::new(),
+        };
         let _ = writeln!(
             out,
-            "identity {}: {} at {}, credential: {}",
+            "identity {}: {} at {}, credential: {}{audience}",
             identity.name,
             identity.flavor.as_str(),
             if identity.token_endpoint.is_empty() {

@@ -207,11 +207,12 @@ fn routes_alone_and_azure_ad_variables_pass_check() {
         .args(["check", "-c"])
         .arg(&path)
         .env("AzureAd__Instance", "https://login.microsoftonline.com/")
-        .env("AzureAd__TenantId", TENANT)
+        // .NET reads configuration keys in any letter case, and so does the sidecar.
+        .env("AZUREAD__TENANTID", TENANT)
         .env("AzureAd__ClientId", CLIENT)
-        .env("AzureAd__ClientCredentials__0__SourceType", "ClientSecret")
+        .env("AzureAd__ClientCredentials__0__SourceType", "clientSecret")
         .env(
-            "AzureAd__ClientCredentials__0__ClientSecret",
+            "AzureAD__ClientCredentials__0__ClientSecret",
             "azure-ad-secret-value",
         )
         .output()

@@ -141,6 +141,12 @@ async fn managed_identity_through_identity_endpoint_is_the_client_assertion() {
         request.header("x-identity-header"),
         Some("the-identity-header")
     );
+    assert!(
+        !support::captured_logs()
+            .text()
+            .contains("the-identity-header"),
+        "IDENTITY_HEADER never reaches a log line"
+    );
 }
 
 /// A VM: IMDS at `/metadata/identity/oauth2/token` with `Metadata: true` and `api-version=2018-02-01`, a
@@ -237,6 +243,63 @@ async fn managed_identity_failures_map_like_idp_failures() {
     assert_eq!(h.upstream.requests(), 0);
 }
 
+/// Unreachable (nothing listens) is unavailable: 503 with a `Retry-After`, never the caller's token.
+#[tokio::test]
+async fn an_unreachable_managed_identity_endpoint_is_503_with_retry_after() {
+    let dead = support::dead_addr().await;
+    let vars = vec![(
+        "AZURE_POD_IDENTITY_AUTHORITY_HOST".to_owned(),
+        format!("http://{dead}"),
+    )];
+    let h = Harness::start_custom_env(|idp, upstream| mi_config(idp, upstream, "{}"), &vars).await;
+    let response = h.get("/obo/x", Some(&caller(&h, "alice"))).await;
+    assert_eq!(response.status(), 503);
+    assert_eq!(response.headers()["retry-after"], "5");
+    assert_eq!(h.upstream.requests(), 0);
+}
+
+/// Concurrent cold callers wait for one managed identity fetch; a token is fetched again once it is within
+/// five minutes of its `expires_on` (a number or a string of digits; or only `expires_in`).
+#[tokio::test]
+async fn one_fetch_serves_concurrent_callers_until_five_minutes_before_expiry() {
+    let (imds, h) = with_imds().await;
+    let token = managed_identity_token(&h.idp, MI_PRINCIPAL, FEDERATED_AUDIENCE);
+    imds.answer(200, &managed_identity_answer(&token, FEDERATED_AUDIENCE));
+    let callers: Vec<String> = (0..20).map(|n| caller(&h, &format!("user-{n}"))).collect();
+    let responses =
+        futures_util::future::join_all(callers.iter().map(|token| h.get("/obo/x", Some(token))))
+            .await;
+    assert!(responses.iter().all(|r| r.status() == 200));
+    assert_eq!(
+        imds.requests().len(),
+        1,
+        "one fetch for 20 concurrent callers"
+    );
+
+    // 200 s from expiry (a number, this time): fetched again for the next exchange.
+    let (imds, h) = with_imds().await;
+    let token = managed_identity_token(&h.idp, MI_PRINCIPAL, FEDERATED_AUDIENCE);
+    imds.answer(
+        200,
+        &serde_json::json!({"access_token": token, "expires_on": now() + 200, "token_type": "Bearer"}),
+    );
+    echoed(h.get("/obo/x", Some(&caller(&h, "alice"))).await).await;
+    echoed(h.get("/obo/x", Some(&caller(&h, "bob"))).await).await;
+    assert_eq!(
+        imds.requests().len(),
+        2,
+        "a token 200 s from expiry is not reused"
+    );
+    // `expires_in` alone, an hour: reused.
+    imds.answer(
+        200,
+        &serde_json::json!({"access_token": token, "expires_in": 3600, "token_type": "Bearer"}),
+    );
+    echoed(h.get("/obo/x", Some(&caller(&h, "carol"))).await).await;
+    echoed(h.get("/obo/x", Some(&caller(&h, "dave"))).await).await;
+    assert_eq!(imds.requests().len(), 3);
+}
+
 /// `flavor = "managed_identity"`: an `app` route's token comes straight from the managed identity, for the
 /// route's resource; no app registration, no token endpoint.
 #[tokio::test]
@@ -285,7 +348,8 @@ fn replace(path: &Path, content: &[u8]) {
     std::fs::rename(&fresh, path).unwrap();
 }
 
-/// Requests from fresh callers (each one a token request) until stopped; counts failures.
+/// Requests from fresh callers until stopped, each minted by the IdP's `POST /dev/token` just before its
+/// request, so that every request is a token request; counts failures.
 fn load(
     h: &Harness,
     path: &'static str,
@@ -301,18 +365,23 @@ fn load(
         let failures = Arc::clone(&failures);
         let http = h.http.clone();
         let url = h.url(path);
-        let tokens: Vec<String> = (0..400)
-            .map(|n| h.token(&format!("user-{n}"), "access_as_user"))
-            .collect();
+        let mint = format!("{}/dev/token", h.idp.issuer().trim_end_matches('/'));
         async move {
             let mut sent = 0;
-            for token in tokens.iter().cycle() {
-                if stop.load(Ordering::SeqCst) {
-                    break;
-                }
+            while !stop.load(Ordering::SeqCst) {
+                let token = http
+                    .post(&mint)
+                    .header("accept", "text/plain")
+                    .json(&serde_json::json!({"sub": format!("user-{sent}"), "scp": "access_as_user"}))
+                    .send()
+                    .await
+                    .unwrap()
+                    .text()
+                    .await
+                    .unwrap();
                 let status = http
                     .get(&url)
-                    .bearer_auth(token)
+                    .bearer_auth(&token)
                     .send()
                     .await
                     .map(|r| r.status().as_u16());
@@ -327,30 +396,29 @@ fn load(
     (stop, failures, task)
 }
 
-/// Waits until the sidecar reports a reloaded credential (`obo_credential_reload_total{outcome="ok"}`).
+/// The count of `obo_credential_reload_total{outcome}`.
+async fn credential_reloads(h: &Harness, outcome: &str) -> f64 {
+    let text = h
+        .http
+        .get(h.admin_url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    support::exposition::parse(&text)
+        .unwrap()
+        .iter()
+        .filter(|s| s.name == "obo_credential_reload_total" && s.label("outcome") == Some(outcome))
+        .map(|s| s.value)
+        .sum()
+}
+
+/// Waits until the sidecar has counted `count` credential reloads with `outcome`.
 async fn wait_for_credential_reload(h: &Harness, outcome: &str, count: f64) {
     let started = std::time::Instant::now();
-    loop {
-        let text = h
-            .http
-            .get(h.admin_url("/metrics"))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
-        let samples = support::exposition::parse(&text).unwrap();
-        let seen = samples
-            .iter()
-            .filter(|s| {
-                s.name == "obo_credential_reload_total" && s.label("outcome") == Some(outcome)
-            })
-            .map(|s| s.value)
-            .sum::<f64>();
-        if seen >= count {
-            return;
-        }
+    while credential_reloads(h, outcome).await < count {
         assert!(
             started.elapsed() < PATIENCE,
             "no credential reload ({outcome})"
@@ -359,9 +427,27 @@ async fn wait_for_credential_reload(h: &Harness, outcome: &str, count: f64) {
     }
 }
 
+/// Waits until the IdP has answered `more` token requests after now.
+async fn wait_for_token_requests(h: &Harness, more: u64) {
+    let target = h.idp.token_requests() + more;
+    let started = std::time::Instant::now();
+    while h.idp.token_requests() < target {
+        assert!(started.elapsed() < PATIENCE, "the load stopped");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Stops the load and checks that it ran and that no request failed.
+async fn stop_load(stop: &AtomicBool, failures: &AtomicU32, task: tokio::task::JoinHandle<u32>) {
+    stop.store(true, Ordering::SeqCst);
+    let sent = task.await.unwrap();
+    assert!(sent >= 10, "the load ran ({sent} requests)");
+    assert_eq!(failures.load(Ordering::SeqCst), 0, "{sent} requests");
+}
+
 /// A client secret file rotated under load (the way a Kubernetes Secret is): once the IdP accepts the new
 /// secret and the file holds it, the old one can be deleted with no failed request; a half-written (empty)
-/// file keeps the last good secret and is logged once.
+/// file keeps the last good secret and is reported once.
 #[tokio::test]
 async fn a_rotated_secret_file_is_used_without_a_restart() {
     let dir = support::temp_dir("secret-rotation");
@@ -378,10 +464,17 @@ async fn a_rotated_secret_file_is_used_without_a_restart() {
     })
     .await;
     let (stop, failures, task) = load(&h, "/r/x");
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    // A half-written file: the last good secret stays.
+    wait_for_token_requests(&h, 5).await;
+    // Half-written: the last good secret stays, and the failure is reported once however many token
+    // requests look at the file.
     replace(&file, b"");
     wait_for_credential_reload(&h, "rejected", 1.0).await;
+    wait_for_token_requests(&h, 10).await;
+    let rejected = credential_reloads(&h, "rejected").await;
+    assert!(
+        (rejected - 1.0).abs() < f64::EPSILON,
+        "reported once, not {rejected}"
+    );
     // The IdP accepts both for the rotation; the file gets the new one; then the old one is deleted.
     h.idp.add_client(DevClient {
         retiring_secret: Some("first-secret".into()),
@@ -391,19 +484,16 @@ async fn a_rotated_secret_file_is_used_without_a_restart() {
     wait_for_credential_reload(&h, "ok", 1.0).await;
     h.idp
         .add_client(DevClient::new(DEFAULT_CLIENT_ID, "second-secret"));
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    stop.store(true, Ordering::SeqCst);
-    let sent = task.await.unwrap();
-    assert!(sent > 20, "the load ran ({sent} requests)");
-    assert_eq!(failures.load(Ordering::SeqCst), 0, "{sent} requests");
+    // Token requests after the old secret is gone: only the new one is accepted now.
+    wait_for_token_requests(&h, 10).await;
+    stop_load(&stop, &failures, task).await;
     let last = h.idp.recorded_requests().pop().unwrap();
     assert_eq!(last.client_auth, Some(ClientAuth::SecretPost));
-    assert!(
-        last.field("client_secret").is_some(),
-        "the IdP took it: the old one was gone"
-    );
+    assert!(last.field("client_secret").is_some());
     assert_eq!(last.field("client_assertion"), None);
     assert_eq!(last.field("client_assertion_type"), None);
+    let logs = support::captured_logs().text();
+    assert!(!logs.contains("first-secret") && !logs.contains("second-secret"));
     let _ = std::fs::remove_dir_all(dir);
 }
 
@@ -430,7 +520,7 @@ async fn a_renewed_certificate_is_used_without_a_restart() {
     })
     .await;
     let (stop, failures, task) = load(&h, "/r/x");
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    wait_for_token_requests(&h, 5).await;
     h.idp.add_client(DevClient {
         retiring_certificate_der: Some(der_a),
         ..DevClient::with_certificate(DEFAULT_CLIENT_ID, der_b.clone())
@@ -441,11 +531,8 @@ async fn a_renewed_certificate_is_used_without_a_restart() {
     wait_for_credential_reload(&h, "ok", 1.0).await;
     h.idp
         .add_client(DevClient::with_certificate(DEFAULT_CLIENT_ID, der_b));
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    stop.store(true, Ordering::SeqCst);
-    let sent = task.await.unwrap();
-    assert!(sent > 20, "the load ran ({sent} requests)");
-    assert_eq!(failures.load(Ordering::SeqCst), 0, "{sent} requests");
+    wait_for_token_requests(&h, 10).await;
+    stop_load(&stop, &failures, task).await;
     let last = h.idp.recorded_requests().pop().unwrap();
     assert_eq!(last.client_auth, Some(ClientAuth::PrivateKeyJwt));
     assert_eq!(
@@ -458,7 +545,8 @@ async fn a_renewed_certificate_is_used_without_a_restart() {
 }
 
 /// A client assertion file rotated under load (the kubelet swapping the projected token): every token
-/// request reads the current file, so none fails; a half-written one falls back to the last good assertion.
+/// request reads the current file, so none fails; a half-written one falls back to the last good assertion
+/// and is reported once.
 #[tokio::test]
 async fn a_rotated_assertion_file_is_used_without_a_restart() {
     let dir = support::temp_dir("assertion-rotation");
@@ -474,34 +562,26 @@ async fn a_rotated_assertion_file_is_used_without_a_restart() {
             )
     })
     .await;
-    replace(
-        &file,
-        managed_identity_token(&h.idp, "system:serviceaccount:apps:api", FEDERATED_AUDIENCE)
-            .as_bytes(),
-    );
+    let projected =
+        || managed_identity_token(&h.idp, "system:serviceaccount:apps:api", FEDERATED_AUDIENCE);
+    replace(&file, projected().as_bytes());
     let (stop, failures, task) = load(&h, "/r/x");
     for _ in 0..5 {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        replace(
-            &file,
-            managed_identity_token(&h.idp, "system:serviceaccount:apps:api", FEDERATED_AUDIENCE)
-                .as_bytes(),
-        );
+        wait_for_token_requests(&h, 3).await;
+        replace(&file, projected().as_bytes());
     }
-    // Half-written: the last good assertion serves, and the failure is reported once.
     replace(&file, b"eyJhbGciOi");
     wait_for_credential_reload(&h, "rejected", 1.0).await;
-    replace(
-        &file,
-        managed_identity_token(&h.idp, "system:serviceaccount:apps:api", FEDERATED_AUDIENCE)
-            .as_bytes(),
+    wait_for_token_requests(&h, 10).await;
+    let rejected = credential_reloads(&h, "rejected").await;
+    assert!(
+        (rejected - 1.0).abs() < f64::EPSILON,
+        "reported once, not {rejected}"
     );
+    replace(&file, projected().as_bytes());
     wait_for_credential_reload(&h, "ok", 1.0).await;
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    stop.store(true, Ordering::SeqCst);
-    let sent = task.await.unwrap();
-    assert!(sent > 20, "the load ran ({sent} requests)");
-    assert_eq!(failures.load(Ordering::SeqCst), 0, "{sent} requests");
+    wait_for_token_requests(&h, 5).await;
+    stop_load(&stop, &failures, task).await;
     assert_federated_assertion(&h, DEFAULT_CLIENT_ID);
     let _ = std::fs::remove_dir_all(dir);
 }

@@ -17,6 +17,8 @@ use url::Url;
 
 use crate::secret::Secret;
 
+/// A credential file changed less than this long ago is read only after it has stood still this long.
+const SETTLE: std::time::Duration = std::time::Duration::from_millis(50);
 /// Assertion and token files are small; a larger one is not a token.
 const MAX_ASSERTION_FILE_BYTES: u64 = 64 * 1024;
 
@@ -210,6 +212,28 @@ impl<T: Send + Sync + 'static> Watched<T> {
         if *seen == now {
             return Refresh::Unchanged;
         }
+        // The same broken files as last time: not loaded again (a certificate's load signs a probe).
+        if self
+            .failed
+            .lock()
+            .is_ok_and(|failed| failed.as_ref() == Some(&now))
+        {
+            return Refresh::Unchanged;
+        }
+        // A file written moments ago may still be being written (`echo new > secret` is not atomic): it is
+        // read once it has stood still for a moment. This runs on a blocking thread.
+        let fresh = now.iter().flatten().any(|stamp| {
+            stamp
+                .modified
+                .and_then(|m| m.elapsed().ok())
+                .is_some_and(|age| age < SETTLE)
+        });
+        if fresh {
+            std::thread::sleep(SETTLE);
+            if stamps(&self.files) != now {
+                return Refresh::Unchanged;
+            }
+        }
         match (self.load)(&self.files) {
             Ok(value) => {
                 self.current.store(Arc::new(value));
@@ -230,16 +254,29 @@ impl<T: Send + Sync + 'static> Watched<T> {
     }
 }
 
-/// Each file's modification time and size (`None`: unreadable).
-type Stamps = Vec<Option<(SystemTime, u64)>>;
+/// What identifies one version of a file: its inode, size, modification and change times (a copy that keeps
+/// the modification time still changes the inode or the change time). `None`: unreadable.
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct Stamp {
+    inode: u64,
+    size: u64,
+    modified: Option<SystemTime>,
+    changed: (i64, i64),
+}
+
+type Stamps = Vec<Option<Stamp>>;
 
 fn stamps(files: &[PathBuf]) -> Stamps {
+    use std::os::unix::fs::MetadataExt as _;
     files
         .iter()
         .map(|f| {
-            std::fs::metadata(f)
-                .ok()
-                .and_then(|m| Some((m.modified().ok()?, m.len())))
+            std::fs::metadata(f).ok().map(|m| Stamp {
+                inode: m.ino(),
+                size: m.len(),
+                modified: m.modified().ok(),
+                changed: (m.ctime(), m.ctime_nsec()),
+            })
         })
         .collect()
 }
@@ -449,13 +486,14 @@ impl AssertionFile {
                 ))
             }
             Err(error) => {
+                // An assertion about to expire would be refused: it is kept while a minute is left.
                 let now = crate::oauth::now_unix();
                 let kept = self
                     .last_good
                     .lock()
                     .ok()
                     .and_then(|last| last.clone())
-                    .filter(|(_, exp)| *exp > now);
+                    .filter(|(_, exp)| *exp > now.saturating_add(60));
                 let first = !self.failing.swap(true, Ordering::Relaxed);
                 match kept {
                     Some((assertion, _)) if first => Ok((assertion, Refresh::Rejected(error))),

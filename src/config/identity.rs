@@ -103,6 +103,10 @@ fn managed_identity_endpoint(
             .filter(|v| !v.is_empty())
     };
     if let (Some(endpoint), Some(header)) = (var("IDENTITY_ENDPOINT"), var("IDENTITY_HEADER")) {
+        if http::HeaderValue::from_str(&header).is_err() {
+            p.add(at, "IDENTITY_HEADER is not a valid HTTP header value");
+            return None;
+        }
         return match url::Url::parse(&endpoint) {
             Ok(url) => Some(ManagedIdentityEndpoint::AppService {
                 url,
@@ -318,6 +322,7 @@ fn read_managed_identity_flavor(
         "client_certificate",
         "client_assertion_file",
         "client_capabilities",
+        "auth_method",
     ] {
         if f.value(key).is_some() {
             p.add(
@@ -334,8 +339,13 @@ fn read_managed_identity_flavor(
             endpoint: managed_identity_endpoint(env, &f.path, p)?,
         },
     };
-    if identity.client_id.is_none() {
-        identity.client_id.clone_from(&client_id);
+    match (&identity.client_id, &client_id) {
+        (None, _) => identity.client_id.clone_from(&client_id),
+        (Some(a), Some(b)) if a != b => p.add(
+            &f.at("client_id"),
+            format!("names {b:?}, but managed_identity.client_id names {a:?}: set one of them"),
+        ),
+        (Some(_), _) => {}
     }
     let timeout = f.bounded_duration(
         "timeout",

@@ -51,7 +51,20 @@ impl Config {
         let overrides: Vec<(String, String)> = std::env::vars()
             .filter(|(name, _)| name.starts_with(ENV_OVERRIDE_PREFIX))
             .collect();
-        Config::parse_with_overrides(&text, &|name| std::env::var(name).ok(), &overrides)
+        // Microsoft's `AzureAd__*` settings are .NET configuration keys, read in any letter case.
+        let azure_ad: std::collections::HashMap<String, String> = std::env::vars()
+            .map(|(name, value)| (name.to_ascii_lowercase(), value))
+            .filter(|(name, _)| name.starts_with(entra::AZURE_AD_LOWER))
+            .collect();
+        let env = |name: &str| {
+            let lower = name.to_ascii_lowercase();
+            if lower.starts_with(entra::AZURE_AD_LOWER) {
+                azure_ad.get(&lower).cloned()
+            } else {
+                std::env::var(name).ok()
+            }
+        };
+        Config::parse_with_overrides(&text, &env, &overrides)
     }
 
     /// Parses and validates configuration text.
@@ -76,14 +89,14 @@ impl Config {
         for (name, value) in overrides {
             apply_override(&mut table, name, value, &mut problems);
         }
-        let mut derived = Vec::new();
-        let multi_tenant = entra::apply(&mut table, env, &mut problems, &mut derived);
+        let derivation = entra::apply(&mut table, env, &mut problems);
         let mut config = read_config(&table, env, &mut problems);
         if let Some(config) = config.as_mut() {
-            let (errors, warnings) = entra::check(config, multi_tenant);
+            let (errors, warnings) = entra::check(config, derivation.multi_tenant);
             problems.0.extend(errors);
+            config.warnings.extend(derivation.warnings);
             config.warnings.extend(warnings);
-            config.derived = derived;
+            config.derived = derivation.derived;
         }
         match config {
             Some(config) if problems.0.is_empty() => Ok(config),

@@ -77,6 +77,10 @@ pub(crate) enum Misconfiguration {
     Credential(#[source] Arc<CredentialError>),
     #[error("the managed identity endpoint refused with {0}: is the identity assigned?")]
     ManagedIdentityRefused(u16),
+    #[error("a managed identity cannot act on behalf of a caller")]
+    ManagedIdentityOnBehalfOf,
+    #[error("the identity has no managed identity")]
+    NoManagedIdentity,
 }
 
 /// Why no upstream token could be had. Fields are for logs; the caller sees the mapped [`ProxyError`].

@@ -28,6 +28,10 @@ const REFRESH_BEFORE_EXPIRY: u64 = 300;
 /// The `Retry-After` callers get when the managed identity endpoint is unavailable and names none: the
 /// endpoint is local, and the Azure SDKs retry it within seconds.
 const DEFAULT_RETRY_AFTER: Duration = Duration::from_secs(5);
+/// The endpoint's own `Retry-After` is believed up to this.
+const MAX_RETRY_AFTER: Duration = Duration::from_secs(300);
+/// While the endpoint fails, a cached token with this many seconds left still serves.
+const GRACE: u64 = 60;
 /// Managed identity answers are small.
 const MAX_ANSWER_BYTES: usize = 64 * 1024;
 
@@ -35,9 +39,28 @@ const MAX_ANSWER_BYTES: usize = 64 * 1024;
 pub(crate) struct ManagedIdentityTokens {
     http: reqwest::Client,
     identity: ManagedIdentity,
-    /// Tokens by resource, with their `expires_on`. Held across a fetch: one fetch at a time, and the callers
-    /// waiting for it get its token.
-    cached: tokio::sync::Mutex<HashMap<String, (Arc<Secret>, u64)>>,
+    /// One slot per resource (the routes' resources and the token-exchange audience: a handful).
+    slots: std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<Slot>>>>,
+}
+
+/// A resource's token and last failure. Its lock is held across a fetch: one fetch at a time per resource,
+/// and the requests waiting for it get its token, or its failure.
+#[derive(Default)]
+struct Slot {
+    /// The token and its `expires_on`.
+    token: Option<(Arc<Secret>, u64)>,
+    /// The last failure, which answers for the endpoint until its `Retry-After` (or 5 s) has passed.
+    failed: Option<(ExchangeError, std::time::Instant)>,
+}
+
+impl Slot {
+    /// The cached token while it has at least `margin` seconds left.
+    fn token_with(&self, margin: u64) -> Option<(Arc<Secret>, u64)> {
+        self.token
+            .as_ref()
+            .filter(|(_, expires_on)| now_unix().saturating_add(margin) < *expires_on)
+            .map(|(token, expires_on)| (Arc::clone(token), *expires_on))
+    }
 }
 
 /// A managed identity token's answer (`expires_on` and `expires_in` are strings of digits, or numbers).
@@ -55,28 +78,62 @@ impl ManagedIdentityTokens {
         ManagedIdentityTokens {
             http,
             identity: identity.clone(),
-            cached: tokio::sync::Mutex::new(HashMap::new()),
+            slots: std::sync::Mutex::new(HashMap::new()),
         }
     }
 
-    /// A token for `resource` (no `/.default`), and its `expires_on`.
+    /// A token for `resource` (no `/.default`), and its `expires_on`: the cached one until five minutes
+    /// before it expires, else a fresh one. While the endpoint fails, a cached token with a minute left
+    /// still serves (as MSAL keeps serving when a proactive refresh fails), and the failure answers every
+    /// request until its `Retry-After` has passed, without asking the endpoint again.
     pub(crate) async fn token(&self, resource: &str) -> Result<(Arc<Secret>, u64), ExchangeError> {
-        let mut cached = self.cached.lock().await;
-        if let Some((token, expires_on)) = cached.get(resource)
-            && now_unix().saturating_add(REFRESH_BEFORE_EXPIRY) < *expires_on
-        {
-            return Ok((Arc::clone(token), *expires_on));
+        let slot = {
+            let Ok(mut slots) = self.slots.lock() else {
+                return Err(Unavailable::Interrupted.into());
+            };
+            Arc::clone(slots.entry(resource.to_owned()).or_default())
+        };
+        let mut slot = slot.lock().await;
+        if let Some(fresh) = slot.token_with(REFRESH_BEFORE_EXPIRY) {
+            return Ok(fresh);
         }
-        let (token, expires_on) = self.fetch(resource).await.map_err(|error| match error {
-            ExchangeError::Unavailable { cause, retry_after } => ExchangeError::Unavailable {
-                cause,
-                retry_after: Some(retry_after.unwrap_or(DEFAULT_RETRY_AFTER)),
-            },
-            other => other,
-        })?;
-        let token = Arc::new(token);
-        cached.insert(resource.to_owned(), (Arc::clone(&token), expires_on));
-        Ok((token, expires_on))
+        if let Some((error, until)) = &slot.failed
+            && std::time::Instant::now() < *until
+        {
+            return slot.token_with(GRACE).ok_or_else(|| error.clone());
+        }
+        match self.fetch(resource).await {
+            Ok((token, expires_on)) => {
+                let token = Arc::new(token);
+                slot.token = Some((Arc::clone(&token), expires_on));
+                slot.failed = None;
+                Ok((token, expires_on))
+            }
+            Err(error) => {
+                let error = match error {
+                    ExchangeError::Unavailable { cause, retry_after } => {
+                        ExchangeError::Unavailable {
+                            cause,
+                            retry_after: Some(
+                                retry_after
+                                    .unwrap_or(DEFAULT_RETRY_AFTER)
+                                    .min(MAX_RETRY_AFTER),
+                            ),
+                        }
+                    }
+                    other => other,
+                };
+                let hold = match &error {
+                    ExchangeError::Unavailable {
+                        retry_after: Some(after),
+                        ..
+                    } => *after,
+                    _ => DEFAULT_RETRY_AFTER,
+                };
+                slot.failed = Some((error.clone(), std::time::Instant::now() + hold));
+                slot.token_with(GRACE).ok_or(error)
+            }
+        }
     }
 
     async fn fetch(&self, resource: &str) -> Result<(Secret, u64), ExchangeError> {

@@ -153,7 +153,7 @@ impl IdentityClient {
         self.managed_identity
             .as_ref()
             .ok_or(ExchangeError::Misconfigured(
-                Misconfiguration::ManagedIdentityRefused(0),
+                Misconfiguration::NoManagedIdentity,
             ))
     }
 
@@ -372,6 +372,11 @@ impl TokenRequest {
     async fn send_once(&self) -> Result<UpstreamToken, ExchangeError> {
         let identity = &self.client.identity;
         if identity.flavor == Flavor::ManagedIdentity {
+            // A managed identity's token is its own: it never stands for a caller (`check` refuses an
+            // `obo` route on one; this holds whatever the configuration says).
+            if let Grant::OnBehalfOf { .. } = self.grant {
+                return Err(Misconfiguration::ManagedIdentityOnBehalfOf.into());
+            }
             return self.managed_identity_token().await;
         }
         let client_request_id = crate::ids::random_uuid();

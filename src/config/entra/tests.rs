@@ -95,7 +95,7 @@ fn the_shorthand_derives_the_explicit_config_in_each_cloud() {
         (
             "usgov",
             "login.microsoftonline.us",
-            "https://login.microsoftonline.us/",
+            "https://sts.windows.net/",
             "https://login.microsoftonline.us",
         ),
         (
@@ -318,6 +318,11 @@ fn azure_ad_credential_descriptions_map_to_credentials() {
         ("AzureAd__ClientCredentials__1__SourceType", "ClientSecret"),
         ("AzureAd__ClientCredentials__1__ClientSecret", "second"),
     ];
+    static ONLY_UNUSABLE: &[(&str, &str)] = &[
+        ("AzureAd__TenantId", TENANT),
+        ("AzureAd__ClientId", CLIENT),
+        ("AzureAd__ClientCredentials__0__SourceType", "KeyVault"),
+    ];
     static PASSWORD: &[(&str, &str)] = &[
         ("AzureAd__TenantId", TENANT),
         ("AzureAd__ClientId", CLIENT),
@@ -345,7 +350,21 @@ fn azure_ad_credential_descriptions_map_to_credentials() {
         if f.path.ends_with("Cargo.toml"))
     );
 
-    let found = match Config::parse(ROUTES, &env_of(UNUSABLE_FIRST)) {
+    // An entry this sidecar cannot use is skipped with a warning when a later one can be used...
+    let config = parse(ROUTES, UNUSABLE_FIRST);
+    assert!(
+        matches!(&config.identities["default"].credential, Credential::Secret(s)
+        if s.get().expose() == "second")
+    );
+    let warnings: Vec<String> = config.warnings.iter().map(ToString::to_string).collect();
+    assert!(
+        warnings.iter().any(|p| p.starts_with(
+            "AzureAd__ClientCredentials__0__SourceType: \"KeyVault\" is not supported"
+        )),
+        "{warnings:?}"
+    );
+    // ...and is an error when none can.
+    let found = match Config::parse(ROUTES, &env_of(ONLY_UNUSABLE)) {
         Ok(_) => Vec::new(),
         Err(e) => e.problems.iter().map(ToString::to_string).collect(),
     };
@@ -535,4 +554,235 @@ fn clouds_by_host() {
         "api://AzureADTokenExchangeChina"
     );
     let _ = Flavor::Entra;
+}
+
+#[test]
+fn the_us_government_cloud_accepts_the_shared_v1_issuer_host() {
+    // v1 tokens of the US Government cloud carry https://sts.windows.net/<tenant>/.
+    let text = explicit(
+        "login.microsoftonline.us",
+        "https://sts.windows.net/",
+        "https://login.microsoftonline.us",
+    );
+    assert!(problems(&text).is_empty(), "{:?}", problems(&text));
+    let config = parse(
+        &shorthand("usgov").replace(TENANT, "organizations"),
+        SECRET_ENV,
+    );
+    assert_eq!(
+        config.inbound.issuers,
+        [
+            "https://login.microsoftonline.us/{tenantid}/v2.0",
+            "https://sts.windows.net/{tenantid}/"
+        ]
+    );
+    assert_eq!(
+        token_exchange_audience(&config.identities["default"].token_endpoint),
+        "api://AzureADTokenExchangeUSGov"
+    );
+    // A China issuer next to a US Government token endpoint is refused, with the fix.
+    let mixed = explicit(
+        "login.partner.microsoftonline.cn",
+        "https://sts.chinacloudapi.cn/",
+        "https://login.microsoftonline.us",
+    );
+    let found = problems(&mixed);
+    assert_eq!(found.len(), 2, "{found:?}");
+    assert!(
+        found[0].ends_with(
+            "use https://login.microsoftonline.us/<tenant>/v2.0 (with [entra], set cloud = \"usgov\")"
+        ),
+        "{found:?}"
+    );
+}
+
+#[test]
+fn the_cloud_follows_the_authority_host_variable_and_a_conflict_is_named() {
+    static US: &[(&str, &str)] = &[
+        ("OBO_CLIENT_SECRET", "s3cret"),
+        ("AZURE_AUTHORITY_HOST", "https://login.microsoftonline.us/"),
+    ];
+    let text = shorthand("public").replace("cloud = \"public\"\n", "");
+    let config = parse(&text, US);
+    assert_eq!(
+        config.inbound.issuers[0],
+        format!("https://login.microsoftonline.us/{TENANT}/v2.0")
+    );
+    let found = match Config::parse(&shorthand("china"), &env_of(US)) {
+        Ok(_) => Vec::new(),
+        Err(e) => e.problems.iter().map(ToString::to_string).collect(),
+    };
+    assert!(
+        found.iter().any(|p| p.starts_with(
+            "entra.cloud: \"china\", but AZURE_AUTHORITY_HOST=https://login.microsoftonline.us/ is the usgov cloud's"
+        )),
+        "{found:?}"
+    );
+}
+
+#[test]
+fn a_tenant_name_in_any_letter_case_is_read() {
+    let config = parse(
+        &shorthand("public").replace(TENANT, "Organizations"),
+        SECRET_ENV,
+    );
+    assert!(config.inbound.issuers[0].contains("{tenantid}"));
+}
+
+#[test]
+fn identity_is_derived_only_for_an_entra_identity_in_use() {
+    // Validation only: no [identity] is made up, so no credential is asked for.
+    let validate_only = format!(
+        "[entra]\ntenant_id = \"{TENANT}\"\nclient_id = \"{CLIENT}\"\n\n[[routes]]\nname = \"api\"\npath_prefix = \"/\"\nupstream = \"http://127.0.0.1:8080/\"\ntoken = \"passthrough\"\n"
+    );
+    let config = parse(&validate_only, SECRET_ENV);
+    assert!(
+        config.identities.is_empty(),
+        "{:?}",
+        config.identities.keys()
+    );
+    assert_eq!(
+        config.inbound.audiences,
+        [CLIENT.to_owned(), format!("api://{CLIENT}")]
+    );
+    // An [identity] that is a managed identity is left as written.
+    let managed = format!(
+        "[entra]\ntenant_id = \"{TENANT}\"\nclient_id = \"{CLIENT}\"\n\n[identity]\nflavor = \"managed_identity\"\n\n[[routes]]\nname = \"vault\"\npath_prefix = \"/vault/\"\nupstream = \"https://contoso.vault.azure.net/\"\ntoken = \"app\"\nscopes = [\"https://vault.azure.net/.default\"]\n"
+    );
+    let config = parse(&managed, SECRET_ENV);
+    assert_eq!(config.identities["default"].flavor, Flavor::ManagedIdentity);
+    assert!(
+        config
+            .derived
+            .iter()
+            .all(|(k, _)| !k.starts_with("identity."))
+    );
+}
+
+#[test]
+fn a_managed_identity_never_acts_on_behalf_of_a_caller() {
+    let text = format!(
+        "{}\n[identities.vm]\nflavor = \"managed_identity\"\n\n[[routes]]\nname = \"as-user\"\npath_prefix = \"/as-user/\"\nupstream = \"https://graph.microsoft.com/\"\ntoken = \"obo\"\nidentity = \"vm\"\nscopes = [\"https://graph.microsoft.com/.default\"]\n",
+        shorthand("public")
+    );
+    let found = problems(&text);
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert!(
+        found[0].starts_with("routes[1].identity: route \"as-user\": identity \"vm\" is a managed identity, which cannot act on behalf of a caller"),
+        "{found:?}"
+    );
+}
+
+#[test]
+fn a_managed_identity_identity_names_one_client_id_and_no_auth_method() {
+    let text = format!(
+        "{}\n[identities.vm]\nflavor = \"managed_identity\"\nclient_id = \"a\"\nmanaged_identity = {{ client_id = \"b\" }}\nauth_method = \"client_secret_post\"\n",
+        shorthand("public")
+    );
+    let found = problems(&text);
+    assert!(
+        found.iter().any(|p| p.starts_with(
+            "identities.vm.client_id: names \"a\", but managed_identity.client_id names \"b\""
+        )),
+        "{found:?}"
+    );
+    assert!(
+        found.iter().any(|p| p.starts_with(
+            "identities.vm.auth_method: a managed identity has no client registration"
+        )),
+        "{found:?}"
+    );
+}
+
+#[test]
+fn multi_tenant_without_allowed_tenants_and_a_system_assigned_federated_credential_are_warnings() {
+    let text = shorthand("public").replace(TENANT, "common").replace(
+        "client_secret = { env = \"OBO_CLIENT_SECRET\" }",
+        "managed_identity = {}",
+    );
+    let found = warnings(&text);
+    assert_eq!(found.len(), 2, "{found:?}");
+    assert!(found.iter().any(|w| {
+        w.starts_with("identity.managed_identity: Entra accepts a user-assigned managed identity")
+    }));
+    assert!(found.iter().any(|w| w.starts_with(
+        "inbound.allowed_tenants: a multi-tenant app accepts callers of every Entra tenant"
+    )));
+    let fixed = text
+        .replace(
+            "managed_identity = {}",
+            "managed_identity = { client_id = \"c\" }",
+        )
+        .replace(
+            "[identity]\n",
+            &format!("[inbound]\nallowed_tenants = [\"{TENANT}\"]\n\n[identity]\n"),
+        );
+    assert!(warnings(&fixed).is_empty(), "{:?}", warnings(&fixed));
+}
+
+#[test]
+fn azure_ad_scopes_audiences_and_acl_setting_are_read() {
+    static VARS: &[(&str, &str)] = &[
+        ("AzureAd__TenantId", TENANT),
+        ("AzureAd__ClientId", CLIENT),
+        ("AzureAd__Scopes", "access_as_user Files.Read"),
+        ("AzureAd__Audiences__0", "api://legacy-name"),
+        ("AzureAd__AllowWebApiToBeAuthorizedByACL", "True"),
+        ("AzureAd__ClientCredentials__0__SourceType", "clientsecret"),
+        ("AzureAd__ClientCredentials__0__ClientSecret", "x"),
+    ];
+    let config = parse(ROUTES, VARS);
+    assert_eq!(
+        config.inbound.policy.required_scopes.as_deref(),
+        Some(&["access_as_user".to_owned(), "Files.Read".to_owned()][..])
+    );
+    assert_eq!(
+        config.inbound.audiences,
+        [
+            CLIENT.to_owned(),
+            format!("api://{CLIENT}"),
+            "api://legacy-name".to_owned()
+        ]
+    );
+    assert!(config.inbound.allow_acl_tokens);
+}
+
+#[test]
+fn azure_ad_certificates_are_one_pem_file_and_a_pfx_is_named() {
+    static PFX: &[(&str, &str)] = &[
+        ("AzureAd__TenantId", TENANT),
+        ("AzureAd__ClientId", CLIENT),
+        ("AzureAd__ClientCredentials__0__SourceType", "Path"),
+        (
+            "AzureAd__ClientCredentials__0__CertificateDiskPath",
+            "/certs/app.pfx",
+        ),
+    ];
+    static PEM: &[(&str, &str)] = &[
+        ("AzureAd__TenantId", TENANT),
+        ("AzureAd__ClientId", CLIENT),
+        ("AzureAd__ClientCredentials__0__SourceType", "Path"),
+        (
+            "AzureAd__ClientCredentials__0__CertificateDiskPath",
+            "/certs/app.pem",
+        ),
+    ];
+    let error = match Config::parse(ROUTES, &env_of(PFX)) {
+        Ok(_) => panic!("a .pfx is refused"),
+        Err(e) => e.to_string(),
+    };
+    assert!(
+        error.contains(
+            "AzureAd__ClientCredentials__0__CertificateDiskPath: /certs/app.pfx: PKCS#12 files are not read"
+        ),
+        "{error}"
+    );
+    let error = match Config::parse(ROUTES, &env_of(PEM)) {
+        Ok(_) => panic!("the file does not exist"),
+        Err(e) => e.to_string(),
+    };
+    assert!(
+        error.contains("identity.client_certificate: cannot read certificate /certs/app.pem"),
+        "{error}"
+    );
 }
