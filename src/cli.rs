@@ -99,6 +99,18 @@ pub fn check(path: &std::path::Path) -> Result<Config, ConfigError> {
             identity.credential.kind()
         );
     }
+    if let Some(shared) = &config.cache.shared {
+        let _ = writeln!(
+            out,
+            "shared cache: {} (key prefix {:?}, timeout {:?}, lease {:?}, {} encryption key{})",
+            shared.display,
+            shared.key_prefix,
+            shared.timeout,
+            shared.lease,
+            shared.keys.0.len(),
+            if shared.keys.0.len() == 1 { "" } else { "s" }
+        );
+    }
     for warning in &config.warnings {
         let _ = writeln!(out, "warning: {warning}");
     }

@@ -33,6 +33,7 @@ mod sidecar;
 mod telemetry;
 mod tls;
 
+pub use exchange::SharedCacheError;
 pub use secret::Secret;
 pub use sidecar::{CONFIG_POLL_INTERVAL, Listeners, Sidecar, StartError, run, start, watch_config};
 pub use tls::{ServerTlsError, TlsError, install_crypto_provider};

@@ -17,7 +17,7 @@ use tokio::task::JoinHandle;
 use crate::auth::Authenticator;
 use crate::config::{self, Config};
 use crate::exchange::cache::TokenCache;
-use crate::exchange::{Exchanger, IdpBackoff};
+use crate::exchange::{Exchanger, IdpBackoff, SharedCache, SharedCacheError};
 use crate::proxy::Proxy;
 use crate::server::{self, ServeOptions};
 use crate::{admin, telemetry, tls};
@@ -53,6 +53,8 @@ pub enum StartError {
     Listener(#[source] config::ConfigError),
     #[error("the reload was interrupted")]
     Interrupted,
+    #[error("shared cache")]
+    SharedCache(#[from] SharedCacheError),
 }
 
 /// What outlives a reload: the current request path, swapped whole, and the state shared across them.
@@ -63,6 +65,8 @@ struct Shared {
     /// Upstream tokens survive reloads: their keys name identity, endpoint, flavor and targets, so a
     /// changed identity simply misses.
     token_cache: Arc<TokenCache>,
+    /// The fleet's cache (`[cache.shared]`), set up at start; its settings need a restart.
+    fleet_cache: Option<Arc<SharedCache>>,
     /// The IdPs' `Retry-After`s survive reloads too.
     idp_backoff: Arc<IdpBackoff>,
     config: ArcSwap<Config>,
@@ -96,15 +100,19 @@ impl Shared {
     /// listener. Blocking (it reads certificate stores): call it off the runtime's worker threads.
     fn reload(&self, mut config: Config) -> Result<(), StartError> {
         let old = self.config.load_full();
-        if old.listen != config.listen || old.cache.max_entries != config.cache.max_entries {
+        if old.listen != config.listen
+            || old.cache.max_entries != config.cache.max_entries
+            || old.cache.shared != config.cache.shared
+        {
             tracing::warn!(
-                "[listen] and cache.max_entries changes take effect at the next restart"
+                "[listen], cache.max_entries and [cache.shared] changes take effect at the next restart"
             );
         }
         // Kept as they started, all of them, so the running process matches the warning (and the next reload
         // warns again while the file still differs).
         config.listen = old.listen.clone();
         config.cache.max_entries = old.cache.max_entries;
+        config.cache.shared.clone_from(&old.cache.shared);
         // The file was checked against its own [listen]; what serves is the running one (SPEC §8).
         let problems = config.listener_problems();
         if !problems.is_empty() {
@@ -120,6 +128,7 @@ impl Shared {
             &config,
             Arc::clone(&authenticator),
             Arc::clone(&self.token_cache),
+            self.fleet_cache.clone(),
             &self.idp_backoff,
             &self.metrics,
         )?;
@@ -199,6 +208,7 @@ fn build_proxy(
     config: &Config,
     authenticator: Arc<Authenticator>,
     token_cache: Arc<TokenCache>,
+    shared_cache: Option<Arc<SharedCache>>,
     idp_backoff: &Arc<IdpBackoff>,
     metrics: &Arc<telemetry::Metrics>,
 ) -> Result<Proxy, StartError> {
@@ -206,6 +216,7 @@ fn build_proxy(
         &config.identities,
         &config.cache,
         token_cache,
+        shared_cache,
         idp_backoff,
         metrics,
     )?;
@@ -229,11 +240,18 @@ pub async fn start(config: Config, listeners: Listeners) -> Result<Sidecar, Star
             Arc::clone(&metrics),
         )?);
         let token_cache = Arc::new(TokenCache::new(config.cache.max_entries));
+        let shared_cache = config
+            .cache
+            .shared
+            .as_ref()
+            .map(|settings| SharedCache::new(settings, &metrics))
+            .transpose()?;
         let idp_backoff = Arc::new(IdpBackoff::default());
         let proxy = build_proxy(
             &config,
             Arc::clone(&authenticator),
             Arc::clone(&token_cache),
+            shared_cache.clone(),
             &idp_backoff,
             &metrics,
         )?;
@@ -249,6 +267,7 @@ pub async fn start(config: Config, listeners: Listeners) -> Result<Sidecar, Star
                 current: ArcSwap::from_pointee(proxy),
                 draining: AtomicBool::new(false),
                 token_cache,
+                fleet_cache: shared_cache,
                 idp_backoff,
                 metrics,
                 background: std::sync::Mutex::new(Vec::new()),

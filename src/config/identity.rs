@@ -26,8 +26,18 @@ pub(super) fn read_secret(
     env: EnvLookup<'_>,
     p: &mut Problems,
 ) -> Option<Watched<Secret>> {
-    let at = f.at(key);
-    match f.value(key)? {
+    read_secret_value(f.value(key)?, &f.at(key), env, p)
+}
+
+/// [`read_secret`] of a value at `at` (an element of a list, say).
+pub(super) fn read_secret_value(
+    value: &Value,
+    at: &str,
+    env: EnvLookup<'_>,
+    p: &mut Problems,
+) -> Option<Watched<Secret>> {
+    let at = at.to_owned();
+    match value {
         Value::String(_) => {
             p.add(
                 &at,

@@ -18,6 +18,7 @@ mod inbound;
 mod listen;
 mod model;
 mod routes;
+mod shared_cache;
 #[cfg(test)]
 mod tests;
 mod walk;
@@ -163,7 +164,7 @@ fn read_config(root: &Table, env: EnvLookup<'_>, p: &mut Problems) -> Option<Con
     if let Some(Value::Table(named)) = top.value("identities") {
         declared.extend(named.keys().cloned());
     }
-    let cache = read_cache(top.table("cache", p), p);
+    let cache = read_cache(top.table("cache", p), env, p);
     let default_policy = inbound
         .as_ref()
         .map(|i| i.policy.clone())
@@ -191,14 +192,17 @@ fn read_config(root: &Table, env: EnvLookup<'_>, p: &mut Problems) -> Option<Con
     })
 }
 
-fn read_cache(table: Option<&Table>, p: &mut Problems) -> CacheSettings {
+fn read_cache(table: Option<&Table>, env: EnvLookup<'_>, p: &mut Problems) -> CacheSettings {
     let empty = Table::new();
     let f = Fields::new(
         table.unwrap_or(&empty),
         "cache",
-        &["max_entries", "expiry_margin"],
+        &["max_entries", "expiry_margin", "shared"],
         p,
     );
+    let shared = f
+        .table("shared", p)
+        .and_then(|t| shared_cache::read_shared_cache(t, env, p));
     let max_entries = match f.value("max_entries") {
         None => DEFAULT_CACHE_MAX_ENTRIES,
         Some(Value::Integer(n)) if *n > 0 => n.unsigned_abs(),
@@ -217,5 +221,6 @@ fn read_cache(table: Option<&Table>, p: &mut Problems) -> CacheSettings {
     CacheSettings {
         max_entries,
         expiry_margin,
+        shared,
     }
 }

@@ -12,6 +12,7 @@ use jsonwebtoken::Algorithm;
 use url::Url;
 
 use super::credential::{AuthMethod, Credential};
+use crate::secret::Secret;
 
 /// Loopback by default: a sidecar is reached by its own pod or host, never by the network unless told.
 pub const DEFAULT_PROXY_LISTEN: &str = "127.0.0.1:15080";
@@ -185,7 +186,44 @@ pub struct Identity {
 pub struct CacheSettings {
     pub max_entries: u64,
     pub expiry_margin: Duration,
+    /// `[cache.shared]`: the fleet's token cache on Redis (SPEC §14).
+    pub shared: Option<SharedCacheSettings>,
 }
+
+/// `[cache.shared]`: where the shared cache is, and the keys that seal its values.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SharedCacheSettings {
+    /// The whole URL (it may carry a password).
+    pub url: Secret,
+    /// The URL without its credentials, for logs and `check`.
+    pub display: String,
+    pub username: Option<String>,
+    pub password: Option<Secret>,
+    /// The first key seals; the others only open (rotation).
+    pub keys: EncryptionKeys,
+    pub key_prefix: String,
+    /// The longest any Redis operation may add to a request.
+    pub timeout: Duration,
+    /// How long one replica may hold the right to exchange for a key while the others wait.
+    pub lease: Duration,
+    /// Extra PEM roots for `rediss://`.
+    pub ca_file: Option<PathBuf>,
+}
+
+/// 32-byte keys of the shared cache: the first seals, all open.
+#[derive(Clone, PartialEq, Eq)]
+pub struct EncryptionKeys(pub Vec<[u8; 32]>);
+
+impl fmt::Debug for EncryptionKeys {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "EncryptionKeys({} keys, [redacted])", self.0.len())
+    }
+}
+
+/// Defaults of `[cache.shared]` (SPEC §14).
+pub const DEFAULT_SHARED_KEY_PREFIX: &str = "obo:";
+pub const DEFAULT_SHARED_TIMEOUT: Duration = Duration::from_millis(50);
+pub const DEFAULT_SHARED_LEASE: Duration = Duration::from_secs(5);
 
 /// Which token a route sends upstream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

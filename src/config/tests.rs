@@ -272,3 +272,92 @@ mod no_panic {
         }
     }
 }
+
+/// `[cache.shared]`: defaults, `rediss://` off loopback, no password inline, keys of 32 bytes in base64.
+#[test]
+fn shared_cache_settings_are_checked() {
+    let key = "q83vEjRWeJq83vEjRWeJq83vEjRWeJq83vEjRWeJq80=";
+    let env = |name: &str| match name {
+        "OBO_CLIENT_SECRET" => Some("s3cret".to_owned()),
+        "REDIS_URL" => Some("rediss://obo:pa55@cache.example.net:6380/0".to_owned()),
+        "CACHE_KEYS" => Some(format!(
+            "{key}\nAAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8="
+        )),
+        "SHORT_KEY" => Some("c2hvcnQ=".to_owned()),
+        _ => None,
+    };
+    let with = |shared: &str| format!("{GOOD}\n[cache.shared]\n{shared}\n");
+    let config = Config::parse(
+        &with("url = { env = \"REDIS_URL\" }\nencryption_key = { env = \"CACHE_KEYS\" }"),
+        &env,
+    )
+    .expect("valid");
+    let shared = config.cache.shared.expect("shared");
+    assert_eq!(shared.display, "rediss://cache.example.net:6380/0");
+    assert_eq!(shared.keys.0.len(), 2);
+    assert_eq!(shared.key_prefix, "obo:");
+    assert_eq!(shared.timeout, Duration::from_millis(50));
+    assert_eq!(shared.lease, Duration::from_secs(5));
+    assert!(!format!("{shared:?}").contains("pa55"), "{shared:?}");
+    assert!(!format!("{shared:?}").contains(key), "{shared:?}");
+
+    let problems = |shared: &str| match Config::parse(&with(shared), &env) {
+        Ok(_) => Vec::new(),
+        Err(e) => e
+            .problems
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>(),
+    };
+    let remote = problems(
+        "url = \"redis://cache.example.net:6379/\"\nencryption_key = { env = \"CACHE_KEYS\" }",
+    );
+    assert_eq!(remote.len(), 1, "{remote:?}");
+    assert!(
+        remote[0].starts_with(
+            "cache.shared.url: redis://cache.example.net:6379/: redis:// off loopback"
+        )
+    );
+    assert!(
+        problems("url = \"redis://127.0.0.1:6379/\"\nencryption_key = { env = \"CACHE_KEYS\" }")
+            .is_empty()
+    );
+    let inline = problems(
+        "url = \"rediss://u:secret@cache.example.net/\"\nencryption_key = { env = \"CACHE_KEYS\" }",
+    );
+    assert!(
+        inline[0].starts_with("cache.shared.url: a URL with a password is a secret"),
+        "{inline:?}"
+    );
+    assert!(!inline[0].contains("secret@"));
+    let short = problems("url = \"redis://localhost/\"\nencryption_key = { env = \"SHORT_KEY\" }");
+    assert_eq!(
+        short,
+        [
+            "cache.shared.encryption_key: key 1 is not 32 bytes in base64 (openssl rand -base64 32)",
+            "cache.shared.encryption_key: no key"
+        ]
+    );
+    assert!(
+        !short.iter().any(|p| p.contains("c2hvcnQ")),
+        "the key is never shown"
+    );
+    let missing = problems("url = \"redis://localhost/\"");
+    assert!(
+        missing[0].starts_with("cache.shared.encryption_key: required"),
+        "{missing:?}"
+    );
+    let twice = problems(
+        "url = \"redis://localhost/\"\nencryption_key = [{ env = \"CACHE_KEYS\" }, { env = \"CACHE_KEYS\" }]\ntimeout = \"10s\"",
+    );
+    assert!(
+        twice
+            .iter()
+            .any(|p| p == "cache.shared.encryption_key: the same key twice"),
+        "{twice:?}"
+    );
+    assert!(
+        twice.iter().any(|p| p.starts_with("cache.shared.timeout")),
+        "{twice:?}"
+    );
+}

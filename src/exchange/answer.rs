@@ -55,6 +55,8 @@ pub(crate) enum Unavailable {
     ManagedIdentityStatus(u16),
     #[error("the managed identity endpoint answered no token")]
     ManagedIdentityAnswer,
+    #[error("another replica is refreshing this token")]
+    RefreshedElsewhere,
 }
 
 /// Why the IdP refused the sidecar's own request, or the sidecar could not make one: our misconfiguration,

@@ -32,6 +32,19 @@ pub(crate) const FORGET_INTERVAL: Duration = Duration::from_secs(30);
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub(crate) struct CacheKey([u8; 32]);
 
+impl CacheKey {
+    /// The digest, as the shared cache names and binds its entries with it.
+    pub(crate) fn as_bytes(&self) -> &[u8; 32] {
+        &self.0
+    }
+
+    /// A key of `n` repeated, for tests.
+    #[cfg(test)]
+    pub(crate) fn test(n: u8) -> Self {
+        CacheKey([n; 32])
+    }
+}
+
 /// The inputs of a [`CacheKey`]: which caller (for OBO), which identity at which resolved endpoint, and
 /// every target parameter sent.
 pub(crate) struct KeyParts<'a> {
@@ -168,9 +181,17 @@ impl Expiry<CacheKey, Arc<Entry>> for EntryExpiry {
     }
 }
 
+/// What a fetch is for: callers waiting (any unexpired token will do), or a background refresh (only a token
+/// fresher than the one it refreshes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Purpose {
+    Miss,
+    Refresh,
+}
+
 /// A token request that can be started again (for the background refresh).
 pub(crate) type Fetch =
-    Arc<dyn Fn() -> BoxFuture<'static, Result<UpstreamToken, ExchangeError>> + Send + Sync>;
+    Arc<dyn Fn(Purpose) -> BoxFuture<'static, Result<UpstreamToken, ExchangeError>> + Send + Sync>;
 
 /// One token request in flight, shared by every request waiting for its key.
 type Flight = Shared<BoxFuture<'static, Result<Arc<Entry>, Arc<ExchangeError>>>>;
@@ -249,7 +270,11 @@ impl TokenCache {
             dashmap::Entry::Occupied(flight) => return flight.get().clone(),
             dashmap::Entry::Vacant(vacant) => vacant,
         };
-        let request = fetch();
+        let request = fetch(if stale.is_some() {
+            Purpose::Refresh
+        } else {
+            Purpose::Miss
+        });
         let inner = self.inner.clone();
         let flights = Arc::clone(&self.flights);
         let flight: Flight = async move {
@@ -354,7 +379,7 @@ mod tests {
 
     /// A fetch that counts its calls and fails while `down` is set.
     fn counting_fetch(calls: Arc<AtomicU32>, down: Arc<AtomicBool>) -> Fetch {
-        Arc::new(move || {
+        Arc::new(move |_| {
             let calls = Arc::clone(&calls);
             let down = Arc::clone(&down);
             Box::pin(async move {
@@ -493,7 +518,7 @@ mod tests {
     async fn uncacheable_token_serves_its_waiters_and_is_not_cached() {
         let calls = Arc::new(AtomicU32::new(0));
         let counter = Arc::clone(&calls);
-        let fetch: Fetch = Arc::new(move || {
+        let fetch: Fetch = Arc::new(move |_| {
             let counter = Arc::clone(&counter);
             Box::pin(async move {
                 tokio::time::sleep(Duration::from_millis(100)).await;
@@ -592,7 +617,7 @@ mod tests {
 
         /// A fetch that mints `c{caller}-r{route}-{n}` tokens living 600 s (stale after 300 s).
         fn minting(caller: u8, route: u8, counter: Arc<AtomicU32>) -> Fetch {
-            Arc::new(move || {
+            Arc::new(move |_| {
                 let counter = Arc::clone(&counter);
                 Box::pin(async move {
                     tokio::time::sleep(Duration::from_millis(10)).await;

@@ -8,6 +8,8 @@ pub(crate) mod cache;
 mod client_auth;
 mod managed_identity;
 mod request;
+mod seal;
+mod shared;
 #[cfg(test)]
 mod tests;
 mod token;
@@ -25,6 +27,8 @@ use cache::{CacheKey, Entry, Fetch, KeyParts, Lookup, TokenCache};
 use request::{Grant, IdentityClient, TokenRequest};
 
 pub(crate) use request::IdpBackoff;
+pub(crate) use shared::SharedCache;
+pub use shared::SharedCacheError;
 pub(crate) use token::bearer_header;
 
 /// The validated caller a token is acquired for: its own token (the subject token of an exchange, or what
@@ -60,6 +64,8 @@ impl Acquired {
 pub(crate) struct Exchanger {
     identities: BTreeMap<String, Arc<IdentityClient>>,
     cache: Arc<TokenCache>,
+    /// The fleet's cache behind `cache` (`[cache.shared]`).
+    shared: Option<Arc<SharedCache>>,
     expiry_margin: Duration,
 }
 
@@ -68,6 +74,7 @@ impl Exchanger {
         identities: &BTreeMap<String, Arc<Identity>>,
         settings: &CacheSettings,
         cache: Arc<TokenCache>,
+        shared: Option<Arc<SharedCache>>,
         backoff: &Arc<IdpBackoff>,
         metrics: &Arc<crate::telemetry::Metrics>,
     ) -> Result<Self, crate::tls::TlsError> {
@@ -87,6 +94,7 @@ impl Exchanger {
         Ok(Exchanger {
             identities: clients,
             cache,
+            shared,
             expiry_margin: settings.expiry_margin,
         })
     }
@@ -174,9 +182,23 @@ impl Exchanger {
             claims: claims.map(str::to_owned),
             expiry_margin: self.expiry_margin,
         });
-        let fetch: Fetch = Arc::new(move || {
+        let shared = self.shared.clone();
+        let fetch: Fetch = Arc::new(move |purpose| {
             let request = Arc::clone(&request);
-            Box::pin(async move { request.send().await })
+            let shared = shared.clone();
+            Box::pin(async move {
+                match shared {
+                    Some(shared) => {
+                        shared
+                            .fetch(key, purpose, || {
+                                let request = Arc::clone(&request);
+                                Box::pin(async move { request.send().await })
+                            })
+                            .await
+                    }
+                    None => request.send().await,
+                }
+            })
         });
         let (entry, lookup) = self
             .cache
@@ -192,7 +214,11 @@ impl Exchanger {
 
     /// The upstream answered 401 to `sent`: drop that cached token so the next request exchanges afresh.
     pub(crate) async fn forget(&self, sent: &(CacheKey, Arc<Entry>)) -> bool {
-        self.cache.forget(sent.0, &sent.1).await
+        let forgotten = self.cache.forget(sent.0, &sent.1).await;
+        if forgotten && let Some(shared) = &self.shared {
+            shared.forget(sent.0, sent.1.token.header.clone());
+        }
+        forgotten
     }
 }
 

@@ -353,6 +353,34 @@ pub(crate) struct Metrics {
     reload_ok: Counter,
     reload_rejected: Counter,
     credential_reload: Family<CredentialReloadLabels, Counter>,
+    /// `obo_shared_cache_requests_total{result}`: hit, miss, error, each created at 0.
+    shared_cache: [Counter; 3],
+    shared_cache_up: Gauge,
+}
+
+/// The result of one shared-cache lookup (`obo_shared_cache_requests_total{result}`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) enum SharedResult {
+    Hit,
+    Miss,
+    Error,
+}
+
+impl SharedResult {
+    pub(crate) const fn as_str(self) -> &'static str {
+        match self {
+            SharedResult::Hit => "hit",
+            SharedResult::Miss => "miss",
+            SharedResult::Error => "error",
+        }
+    }
+}
+
+label_value_as_str!(SharedResult);
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct SharedLabels {
+    result: SharedResult,
 }
 
 impl Default for Metrics {
@@ -434,6 +462,21 @@ impl Metrics {
             Listed(config_reload.clone()),
         );
 
+        let shared_cache_requests = Family::<SharedLabels, Counter>::default();
+        registry.register(
+            "obo_shared_cache_requests",
+            "Shared (Redis) token cache lookups after an in-process miss, by result",
+            shared_cache_requests.clone(),
+        );
+        let shared_cache_up = Gauge::default();
+        registry.register(
+            "obo_shared_cache_up",
+            "1 while the shared token cache answers; 0 while it is degraded, or without [cache.shared]",
+            shared_cache_up.clone(),
+        );
+        let shared_cache = [SharedResult::Hit, SharedResult::Miss, SharedResult::Error]
+            .map(|result| shared_cache_requests.get_or_create_owned(&SharedLabels { result }));
+
         // Both reload outcomes exist at 0 from the start, so `increase()` sees the first reload.
         let reload_ok = config_reload.get_or_create_owned(&ReloadLabels {
             outcome: ReloadOutcome::Ok,
@@ -453,6 +496,8 @@ impl Metrics {
             reload_ok,
             reload_rejected,
             credential_reload,
+            shared_cache,
+            shared_cache_up,
         }
     }
 
@@ -557,6 +602,16 @@ impl Metrics {
                 },
             })
             .inc();
+    }
+
+    /// Counts one shared-cache lookup.
+    pub(crate) fn record_shared_cache(&self, result: SharedResult) {
+        self.shared_cache[result as usize].inc();
+    }
+
+    /// Sets `obo_shared_cache_up`.
+    pub(crate) fn set_shared_cache_up(&self, up: bool) {
+        self.shared_cache_up.set(i64::from(up));
     }
 
     /// Sets `obo_token_cache_entries`; the cache owner calls it when its size changes or before an encode.

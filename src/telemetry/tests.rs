@@ -10,7 +10,7 @@ fn samples(metrics: &Metrics) -> Vec<Sample> {
 const MS: Duration = Duration::from_millis(1);
 
 /// The sample names of SPEC §6.
-const SPEC_NAMES: [&str; 10] = [
+const SPEC_NAMES: [&str; 12] = [
     "obo_requests_total",
     "obo_request_duration_seconds",
     "obo_token_cache_requests_total",
@@ -21,6 +21,8 @@ const SPEC_NAMES: [&str; 10] = [
     "obo_upstream_errors_total",
     "obo_config_reload_total",
     "obo_credential_reload_total",
+    "obo_shared_cache_requests_total",
+    "obo_shared_cache_up",
 ];
 
 fn record_one_of_each(metrics: &Metrics) {
@@ -34,6 +36,8 @@ fn record_one_of_each(metrics: &Metrics) {
     metrics.record_jwks("https://login.microsoftonline.com/{tenantid}/v2.0", true);
     metrics.record_reload(false);
     metrics.record_credential_reload("default", true);
+    metrics.record_shared_cache(SharedResult::Hit);
+    metrics.set_shared_cache_up(true);
 }
 
 #[test]
@@ -58,6 +62,8 @@ fn fresh_metrics_list_every_family() {
         "obo_upstream_errors counter",
         "obo_config_reload counter",
         "obo_credential_reload counter",
+        "obo_shared_cache_requests counter",
+        "obo_shared_cache_up gauge",
     ] {
         assert!(
             text.contains(&format!("# TYPE {family}\n")),

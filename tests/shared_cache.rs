@@ -1,0 +1,381 @@
+//! The fleet's shared token cache (SPEC §14) on a real `redis-server`: replicas share exchanges (one per
+//! caller for the fleet, also when a cold caller hits every replica at once), Redis holds nothing readable,
+//! Redis going away fails no request and sharing comes back by itself, rotated keys still open, a value that
+//! does not open is a miss and is overwritten, and an upstream 401 drops the shared entry too.
+// Every integration test runs against the development IdP and echo upstream.
+#![cfg(feature = "dev")]
+#![allow(
+    clippy::expect_used,
+    clippy::unwrap_used,
+    reason = "a test failure is the point"
+)]
+
+mod support;
+
+use std::time::Duration;
+
+use base64::Engine as _;
+use obo_sidecar::Sidecar;
+use obo_sidecar::dev::{DevIdp, DevIdpConfig, EchoUpstream, Failure, TokenClaims};
+use support::redis::RedisServer;
+
+const PATIENCE: Duration = Duration::from_secs(15);
+const KEY_A: [u8; 32] = [0xA1; 32];
+const KEY_B: [u8; 32] = [0xB2; 32];
+
+/// An IdP, an echo upstream and `n` sidecars sharing `redis`, each with these encryption keys.
+struct Fleet {
+    idp: DevIdp,
+    _upstream: EchoUpstream,
+    replicas: Vec<Sidecar>,
+    http: reqwest::Client,
+}
+
+fn key_file(dir: &std::path::Path, name: &str, keys: &[[u8; 32]]) -> std::path::PathBuf {
+    let path = dir.join(name);
+    let text: Vec<String> = keys
+        .iter()
+        .map(|k| base64::engine::general_purpose::STANDARD.encode(k))
+        .collect();
+    std::fs::write(&path, text.join("\n")).unwrap();
+    path
+}
+
+fn config(idp: &DevIdp, upstream: &str, redis: &str, keys: &std::path::Path) -> String {
+    format!(
+        "{}\n[cache.shared]\nurl = \"{redis}\"\nencryption_key = {{ file = \"{}\" }}\ntimeout = \"200ms\"\nlease = \"5s\"\n",
+        support::base_config(
+            idp,
+            upstream,
+            &idp.token_endpoint(),
+            "127.0.0.1:9".parse().unwrap()
+        ),
+        keys.display()
+    )
+}
+
+impl Fleet {
+    async fn start(redis: &RedisServer, keys: &[&[[u8; 32]]]) -> Fleet {
+        support::captured_logs();
+        let idp = DevIdp::start(support::bind().await, DevIdpConfig::default())
+            .await
+            .expect("idp");
+        let upstream = EchoUpstream::start(support::bind().await)
+            .await
+            .expect("upstream");
+        let dir = support::temp_dir("shared-cache");
+        let mut replicas = Vec::new();
+        for (i, keys) in keys.iter().enumerate() {
+            let file = key_file(&dir, &format!("keys-{i}"), keys);
+            let text = config(&idp, &upstream.url(), &redis.url(), &file);
+            let sidecar = support::start_sidecar(support::parse(&text)).await;
+            sidecar.ready().await;
+            replicas.push(sidecar);
+        }
+        let http = reqwest::Client::builder().no_proxy().build().unwrap();
+        Fleet {
+            idp,
+            _upstream: upstream,
+            replicas,
+            http,
+        }
+    }
+
+    fn caller(&self, sub: &str) -> String {
+        self.idp.mint(&TokenClaims {
+            scp: Some("access_as_user".into()),
+            ..TokenClaims::user(sub)
+        })
+    }
+
+    async fn get(&self, replica: usize, token: &str) -> reqwest::Response {
+        self.get_with(replica, token, &[]).await
+    }
+
+    async fn get_with(
+        &self,
+        replica: usize,
+        token: &str,
+        headers: &[(&str, &str)],
+    ) -> reqwest::Response {
+        let mut request = self
+            .http
+            .get(format!(
+                "http://{}/obo/x",
+                self.replicas[replica].proxy_addr
+            ))
+            .bearer_auth(token);
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        request.send().await.expect("request")
+    }
+
+    /// The sum of one metric over the replicas' `/metrics`, filtered by a label.
+    async fn metric(&self, replica: usize, name: &str, label: Option<(&str, &str)>) -> f64 {
+        let text = self
+            .http
+            .get(format!(
+                "http://{}/metrics",
+                self.replicas[replica].admin_addr
+            ))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        support::exposition::parse(&text)
+            .unwrap()
+            .iter()
+            .filter(|s| s.name == name)
+            .filter(|s| label.is_none_or(|(k, v)| s.label(k) == Some(v)))
+            .map(|s| s.value)
+            .sum()
+    }
+
+    /// Waits until `obo_shared_cache_up` of `replica` is `up`.
+    async fn wait_for_up(&self, replica: usize, up: bool) {
+        let started = std::time::Instant::now();
+        loop {
+            let value = self.metric(replica, "obo_shared_cache_up", None).await;
+            if (value > 0.5) == up {
+                return;
+            }
+            assert!(
+                started.elapsed() < PATIENCE,
+                "obo_shared_cache_up never {up}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+/// 3 replicas × 60 callers, each caller calling every replica: one exchange per caller for the fleet.
+#[tokio::test]
+async fn replicas_share_one_exchange_per_caller() {
+    let redis = RedisServer::start();
+    let fleet = Fleet::start(&redis, &[&[KEY_A], &[KEY_A], &[KEY_A]]).await;
+    let callers: Vec<String> = (0..60)
+        .map(|n| fleet.caller(&format!("user-{n}")))
+        .collect();
+    for token in &callers {
+        for replica in 0..3 {
+            let echo = support::echoed(fleet.get(replica, token).await).await;
+            assert!(support::seen_authorization(&echo).is_some());
+        }
+    }
+    assert_eq!(fleet.idp.token_requests(), 60, "not 180");
+    let hits = fleet
+        .metric(
+            1,
+            "obo_shared_cache_requests_total",
+            Some(("result", "hit")),
+        )
+        .await
+        + fleet
+            .metric(
+                2,
+                "obo_shared_cache_requests_total",
+                Some(("result", "hit")),
+            )
+            .await;
+    assert!(
+        hits >= 110.0,
+        "replicas 1 and 2 found the entries ({hits} hits)"
+    );
+    assert_nothing_readable(&redis, &callers);
+}
+
+/// A cold caller sending 16 concurrent requests to each of 3 replicas, the IdP slow: one exchange (two at
+/// most, should two replicas race for the lease).
+#[tokio::test]
+async fn a_cold_caller_on_every_replica_at_once_is_exchanged_once() {
+    let redis = RedisServer::start();
+    let fleet = Fleet::start(&redis, &[&[KEY_A], &[KEY_A], &[KEY_A]]).await;
+    fleet
+        .idp
+        .fail_next(Failure::Delay(Duration::from_millis(300)), 1);
+    let token = fleet.caller("cold");
+    let requests = (0..48).map(|i| fleet.get(i % 3, &token));
+    let responses = futures_util::future::join_all(requests).await;
+    assert!(responses.iter().all(|r| r.status() == 200));
+    let exchanges = fleet.idp.token_requests();
+    assert!(exchanges <= 2, "{exchanges} exchanges");
+    assert_eq!(exchanges, 1, "the lease holds the others back");
+}
+
+/// Redis killed under load: no request fails, the cache says it is degraded; Redis back: sharing resumes by
+/// itself.
+#[tokio::test]
+async fn redis_going_away_fails_nothing_and_sharing_comes_back() {
+    let mut redis = RedisServer::start();
+    let fleet = Fleet::start(&redis, &[&[KEY_A], &[KEY_A]]).await;
+    let mut sent = 0;
+    let mut round = |fleet: &Fleet, n: usize| {
+        let tokens: Vec<String> = (sent..sent + n)
+            .map(|i| fleet.caller(&format!("load-{i}")))
+            .collect();
+        sent += n;
+        tokens
+    };
+    let before = round(&fleet, 20);
+    for token in &before {
+        assert_eq!(fleet.get(0, token).await.status(), 200);
+        assert_eq!(fleet.get(1, token).await.status(), 200);
+    }
+    redis.kill();
+    let during = round(&fleet, 40);
+    for token in &during {
+        assert_eq!(
+            fleet.get(0, token).await.status(),
+            200,
+            "Redis down fails nothing"
+        );
+        assert_eq!(
+            fleet.get(1, token).await.status(),
+            200,
+            "Redis down fails nothing"
+        );
+    }
+    fleet.wait_for_up(0, false).await;
+    assert!(
+        fleet
+            .metric(
+                0,
+                "obo_shared_cache_requests_total",
+                Some(("result", "error"))
+            )
+            .await
+            >= 1.0
+    );
+    let logs = support::captured_logs().text();
+    assert!(logs.contains("shared cache degraded"), "logged");
+    redis.restart();
+    fleet.wait_for_up(0, true).await;
+    fleet.wait_for_up(1, true).await;
+    let exchanges = fleet.idp.token_requests();
+    let after = round(&fleet, 10);
+    for token in &after {
+        assert_eq!(fleet.get(0, token).await.status(), 200);
+        assert_eq!(fleet.get(1, token).await.status(), 200);
+    }
+    assert_eq!(fleet.idp.token_requests() - exchanges, 10, "shared again");
+}
+
+/// A replica whose new key seals but whose old key still opens reads what the old key sealed; a replica
+/// with an unrelated key shares nothing. A value that does not open is a miss, and is overwritten.
+#[tokio::test]
+async fn rotated_keys_still_open_and_an_unreadable_value_is_overwritten() {
+    let redis = RedisServer::start();
+    let fleet = Fleet::start(&redis, &[&[KEY_A], &[KEY_B, KEY_A], &[KEY_B], &[KEY_B]]).await;
+    let token = fleet.caller("rotating");
+    assert_eq!(fleet.get(0, &token).await.status(), 200);
+    assert_eq!(fleet.get(1, &token).await.status(), 200);
+    assert_eq!(fleet.idp.token_requests(), 1, "the old key still opens");
+    assert_eq!(fleet.get(2, &token).await.status(), 200);
+    assert_eq!(
+        fleet.idp.token_requests(),
+        2,
+        "another key names other entries"
+    );
+    // Every value garbled: the next replica misses and writes a good one, which the last one reads.
+    redis.overwrite_values(b"\x01garbage that does not open");
+    let other = fleet.caller("garbled");
+    assert_eq!(fleet.get(2, &other).await.status(), 200);
+    let exchanges = fleet.idp.token_requests();
+    redis.overwrite_values(b"\x01garbage that does not open");
+    assert_eq!(fleet.get(3, &other).await.status(), 200);
+    assert_eq!(
+        fleet.idp.token_requests(),
+        exchanges + 1,
+        "a garbled value is a miss"
+    );
+    let third = fleet.caller("third");
+    assert_eq!(fleet.get(2, &third).await.status(), 200);
+    assert_eq!(fleet.get(3, &third).await.status(), 200);
+    assert_eq!(
+        fleet.idp.token_requests(),
+        exchanges + 2,
+        "overwritten, then shared"
+    );
+}
+
+/// An upstream 401 drops the token that was sent from the shared cache too: another replica exchanges
+/// afresh instead of sending the refused token.
+#[tokio::test]
+async fn an_upstream_401_drops_the_shared_entry() {
+    let redis = RedisServer::start();
+    let fleet = Fleet::start(&redis, &[&[KEY_A], &[KEY_A]]).await;
+    let token = fleet.caller("refused");
+    assert_eq!(fleet.get(0, &token).await.status(), 200);
+    assert_eq!(
+        fleet
+            .get_with(0, &token, &[("x-echo-status", "401")])
+            .await
+            .status(),
+        401
+    );
+    let started = std::time::Instant::now();
+    // The shared entry is dropped in the background: wait until Redis holds no entry.
+    while redis.dump().iter().any(|(k, _)| k.starts_with(b"obo:t:")) {
+        assert!(started.elapsed() < PATIENCE, "the shared entry stays");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(fleet.get(1, &token).await.status(), 200);
+    assert_eq!(fleet.idp.token_requests(), 2);
+}
+
+/// No key or value in Redis holds a JWT, a fragment of a token, or the digest of a caller's token.
+fn assert_nothing_readable(redis: &RedisServer, callers: &[String]) {
+    let dump = redis.dump();
+    assert!(!dump.is_empty());
+    let mut forbidden: Vec<Vec<u8>> = vec![b"eyJ".to_vec(), b"Bearer".to_vec()];
+    for token in callers {
+        let digest = sha256(token.as_bytes());
+        forbidden.push(digest.to_vec());
+        forbidden.push(hex(&digest).into_bytes());
+        forbidden.push(
+            base64::engine::general_purpose::URL_SAFE_NO_PAD
+                .encode(digest)
+                .into_bytes(),
+        );
+        // Any 16-character run of the token itself (its signature included).
+        let bytes = token.as_bytes();
+        forbidden.extend(bytes.windows(16).step_by(16).map(<[u8]>::to_vec));
+    }
+    for (key, value) in &dump {
+        for needle in &forbidden {
+            assert!(
+                !contains(key, needle),
+                "a key holds {:?}",
+                String::from_utf8_lossy(needle)
+            );
+            assert!(
+                !contains(value, needle),
+                "a value holds {:?}",
+                String::from_utf8_lossy(needle)
+            );
+        }
+    }
+}
+
+/// SHA-256, through the crypto library the sidecar uses.
+fn sha256(bytes: &[u8]) -> [u8; 32] {
+    let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, bytes);
+    let mut out = [0u8; 32];
+    out.copy_from_slice(digest.as_ref());
+    out
+}
+
+fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write as _;
+    bytes.iter().fold(String::new(), |mut out, b| {
+        let _ = write!(out, "{b:02x}");
+        out
+    })
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}

@@ -1,0 +1,130 @@
+//! A real `redis-server` (the Debian package; `.ci/run` installs it) on a loopback port, without
+//! persistence, for the shared-cache tests: started, killed and restarted on the same port.
+
+use std::io::{BufRead as _, BufReader};
+use std::process::{Child, Command, Stdio};
+
+/// A running `redis-server`, killed on drop.
+pub(crate) struct RedisServer {
+    pub(crate) port: u16,
+    child: Option<Child>,
+}
+
+impl RedisServer {
+    /// Starts one on a free loopback port (another port if that one is taken meanwhile).
+    pub(crate) fn start() -> RedisServer {
+        for _ in 0..5 {
+            let port = std::net::TcpListener::bind("127.0.0.1:0")
+                .and_then(|l| l.local_addr())
+                .expect("a free port")
+                .port();
+            if let Some(child) = spawn(port) {
+                return RedisServer {
+                    port,
+                    child: Some(child),
+                };
+            }
+        }
+        panic!("redis-server did not start on a free port");
+    }
+
+    pub(crate) fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+
+    /// Kills the server (SIGKILL: no goodbye to its clients).
+    pub(crate) fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts it again on the same port, empty.
+    pub(crate) fn restart(&mut self) {
+        self.kill();
+        self.child = Some(spawn(self.port).expect("redis-server restarts on its port"));
+    }
+
+    /// Every key and its value (the scan a curious operator would make).
+    pub(crate) fn dump(&self) -> Vec<(Vec<u8>, Vec<u8>)> {
+        let client = redis::Client::open(self.url()).expect("url");
+        let mut connection = client.get_connection().expect("connect");
+        let keys: Vec<Vec<u8>> = redis::cmd("KEYS")
+            .arg("*")
+            .query(&mut connection)
+            .expect("KEYS");
+        keys.into_iter()
+            .filter_map(|key| {
+                let value: Option<Vec<u8>> = redis::cmd("GET")
+                    .arg(&key)
+                    .query(&mut connection)
+                    .expect("GET");
+                value.map(|v| (key, v))
+            })
+            .collect()
+    }
+
+    /// Replaces every value with `value`, keeping keys and expiries.
+    pub(crate) fn overwrite_values(&self, value: &[u8]) {
+        let client = redis::Client::open(self.url()).expect("url");
+        let mut connection = client.get_connection().expect("connect");
+        for (key, _) in self.dump() {
+            let () = redis::cmd("SET")
+                .arg(&key)
+                .arg(value)
+                .arg("KEEPTTL")
+                .query(&mut connection)
+                .expect("SET");
+        }
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// `redis-server` on `port`, once it says it accepts connections; `None` if it exits first (port taken).
+fn spawn(port: u16) -> Option<Child> {
+    let mut child = Command::new("redis-server")
+        .args([
+            "--port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--daemonize",
+            "no",
+            "--logfile",
+            "",
+            "--loglevel",
+            "notice",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| {
+            panic!("redis-server: {e} (install it: apt-get install redis-server; .ci/run does)")
+        });
+    let stdout = child.stdout.take().expect("stdout");
+    let mut lines = BufReader::new(stdout).lines();
+    loop {
+        match lines.next() {
+            Some(Ok(line)) if line.contains("Ready to accept connections") => break,
+            Some(Ok(_)) => {}
+            Some(Err(_)) | None => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return None;
+            }
+        }
+    }
+    // The rest of its log is not needed, but the pipe must not fill up.
+    std::thread::spawn(move || for _ in lines {});
+    Some(child)
+}
