@@ -27,7 +27,13 @@ use serde::Deserialize;
 use yaml_serde::Value;
 
 /// The kinds the manifests may contain; anything else is a mistake or needs adding here.
-const EXPECTED_KINDS: [&str; 4] = ["Kustomization", "Deployment", "Service", "ServiceAccount"];
+const EXPECTED_KINDS: [&str; 5] = [
+    "Kustomization",
+    "Deployment",
+    "Service",
+    "ServiceAccount",
+    "NetworkPolicy",
+];
 const SIDECAR: &str = "obo-sidecar";
 /// Where the workload-identity webhook (v1) mounted the token; the manifests project it there themselves.
 const AZURE_TOKEN_FILE: &str = "/var/run/secrets/azure/tokens/azure-identity-token";
@@ -124,6 +130,33 @@ fn parse_deployed(path: &Path) -> (Config, Vec<SecretFile>) {
             }
         }
     }
+    if let Some(shared) = table
+        .get_mut("cache")
+        .and_then(|cache| cache.get_mut("shared"))
+        .and_then(toml::Value::as_table_mut)
+    {
+        for (key, content) in [
+            ("url", "rediss://:stand-in@cache.example.net:6380/0"),
+            (
+                "encryption_key",
+                "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=",
+            ),
+        ] {
+            if let Some(file) = shared
+                .get_mut(key)
+                .and_then(toml::Value::as_table_mut)
+                .and_then(|secret| secret.get_mut("file"))
+            {
+                stand_in_with(
+                    file,
+                    format!("cache.shared.{key}.file"),
+                    content,
+                    &scratch,
+                    &mut secrets,
+                );
+            }
+        }
+    }
     let parsed = Config::parse(&table.to_string(), &|_| None);
     std::fs::remove_dir_all(&scratch).unwrap();
     match parsed {
@@ -157,9 +190,20 @@ fn stand_in_secrets(
 }
 
 fn stand_in(value: &mut toml::Value, key: String, scratch: &Path, secrets: &mut Vec<SecretFile>) {
+    stand_in_with(value, key, "stand-in-secret-value", scratch, secrets);
+}
+
+/// Replaces the file path `value` by a stand-in file holding `content`, and records the path it named.
+fn stand_in_with(
+    value: &mut toml::Value,
+    key: String,
+    content: &str,
+    scratch: &Path,
+    secrets: &mut Vec<SecretFile>,
+) {
     let path = value.as_str().expect("a file path is a string").to_owned();
     let file = scratch.join(format!("secret-{}", secrets.len()));
-    std::fs::write(&file, "stand-in-secret-value").unwrap();
+    std::fs::write(&file, content).unwrap();
     *value = toml::Value::String(file.to_string_lossy().into_owned());
     secrets.push(SecretFile { key, path });
 }
@@ -706,4 +750,50 @@ fn dockerfile_builds_the_production_binary() {
             "EXPOSE {port}"
         );
     }
+}
+
+/// The shared-cache variant: several replicas, the Redis URL and cache key from a Secret the sidecar mounts
+/// (checked for every variant above), `rediss://`, and a NetworkPolicy that lets the pods reach Redis's TLS
+/// port.
+#[test]
+fn shared_cache_variant_reads_redis_from_a_secret_and_may_reach_it() {
+    let kustomizations = kustomizations();
+    let k = kustomizations
+        .iter()
+        .find(|k| k.dir.ends_with("shared-cache"))
+        .expect("the shared-cache variant");
+    let Pod {
+        config, secrets, ..
+    } = pod(k);
+    let shared = config.cache.shared.as_ref().expect("[cache.shared]");
+    assert!(
+        shared.display.starts_with("rediss://"),
+        "{}",
+        shared.display
+    );
+    for key in ["cache.shared.url.file", "cache.shared.encryption_key.file"] {
+        assert!(
+            secrets.iter().any(|s| s.key == key),
+            "{key} from a mounted Secret"
+        );
+    }
+    let deployment = of_kind(&k.resources, "Deployment").next().unwrap();
+    assert!(deployment["spec"]["replicas"].as_u64().unwrap() > 1);
+    let policy = of_kind(&k.resources, "NetworkPolicy")
+        .next()
+        .expect("a NetworkPolicy");
+    let egress_ports: Vec<u64> = seq(&policy["spec"]["egress"])
+        .iter()
+        .flat_map(|rule| {
+            seq(&rule["ports"])
+                .iter()
+                .filter_map(|p| p["port"].as_u64())
+        })
+        .collect();
+    assert!(egress_ports.contains(&6380), "{egress_ports:?}");
+    assert!(egress_ports.contains(&443) && egress_ports.contains(&53));
+    assert_eq!(
+        policy["spec"]["podSelector"]["matchLabels"],
+        deployment["spec"]["selector"]["matchLabels"]
+    );
 }

@@ -41,9 +41,9 @@ fn key_file(dir: &std::path::Path, name: &str, keys: &[[u8; 32]]) -> std::path::
     path
 }
 
-fn config(idp: &DevIdp, upstream: &str, redis: &str, keys: &std::path::Path) -> String {
+fn config(idp: &DevIdp, upstream: &str, shared: &str, keys: &std::path::Path) -> String {
     format!(
-        "{}\n[cache.shared]\nurl = \"{redis}\"\nencryption_key = {{ file = \"{}\" }}\ntimeout = \"200ms\"\nlease = \"5s\"\n",
+        "{}\n[cache.shared]\n{shared}\nencryption_key = {{ file = \"{}\" }}\ntimeout = \"200ms\"\nlease = \"5s\"\n",
         support::base_config(
             idp,
             upstream,
@@ -56,6 +56,12 @@ fn config(idp: &DevIdp, upstream: &str, redis: &str, keys: &std::path::Path) -> 
 
 impl Fleet {
     async fn start(redis: &RedisServer, keys: &[&[[u8; 32]]]) -> Fleet {
+        let shared = format!("url = \"{}\"", redis.url());
+        Fleet::start_with(&vec![shared; keys.len()], keys).await
+    }
+
+    /// Replicas with these `[cache.shared]` connection keys and encryption keys.
+    async fn start_with(shared: &[String], keys: &[&[[u8; 32]]]) -> Fleet {
         support::captured_logs();
         let idp = DevIdp::start(support::bind().await, DevIdpConfig::default())
             .await
@@ -67,7 +73,7 @@ impl Fleet {
         let mut replicas = Vec::new();
         for (i, keys) in keys.iter().enumerate() {
             let file = key_file(&dir, &format!("keys-{i}"), keys);
-            let text = config(&idp, &upstream.url(), &redis.url(), &file);
+            let text = config(&idp, &upstream.url(), &shared[i], &file);
             let sidecar = support::start_sidecar(support::parse(&text)).await;
             sidecar.ready().await;
             replicas.push(sidecar);
@@ -324,6 +330,36 @@ async fn an_upstream_401_drops_the_shared_entry() {
     }
     assert_eq!(fleet.get(1, &token).await.status(), 200);
     assert_eq!(fleet.idp.token_requests(), 2);
+}
+
+/// `rediss://`: replicas share through TLS (the CA from `ca_file`); a replica that does not trust the
+/// server's certificate fails no request, it only shares nothing.
+#[tokio::test]
+async fn replicas_share_over_tls_and_an_untrusted_server_fails_nothing() {
+    let pki = support::TestPki::new();
+    let redis = RedisServer::start_tls(&pki);
+    let trusted = format!(
+        "url = \"{}\"\nca_file = \"{}\"",
+        redis.tls_url(),
+        pki.ca_file().display()
+    );
+    let untrusted = format!("url = \"{}\"", redis.tls_url());
+    let fleet = Fleet::start_with(
+        &[trusted.clone(), trusted, untrusted],
+        &[&[KEY_A], &[KEY_A], &[KEY_A]],
+    )
+    .await;
+    let token = fleet.caller("over-tls");
+    assert_eq!(fleet.get(0, &token).await.status(), 200);
+    assert_eq!(fleet.get(1, &token).await.status(), 200);
+    assert_eq!(fleet.idp.token_requests(), 1, "shared over TLS");
+    assert_eq!(fleet.get(2, &token).await.status(), 200);
+    assert_eq!(
+        fleet.idp.token_requests(),
+        2,
+        "the untrusting replica exchanged itself"
+    );
+    fleet.wait_for_up(2, false).await;
 }
 
 /// No key or value in Redis holds a JWT, a fragment of a token, or the digest of a caller's token.

@@ -589,6 +589,9 @@ pub(crate) async fn raw_request(addr: SocketAddr, request: &[u8]) -> (u16, Strin
 pub(crate) struct TestPki {
     pub ca_pem: String,
     pub server: std::sync::Arc<rustls::ServerConfig>,
+    /// The server certificate and its key, PEM, for servers that read files (`redis-server`).
+    pub leaf_pem: String,
+    pub leaf_key_pem: String,
 }
 
 impl TestPki {
@@ -619,6 +622,8 @@ impl TestPki {
         TestPki {
             ca_pem: ca_cert.pem(),
             server: std::sync::Arc::new(server),
+            leaf_pem: leaf.pem(),
+            leaf_key_pem: leaf_key.serialize_pem(),
         }
     }
 

@@ -8,24 +8,53 @@ use std::process::{Child, Command, Stdio};
 pub(crate) struct RedisServer {
     pub(crate) port: u16,
     child: Option<Child>,
+    /// For a TLS-only server: its certificate, key and CA files.
+    tls: Option<[std::path::PathBuf; 3]>,
 }
 
 impl RedisServer {
     /// Starts one on a free loopback port (another port if that one is taken meanwhile).
     pub(crate) fn start() -> RedisServer {
         for _ in 0..5 {
-            let port = std::net::TcpListener::bind("127.0.0.1:0")
-                .and_then(|l| l.local_addr())
-                .expect("a free port")
-                .port();
-            if let Some(child) = spawn(port) {
+            let port = free_port();
+            if let Some(child) = spawn(port, None) {
                 return RedisServer {
                     port,
                     child: Some(child),
+                    tls: None,
                 };
             }
         }
         panic!("redis-server did not start on a free port");
+    }
+
+    /// Starts one that speaks TLS only, with `pki`'s server certificate (for `localhost`).
+    pub(crate) fn start_tls(pki: &super::TestPki) -> RedisServer {
+        let dir = super::temp_dir("redis-tls");
+        let files = [
+            dir.join("redis.crt"),
+            dir.join("redis.key"),
+            dir.join("ca.crt"),
+        ];
+        std::fs::write(&files[0], &pki.leaf_pem).expect("cert");
+        std::fs::write(&files[1], &pki.leaf_key_pem).expect("key");
+        std::fs::write(&files[2], &pki.ca_pem).expect("ca");
+        for _ in 0..5 {
+            let port = free_port();
+            if let Some(child) = spawn(port, Some(&files)) {
+                return RedisServer {
+                    port,
+                    child: Some(child),
+                    tls: Some(files),
+                };
+            }
+        }
+        panic!("redis-server (TLS) did not start on a free port");
+    }
+
+    /// `rediss://localhost:<port>/`.
+    pub(crate) fn tls_url(&self) -> String {
+        format!("rediss://localhost:{}/", self.port)
     }
 
     pub(crate) fn url(&self) -> String {
@@ -43,7 +72,8 @@ impl RedisServer {
     /// Starts it again on the same port, empty.
     pub(crate) fn restart(&mut self) {
         self.kill();
-        self.child = Some(spawn(self.port).expect("redis-server restarts on its port"));
+        self.child =
+            Some(spawn(self.port, self.tls.as_ref()).expect("redis-server restarts on its port"));
     }
 
     /// Every key and its value (the scan a curious operator would make).
@@ -86,12 +116,31 @@ impl Drop for RedisServer {
     }
 }
 
-/// `redis-server` on `port`, once it says it accepts connections; `None` if it exits first (port taken).
-fn spawn(port: u16) -> Option<Child> {
-    let mut child = Command::new("redis-server")
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
+}
+
+/// `redis-server` on `port` (TLS only, with these certificate, key and CA files), once it says it accepts
+/// connections; `None` if it exits first (the port was taken).
+fn spawn(port: u16, tls: Option<&[std::path::PathBuf; 3]>) -> Option<Child> {
+    let mut command = Command::new("redis-server");
+    match tls {
+        None => command.args(["--port", &port.to_string()]),
+        Some([cert, key, ca]) => command
+            .args(["--port", "0", "--tls-port", &port.to_string()])
+            .arg("--tls-cert-file")
+            .arg(cert)
+            .arg("--tls-key-file")
+            .arg(key)
+            .arg("--tls-ca-cert-file")
+            .arg(ca)
+            .args(["--tls-auth-clients", "no"]),
+    };
+    let mut child = command
         .args([
-            "--port",
-            &port.to_string(),
             "--bind",
             "127.0.0.1",
             "--save",
