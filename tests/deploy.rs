@@ -753,7 +753,7 @@ fn dockerfile_builds_the_production_binary() {
 }
 
 /// The shared-cache variant: several replicas, the Redis URL and cache key from a Secret the sidecar mounts
-/// (checked for every variant above), `rediss://`, and a NetworkPolicy that lets the pods reach Redis's TLS
+/// (checked for every variant above), `rediss://`, and a `NetworkPolicy` that lets the pods reach Redis's TLS
 /// port.
 #[test]
 fn shared_cache_variant_reads_redis_from_a_secret_and_may_reach_it() {
