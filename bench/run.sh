@@ -4,7 +4,8 @@
 # figures are each measured against a baseline of the same run.
 #   bench/run.sh --quick        smoke run of the debug build, under a minute, needs nothing beyond cargo
 #                               (.ci/run calls it; its figures are not the product's)
-#   bench/run.sh                full run (about ten minutes); installs nginx (apt) and oha (cargo) if missing
+#   bench/run.sh                full run (about fifteen minutes); installs nginx and redis-server (apt) and oha
+#                               (cargo) if missing
 #   bench/run.sh --soak 30m     steady load at half capacity with rotating caller tokens; errors and RSS drift
 #   --workers N                 TOKIO_WORKER_THREADS of the sidecar and nginx's worker_processes (default 1)
 set -euo pipefail
@@ -26,6 +27,14 @@ if [ "$full" = 1 ]; then
         $sudo apt-get install -y --no-install-recommends nginx-light >&2 ||
             { $sudo apt-get update >&2 && $sudo apt-get install -y --no-install-recommends nginx-light >&2; } ||
             echo "bench: nginx could not be installed; its reference row is skipped" >&2
+    fi
+    if ! command -v redis-server >/dev/null && [ ! -x /usr/bin/redis-server ]; then
+        echo "bench: installing redis-server (the fleet's shared cache)" >&2
+        sudo=""
+        [ "$(id -u)" = 0 ] || sudo="sudo"
+        $sudo apt-get install -y --no-install-recommends redis-server >&2 ||
+            { $sudo apt-get update >&2 && $sudo apt-get install -y --no-install-recommends redis-server >&2; } ||
+            echo "bench: redis-server could not be installed; the fleet rows are skipped" >&2
     fi
     if ! command -v oha >/dev/null && [ ! -x "$HOME/.cargo/bin/oha" ]; then
         echo "bench: installing oha $OHA_VERSION (the load generator)" >&2

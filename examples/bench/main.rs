@@ -7,9 +7,11 @@
 //! ```text
 //! bench [--quick | --soak DURATION] [--workers N]
 //! ```
-//! `--quick` is a smoke run of seconds that needs nothing beyond cargo; `--soak 30m` holds a steady load.
+//! `--quick` is a smoke run of seconds that needs nothing beyond cargo (the fleet rows need `redis-server`,
+//! and say so when it is missing); `--soak 30m` holds a steady load.
 
 mod bare;
+mod fleet;
 mod load;
 mod oha;
 mod servers;
@@ -558,6 +560,9 @@ async fn run(settings: &Settings, binary: &PathBuf, dir: &std::path::Path) -> Re
             per_token - upstream_token_bytes as f64
         ),
     );
+
+    // The fleet: replicas sharing a token cache on Redis, against replicas that do not.
+    fleet::run(settings, binary, &idp, upstream, dir, &mut report).await?;
 
     let binary_size = std::fs::metadata(binary).map_or(0, |m| m.len());
     report.row(

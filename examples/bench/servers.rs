@@ -106,7 +106,7 @@ pub(crate) fn find_program(env: &str, name: &str, fallbacks: &[PathBuf]) -> Opti
 }
 
 /// A free loopback port (bound and released: the server that takes it runs as another process).
-fn free_port() -> Result<u16, Error> {
+pub(crate) fn free_port() -> Result<u16, Error> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port())
@@ -179,11 +179,24 @@ pub(crate) async fn start_sidecar(
     workers: usize,
     dir: &Path,
 ) -> Result<Sidecar, Error> {
+    start_sidecar_with(binary, idp, upstream, workers, dir, "bench", "").await
+}
+
+/// As [`start_sidecar`], its configuration file named `name` and ending with `extra` (more TOML).
+pub(crate) async fn start_sidecar_with(
+    binary: &Path,
+    idp: &DevIdp,
+    upstream: SocketAddr,
+    workers: usize,
+    dir: &Path,
+    name: &str,
+    extra: &str,
+) -> Result<Sidecar, Error> {
     let proxy: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
     let admin: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
     let secret = dir.join("client-secret");
     std::fs::write(&secret, obo_sidecar::dev::DEFAULT_CLIENT_SECRET)?;
-    let config = dir.join("bench.toml");
+    let config = dir.join(format!("{name}.toml"));
     std::fs::write(
         &config,
         format!(
@@ -205,7 +218,7 @@ path_prefix = "/obo/"
 upstream = "http://{upstream}/"
 token = "obo"
 scopes = ["api://downstream/.default"]
-"#,
+{extra}"#,
             issuer = idp.issuer(),
             token_endpoint = idp.token_endpoint(),
             secret = secret.display(),
