@@ -137,6 +137,7 @@ fn parse_deployed(path: &Path) -> (Config, Vec<SecretFile>) {
     {
         for (key, content) in [
             ("url", "rediss://:stand-in@cache.example.net:6380/0"),
+            ("password", "stand-in/with+slashes="),
             (
                 "encryption_key",
                 "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=",
@@ -771,7 +772,10 @@ fn shared_cache_variant_reads_redis_from_a_secret_and_may_reach_it() {
         "{}",
         shared.display
     );
-    for key in ["cache.shared.url.file", "cache.shared.encryption_key.file"] {
+    for key in [
+        "cache.shared.password.file",
+        "cache.shared.encryption_key.file",
+    ] {
         assert!(
             secrets.iter().any(|s| s.key == key),
             "{key} from a mounted Secret"

@@ -98,7 +98,11 @@ fn read_url(f: &Fields<'_>, env: EnvLookup<'_>, p: &mut Problems) -> Option<(Sec
             return None;
         }
         Some(Value::String(text)) => {
-            if Url::parse(text).is_ok_and(|u| u.password().is_some()) {
+            let carries_secret = Url::parse(text).is_ok_and(|u| {
+                u.password().is_some()
+                    || u.query_pairs().any(|(k, _)| k == "pass" || k == "password")
+            });
+            if carries_secret {
                 p.add(
                     &at,
                     "a URL with a password is a secret: use { env = \"NAME\" } or { file = \"/path\" }, or the password key",
@@ -117,10 +121,21 @@ fn read_url(f: &Fields<'_>, env: EnvLookup<'_>, p: &mut Problems) -> Option<(Sec
         p.add(&at, "not a URL (redis://host:port/db or rediss://…)");
         return None;
     };
-    let mut display = url.clone();
-    let _ = display.set_username("");
-    let _ = display.set_password(None);
-    let display = display.to_string();
+    // Scheme, host, port and database: never the user, password, query or fragment.
+    let display = match (url.host_str(), url.port()) {
+        (Some(host), Some(port)) => format!("{}://{host}:{port}{}", url.scheme(), url.path()),
+        (Some(host), None) => format!("{}://{host}{}", url.scheme(), url.path()),
+        (None, _) => format!("{}://{}", url.scheme(), url.path()),
+    };
+    if url.fragment().is_some() {
+        p.add(
+            &at,
+            format!(
+                "{display}: no #fragment (certificate checks cannot be turned off; use ca_file)"
+            ),
+        );
+        return None;
+    }
     match url.scheme() {
         "rediss" | "redis+unix" | "unix" => {}
         "redis" if host_is_loopback(&url) => {}
@@ -134,7 +149,7 @@ fn read_url(f: &Fields<'_>, env: EnvLookup<'_>, p: &mut Problems) -> Option<(Sec
         other => {
             p.add(
                 &at,
-                format!("scheme {other:?}: redis://, rediss:// or redis+unix://"),
+                format!("scheme {other:?}: redis://, rediss://, redis+unix:// or unix://"),
             );
             return None;
         }
@@ -143,7 +158,18 @@ fn read_url(f: &Fields<'_>, env: EnvLookup<'_>, p: &mut Problems) -> Option<(Sec
         && url.host_str().is_none_or(str::is_empty)
         && url.scheme() != "redis+unix"
     {
-        p.add(&at, "no host");
+        p.add(&at, format!("{display}: no host"));
+        return None;
+    }
+    // What the client library will refuse at start (a database that is not a number, say), refused now.
+    if let Err(error) = redis::IntoConnectionInfo::into_connection_info(text.expose()) {
+        p.add(
+            &at,
+            format!(
+                "{display}: {:?} (redis://host:port/db or rediss://…)",
+                error.kind()
+            ),
+        );
         return None;
     }
     Some((text, display))
@@ -190,7 +216,10 @@ fn read_keys(f: &Fields<'_>, env: EnvLookup<'_>, p: &mut Problems) -> Option<Enc
         }
     }
     if keys.is_empty() {
-        p.add(&at, "no key");
+        p.add(
+            &at,
+            "no key: one per line, 32 random bytes in base64 (openssl rand -base64 32)",
+        );
         return None;
     }
     if keys.len() > MAX_KEYS {

@@ -335,12 +335,36 @@ fn shared_cache_settings_are_checked() {
         short,
         [
             "cache.shared.encryption_key: key 1 is not 32 bytes in base64 (openssl rand -base64 32)",
-            "cache.shared.encryption_key: no key"
+            "cache.shared.encryption_key: no key: one per line, 32 random bytes in base64 (openssl rand -base64 32)"
         ]
     );
     assert!(
         !short.iter().any(|p| p.contains("c2hvcnQ")),
         "the key is never shown"
+    );
+    let query = problems(
+        "url = \"redis+unix:///run/redis.sock?pass=hunter2\"\nencryption_key = { env = \"CACHE_KEYS\" }",
+    );
+    assert!(
+        query[0].starts_with("cache.shared.url: a URL with a password is a secret"),
+        "{query:?}"
+    );
+    assert!(!query[0].contains("hunter2"));
+    let fragment = problems(
+        "url = \"rediss://cache.example.net:6380/#insecure\"\nencryption_key = { env = \"CACHE_KEYS\" }",
+    );
+    assert_eq!(
+        fragment,
+        [
+            "cache.shared.url: rediss://cache.example.net:6380/: no #fragment (certificate checks cannot be turned off; use ca_file)"
+        ]
+    );
+    let bad_db = problems(
+        "url = \"redis://127.0.0.1:6379/not-a-number\"\nencryption_key = { env = \"CACHE_KEYS\" }",
+    );
+    assert!(
+        bad_db[0].starts_with("cache.shared.url: redis://127.0.0.1:6379/not-a-number: "),
+        "{bad_db:?}"
     );
     let missing = problems("url = \"redis://localhost/\"");
     assert!(

@@ -248,10 +248,25 @@ impl TokenCache {
             }
             self.remove_if_same(key, &entry).await;
         }
-        let entry = self
-            .flight(key, fetch, None)
-            .await
-            .map_err(|shared| (*shared).clone())?;
+        let entry = match self.flight(key, fetch, None).await {
+            Ok(entry) => entry,
+            // This miss joined a background refresh that another replica is doing (the shared cache): a flight
+            // of its own fetches the token.
+            Err(error)
+                if matches!(
+                    *error,
+                    ExchangeError::Unavailable {
+                        cause: Unavailable::RefreshedElsewhere,
+                        ..
+                    }
+                ) =>
+            {
+                self.flight(key, fetch, None)
+                    .await
+                    .map_err(|shared| (*shared).clone())?
+            }
+            Err(error) => return Err((*error).clone()),
+        };
         // A token of unknown lifetime serves the requests that waited for its fetch; one that expired while
         // they waited serves nobody.
         if entry.uncacheable() || Instant::now() < entry.token.expires_at {

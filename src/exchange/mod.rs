@@ -183,6 +183,9 @@ impl Exchanger {
             expiry_margin: self.expiry_margin,
         });
         let shared = self.shared.clone();
+        // Waiting for another replica's exchange takes at most half the route's deadline: the rest is left
+        // for an exchange of its own.
+        let wait = route.timeout / 2;
         let fetch: Fetch = Arc::new(move |purpose| {
             let request = Arc::clone(&request);
             let shared = shared.clone();
@@ -190,7 +193,7 @@ impl Exchanger {
                 match shared {
                     Some(shared) => {
                         shared
-                            .fetch(key, purpose, || {
+                            .fetch(key, purpose, wait, || {
                                 let request = Arc::clone(&request);
                                 Box::pin(async move { request.send().await })
                             })
