@@ -177,7 +177,8 @@ pub(crate) async fn run(
         format!("{:+.2} ms p50 added by the shared cache", p50_on - p50_off),
     );
 
-    // Cache hits: one caller, with and without, alternating; an in-process hit never touches Redis.
+    // Cache hits: one caller, with and without, alternating (and in alternating order); an in-process hit
+    // never touches Redis. With oha in the full run, as the main figures; else the in-repo generator.
     let one = Arc::new(mint(idp, 1, "fleet-hit").await?);
     let (off_target, on_target) = (
         Target::new(off.proxy, "/obo/x", &one),
@@ -185,23 +186,36 @@ pub(crate) async fn run(
     );
     each_once(&off_target, 1).await?;
     each_once(&on_target, 1).await?;
+    let oha = if full { crate::oha::Oha::find() } else { None };
+    let c = settings.connections;
     let (mut off_rps, mut on_rps) = (Vec::new(), Vec::new());
-    for _ in 0..settings.rounds {
-        off_rps.push(
-            closed_loop(&off_target, settings.connections, settings.duration)
-                .await?
-                .0,
-        );
-        on_rps.push(
-            closed_loop(&on_target, settings.connections, settings.duration)
-                .await?
-                .0,
-        );
+    for round in 0..settings.rounds {
+        let order = if round % 2 == 0 {
+            [false, true]
+        } else {
+            [true, false]
+        };
+        for with_shared in order {
+            let (target, proxy, runs) = if with_shared {
+                (&on_target, on.proxy, &mut on_rps)
+            } else {
+                (&off_target, off.proxy, &mut off_rps)
+            };
+            let rps = match &oha {
+                Some(oha) => {
+                    oha.run(proxy, "/obo/x", Some(&one[0]), c, settings.duration, None)?
+                        .rps
+                }
+                None => closed_loop(target, c, settings.duration).await?.0,
+            };
+            runs.push(rps);
+        }
     }
     let (off_rps, on_rps) = (median(&mut off_rps), median(&mut on_rps));
     report.row(
         format!(
-            "fleet: cache hit, one caller, in-repo load (median of {})",
+            "fleet: cache hit, one caller, {} (median of {}, alternating)",
+            if oha.is_some() { "oha" } else { "in-repo load" },
             settings.rounds
         ),
         format!("{off_rps:.0} rps without [cache.shared], {on_rps:.0} rps with it"),
