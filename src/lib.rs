@@ -1,13 +1,13 @@
 //! obo-sidecar: a reverse proxy that swaps a caller's bearer token for an upstream token.
 //!
-//! For each request ([`proxy`]):
-//! 1. the normalized path picks a route (longest `path_prefix` at a segment boundary) — [`route`];
-//! 2. the caller's JWT is validated against its issuer's keys, and the route's policy applied — [`auth`];
+//! For each request (`proxy`):
+//! 1. the normalized path picks a route (longest `path_prefix` at a segment boundary) — `route`;
+//! 2. the caller's JWT is validated against its issuer's keys, and the route's policy applied — `auth`;
 //! 3. the upstream token is taken from the cache or requested from the IdP (OBO, token exchange or client
-//!    credentials) — [`exchange`];
-//! 4. the request is forwarded, streaming, with `Authorization` replaced — [`forward`].
+//!    credentials) — `exchange`;
+//! 4. the request is forwarded, streaming, with `Authorization` replaced — `forward`.
 //!
-//! [`start`] takes the config and bound listeners, so tests run the real server in-process; [`sidecar`]
+//! [`start`] takes the config and bound listeners, so tests run the real server in-process; `sidecar`
 //! holds the configuration generations and their reloads.
 
 pub mod cli;

@@ -1,8 +1,8 @@
-//! `sidecar.toml` -> [`Config`]. The TOML is read into a `toml::Table` and walked key by key ([`walk`]), so
+//! `sidecar.toml` -> [`Config`]. The TOML is read into a `toml::Table` and walked key by key (`walk`), so
 //! that one pass reports **every** problem with its key path (`routes[1].upstream: relative URL without a
 //! base`) instead of stopping at the first, as `serde` would. Unknown keys are problems too: a key that this
-//! version does not implement is refused, never accepted and ignored. The model is in [`model`]; each
-//! section has its reader; [`credential`] is the only place secrets and keys are read.
+//! version does not implement is refused, never accepted and ignored. The model is in `model`; each
+//! section has its reader; `credential` is the only place secrets and keys are read.
 
 use std::collections::HashSet;
 use std::net::SocketAddr;

@@ -21,7 +21,7 @@ pub const DEFAULT_TOKEN_LIFETIME: Duration = Duration::from_secs(3600);
 /// The `tid` claim unless configured: a fixed, obviously fake GUID so tokens are stable across runs.
 pub const DEFAULT_TENANT_ID: &str = "72f988bf-0000-4000-8000-000000000001";
 
-/// The `Cache-Control: max-age` sent with `/jwks` unless [`DevIdp::set_jwks_max_age`] changes it: five
+/// The `Cache-Control: max-age` sent with `/jwks` unless [`super::DevIdp::set_jwks_max_age`] changes it: five
 /// minutes, the lower bound the sidecar honours, so a sidecar under test refreshes no sooner than it must.
 pub const DEFAULT_JWKS_MAX_AGE: u64 = 300;
 
@@ -47,7 +47,7 @@ pub(super) const REDACTED: &str = "[redacted]";
 /// tenant id it stamps into them.
 #[derive(Clone, Debug)]
 pub struct DevIdpConfig {
-    /// Confidential clients allowed on the token endpoint; [`DevIdp::add_client`] registers more later.
+    /// Confidential clients allowed on the token endpoint; [`super::DevIdp::add_client`] registers more later.
     pub clients: Vec<DevClient>,
     /// Lifetime of tokens issued by `POST /token` (`expires_in`).
     pub token_lifetime: Duration,
@@ -180,10 +180,10 @@ impl fmt::Debug for DevClient {
     }
 }
 
-/// The claims of a caller token minted by [`DevIdp::mint`] or `POST /dev/token`.
+/// The claims of a caller token minted by [`super::DevIdp::mint`] or `POST /dev/token`.
 ///
 /// A caller token of tenant `t` (for a `{tenantid}` issuer) has `tid: Some(t)` and `extra` =
-/// `{"iss": idp.tenant_issuer(t)}`; [`DevIdp::mint_for_tenant`] mints exactly that.
+/// `{"iss": idp.tenant_issuer(t)}`; [`super::DevIdp::mint_for_tenant`] mints exactly that.
 #[derive(Clone, Debug, PartialEq)]
 pub struct TokenClaims {
     /// The `sub` claim: who the caller is.
@@ -229,7 +229,7 @@ impl TokenClaims {
     }
 }
 
-/// A failure the token endpoint answers instead of a normal response (see [`DevIdp::fail_next`]).
+/// A failure the token endpoint answers instead of a normal response (see [`super::DevIdp::fail_next`]).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Failure {
     /// 500 with a small JSON body.
