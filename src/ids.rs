@@ -8,14 +8,14 @@ pub(crate) fn random_uuid() -> String {
     let mut bytes = [0u8; 16];
     // The system RNG failing is not recoverable in any useful way; an all-zero id is still well-formed.
     let _ = aws_lc_rs::rand::SystemRandom::new().fill(&mut bytes);
-    uuid_text(bytes)
+    uuid_text(bytes).iter().map(|&b| char::from(b)).collect()
 }
 
 /// A unique UUID-shaped id for a request (`X-Request-Id`), cheap enough for every request: no random draw
 /// and no formatting machinery. Random keys are drawn once per process; each id is then a counter passed
 /// through a keyed bijection of 64 bits (`splitmix64`'s finalizer), so ids never repeat within a process and
 /// do not show a plain count of requests. Not a secret, and not a cryptographic permutation: only unique.
-pub(crate) fn request_uuid() -> String {
+pub(crate) fn request_uuid() -> [u8; 36] {
     static KEYS: std::sync::LazyLock<([u8; 8], u64, u64)> = std::sync::LazyLock::new(|| {
         let mut random = [0u8; 24];
         let _ = aws_lc_rs::rand::SystemRandom::new().fill(&mut random);
@@ -47,18 +47,20 @@ pub(crate) fn request_uuid() -> String {
     uuid_text(bytes)
 }
 
-/// `bytes` as a version 4 UUID: `xxxxxxxx-xxxx-4xxx-Yxxx-xxxxxxxxxxxx`.
-fn uuid_text(mut bytes: [u8; 16]) -> String {
+/// `bytes` as a version 4 UUID: `xxxxxxxx-xxxx-4xxx-Yxxx-xxxxxxxxxxxx` (lowercase ASCII).
+fn uuid_text(mut bytes: [u8; 16]) -> [u8; 36] {
     const HEX: &[u8; 16] = b"0123456789abcdef";
     bytes[6] = (bytes[6] & 0x0f) | 0x40;
     bytes[8] = (bytes[8] & 0x3f) | 0x80;
-    let mut text = String::with_capacity(36);
+    let mut text = [b'-'; 36];
+    let mut at = 0;
     for (i, b) in bytes.iter().enumerate() {
         if matches!(i, 4 | 6 | 8 | 10) {
-            text.push('-');
+            at += 1;
         }
-        text.push(char::from(HEX[usize::from(b >> 4)]));
-        text.push(char::from(HEX[usize::from(b & 0x0f)]));
+        text[at] = HEX[usize::from(b >> 4)];
+        text[at + 1] = HEX[usize::from(b & 0x0f)];
+        at += 2;
     }
     text
 }
@@ -81,9 +83,12 @@ mod tests {
 
     #[test]
     fn request_ids_are_uuid_shaped_and_distinct() {
-        let ids: Vec<String> = (0..1000).map(|_| request_uuid()).collect();
-        assert!(ids.iter().all(|id| id.len() == 36 && &id[14..15] == "4"));
-        let distinct: std::collections::HashSet<&String> = ids.iter().collect();
+        let ids: Vec<[u8; 36]> = (0..1000).map(|_| request_uuid()).collect();
+        assert!(
+            ids.iter()
+                .all(|id| id[14] == b'4' && id[8] == b'-' && id[23] == b'-')
+        );
+        let distinct: std::collections::HashSet<&[u8; 36]> = ids.iter().collect();
         assert_eq!(distinct.len(), ids.len());
     }
 }

@@ -57,9 +57,15 @@ fn config(idp: &DevIdp, upstream: &str, shared: &str, keys: &std::path::Path) ->
 }
 
 impl Fleet {
+    /// Replicas sharing `redis`, each connected to it: a replica serves its first requests before its
+    /// connection is up, unshared, and the tests count exchanges exactly.
     async fn start(redis: &RedisServer, keys: &[&[[u8; 32]]]) -> Fleet {
         let shared = format!("url = \"{}\"", redis.url());
-        Fleet::start_with(&vec![shared; keys.len()], keys).await
+        let fleet = Fleet::start_with(&vec![shared; keys.len()], keys).await;
+        for replica in 0..keys.len() {
+            fleet.wait_for_up(replica, true).await;
+        }
+        fleet
     }
 
     /// Replicas with these `[cache.shared]` connection keys and encryption keys.
@@ -368,10 +374,15 @@ async fn a_redis_answering_nonsense_fails_nothing() {
 /// with an unrelated key shares nothing. A value that does not open is a miss, and is overwritten.
 #[tokio::test]
 async fn rotated_keys_still_open_and_an_unreadable_value_is_overwritten() {
+    const GARBAGE: &[u8] = b"\x01garbage that does not open";
     let redis = RedisServer::start();
     let fleet = Fleet::start(&redis, &[&[KEY_A], &[KEY_B, KEY_A], &[KEY_B], &[KEY_B]]).await;
+    // A replica answers its caller before its write to Redis lands; replicas whose first keys differ take
+    // different leases, so only the written value is shared between them: wait for it.
+    let readable = |n: usize| wait_for_entries(&redis, n, GARBAGE);
     let token = fleet.caller("rotating");
     assert_eq!(fleet.get(0, &token).await.status(), 200);
+    readable(1).await;
     assert_eq!(fleet.get(1, &token).await.status(), 200);
     assert_eq!(fleet.idp.token_requests(), 1, "the old key still opens");
     assert_eq!(fleet.get(2, &token).await.status(), 200);
@@ -380,18 +391,21 @@ async fn rotated_keys_still_open_and_an_unreadable_value_is_overwritten() {
         2,
         "another key names other entries"
     );
+    readable(2).await;
     // Every value garbled: the next replica misses and writes a good one, which the last one reads.
-    redis.overwrite_values(b"\x01garbage that does not open");
+    redis.overwrite_values(GARBAGE);
     let other = fleet.caller("garbled");
     assert_eq!(fleet.get(2, &other).await.status(), 200);
+    readable(1).await;
     let exchanges = fleet.idp.token_requests();
-    redis.overwrite_values(b"\x01garbage that does not open");
+    redis.overwrite_values(GARBAGE);
     assert_eq!(fleet.get(3, &other).await.status(), 200);
     assert_eq!(
         fleet.idp.token_requests(),
         exchanges + 1,
         "a garbled value is a miss"
     );
+    readable(1).await;
     let third = fleet.caller("third");
     assert_eq!(fleet.get(2, &third).await.status(), 200);
     assert_eq!(fleet.get(3, &third).await.status(), 200);
@@ -400,6 +414,26 @@ async fn rotated_keys_still_open_and_an_unreadable_value_is_overwritten() {
         exchanges + 2,
         "overwritten, then shared"
     );
+}
+
+/// Waits until Redis holds `n` token entries whose value is not `garbage`.
+async fn wait_for_entries(redis: &RedisServer, n: usize, garbage: &[u8]) {
+    let started = std::time::Instant::now();
+    loop {
+        let readable = redis
+            .dump()
+            .iter()
+            .filter(|(key, value)| key.windows(2).any(|w| w == b"t:") && value != garbage)
+            .count();
+        if readable == n {
+            return;
+        }
+        assert!(
+            started.elapsed() < PATIENCE,
+            "Redis never held {n} readable entries ({readable})"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }
 
 /// An upstream 401 drops the token that was sent from the shared cache too: the next request, at once, on

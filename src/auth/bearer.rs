@@ -41,7 +41,17 @@ pub(super) fn check_b64token(token: &str) -> Result<(), ProxyError> {
 }
 
 /// The text of the one bearer token of the request, before its characters are checked.
-pub(super) fn bearer_text(headers: &HeaderMap) -> Result<&str, ProxyError> {
+#[cfg(test)]
+fn bearer_text(headers: &HeaderMap) -> Result<&str, ProxyError> {
+    let (value, range) = bearer_range(headers)?;
+    Ok(&value.to_str().unwrap_or_default()[range])
+}
+
+/// The one `Authorization` header of the request (visible ASCII) and where its bearer token is in it,
+/// before the token's characters are checked.
+pub(super) fn bearer_range(
+    headers: &HeaderMap,
+) -> Result<(&http::HeaderValue, std::ops::Range<usize>), ProxyError> {
     let mut values = headers.get_all(http::header::AUTHORIZATION).iter();
     let Some(value) = values.next() else {
         return Err(ProxyError::MissingToken);
@@ -54,6 +64,7 @@ pub(super) fn bearer_text(headers: &HeaderMap) -> Result<&str, ProxyError> {
     if value.len() > MAX_BEARER_BYTES + 16 {
         return Err(ProxyError::InvalidToken(TokenDefect::TooLarge));
     }
+    let header = value;
     let value = value
         .to_str()
         .map_err(|_| ProxyError::InvalidToken(TokenDefect::MalformedHeader))?;
@@ -68,5 +79,7 @@ pub(super) fn bearer_text(headers: &HeaderMap) -> Result<&str, ProxyError> {
     if token.len() > MAX_BEARER_BYTES {
         return Err(ProxyError::InvalidToken(TokenDefect::TooLarge));
     }
-    Ok(token)
+    // `token` is a slice of `value`: where it starts is how far its first byte is from `value`'s.
+    let start = token.as_ptr() as usize - value.as_ptr() as usize;
+    Ok((header, start..start + token.len()))
 }

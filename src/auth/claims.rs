@@ -1,7 +1,10 @@
 //! A validated caller: its token, the token's digest, and the claims every request needs.
 
 use std::fmt;
+use std::ops::Range;
 use std::sync::Arc;
+
+use http::HeaderValue;
 
 use serde_json::{Map, Value};
 
@@ -9,10 +12,45 @@ use crate::secret::Secret;
 
 use super::jwks;
 
+/// The caller's token: the bytes of its request's `Authorization` header, shared with the request rather
+/// than copied, and the token's place in them. `Debug` prints `[redacted]`.
+#[derive(Clone)]
+pub(crate) struct CallerToken {
+    /// Visible ASCII (the header was read with `to_str`), so every range of it is text.
+    header: HeaderValue,
+    range: Range<usize>,
+}
+
+impl CallerToken {
+    pub(crate) fn new(header: HeaderValue, range: Range<usize>) -> CallerToken {
+        CallerToken { header, range }
+    }
+
+    /// The token itself, for the places that send it on (an exchange, `passthrough`) or read its claims.
+    pub(crate) fn expose(&self) -> &str {
+        self.header
+            .to_str()
+            .ok()
+            .and_then(|text| text.get(self.range.clone()))
+            .unwrap_or_default()
+    }
+
+    /// A copy of the token, for a token request that outlives the caller's request.
+    pub(crate) fn to_secret(&self) -> Secret {
+        Secret::new(self.expose())
+    }
+}
+
+impl fmt::Debug for CallerToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("[redacted]")
+    }
+}
+
 /// A validated caller.
 pub(crate) struct Caller {
     /// The caller's own token: the subject token of an OBO exchange, or what `passthrough` forwards.
-    pub(crate) token: Secret,
+    pub(crate) token: CallerToken,
     /// SHA-256 of `token`, computed once: the validated-token cache and the upstream-token cache key on it.
     pub(crate) digest: [u8; 32],
     pub(crate) claims: Arc<CallerClaims>,

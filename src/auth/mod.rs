@@ -23,14 +23,13 @@ use serde_json::Value;
 
 use crate::config::Inbound;
 use crate::error::{ProxyError, TokenDefect};
-use crate::secret::Secret;
 use issuers::{Issuers, fetching_equal, key_sources_equal, verification_equal};
 use jwks::{IssuerKeys, KEYS_RETRY_AFTER};
 use token::{Unverified, caller_claims, parse_unverified};
 
 use crate::oauth::now_unix;
-use bearer::{bearer_text, check_b64token};
-pub(crate) use claims::{Caller, CallerClaims};
+use bearer::{bearer_range, check_b64token};
+pub(crate) use claims::{Caller, CallerClaims, CallerToken};
 pub(crate) use policy::authorize;
 
 /// Validates callers' tokens against the configured issuers.
@@ -180,7 +179,12 @@ impl Authenticator {
     /// answered from the validated-token cache, with its expiry and its signing key checked again.
     pub(crate) async fn authenticate(&self, headers: &HeaderMap) -> Result<Caller, ProxyError> {
         // The characters are checked only for a token not seen before: the same bytes passed that check.
-        let token = bearer_text(headers)?;
+        let (header, range) = bearer_range(headers)?;
+        let token = header
+            .to_str()
+            .unwrap_or_default()
+            .get(range.clone())
+            .unwrap_or_default();
         let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, token.as_bytes());
         let mut key = [0u8; 32];
         key.copy_from_slice(digest.as_ref());
@@ -205,7 +209,7 @@ impl Authenticator {
             return Err(ProxyError::InvalidToken(TokenDefect::NoScopesOrRoles));
         }
         Ok(Caller {
-            token: Secret::new(token),
+            token: CallerToken::new(header.clone(), range),
             digest: key,
             claims,
         })

@@ -184,6 +184,14 @@ fn read_route(
         if !url.username().is_empty() || url.password().is_some() {
             p.add(&f.at("upstream"), "must not carry credentials");
         }
+        if http::uri::Authority::try_from(&url[url::Position::BeforeHost..url::Position::AfterPort])
+            .is_err()
+        {
+            p.add(
+                &f.at("upstream"),
+                "its host is not one an HTTP request can name",
+            );
+        }
     }
     let token = match f.string("token", p) {
         None if f.value("token").is_none() => {

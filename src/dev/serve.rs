@@ -32,7 +32,7 @@ where
         let (_keep, stop) = tokio::sync::watch::channel(false);
         server::serve(
             listener,
-            move |request, _peer: Peer| handler(request),
+            move |request, _peer: std::sync::Arc<Peer>| handler(request),
             stop,
             options,
         )

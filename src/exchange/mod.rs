@@ -22,7 +22,6 @@ use http::HeaderValue;
 
 use crate::config::{CacheSettings, Identity, Route, TENANT_PLACEHOLDER, TokenKind};
 use crate::error::{ProxyError, TokenDefect};
-use crate::secret::Secret;
 use cache::{CacheKey, Entry, Fetch, KeyParts, Lookup, TokenCache};
 use request::{Grant, IdentityClient, TokenRequest};
 
@@ -36,7 +35,7 @@ pub(crate) use token::bearer_header;
 /// caller alone), its `exp` and its `tid`.
 #[derive(Clone, Copy)]
 pub(crate) struct Subject<'a> {
-    pub(crate) token: &'a Secret,
+    pub(crate) token: &'a crate::auth::CallerToken,
     pub(crate) digest: &'a [u8; 32],
     pub(crate) exp: u64,
     pub(crate) tid: Option<&'a str>,
@@ -119,7 +118,7 @@ impl Exchanger {
                     subject.ok_or(ProxyError::Internal("passthrough route without a caller"))?;
                 return Ok(Acquired {
                     header: Some(
-                        bearer_header(subject.token)
+                        bearer_header(subject.token.expose())
                             .ok_or(ProxyError::InvalidToken(TokenDefect::Malformed))?,
                     ),
                     sent: None,
@@ -170,7 +169,7 @@ impl Exchanger {
             token_endpoint: token_endpoint.into_owned(),
             grant: match on_behalf_of {
                 Some(subject) => Grant::OnBehalfOf {
-                    subject: subject.token.clone(),
+                    subject: subject.token.to_secret(),
                     subject_exp: subject.exp,
                 },
                 None => Grant::App,

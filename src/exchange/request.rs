@@ -467,7 +467,7 @@ impl TokenRequest {
         let token = Secret::new(answer.access_token);
         let instant = Instant::now();
         Ok(UpstreamToken {
-            header: bearer_header(&token).ok_or(Misconfiguration::TokenNotAHeader)?,
+            header: bearer_header(token.expose()).ok_or(Misconfiguration::TokenNotAHeader)?,
             expires_on,
             stale_at: instant + until_stale,
             expires_at: instant + until_expired,
@@ -487,7 +487,7 @@ impl TokenRequest {
             cache_lifetime(now, expires_on, None, self.expiry_margin);
         let instant = Instant::now();
         Ok(UpstreamToken {
-            header: bearer_header(&token).ok_or(Misconfiguration::TokenNotAHeader)?,
+            header: bearer_header(token.expose()).ok_or(Misconfiguration::TokenNotAHeader)?,
             expires_on,
             stale_at: instant + until_stale,
             expires_at: instant + until_expired,

@@ -3,8 +3,6 @@
 use http::HeaderValue;
 use tokio::time::Instant;
 
-use crate::secret::Secret;
-
 /// An upstream token ready to send, with its timing.
 #[derive(Debug)]
 pub(crate) struct UpstreamToken {
@@ -20,8 +18,8 @@ pub(crate) struct UpstreamToken {
 
 /// `Authorization: Bearer <token>`, marked sensitive (never logged by hyper, never HPACK-indexed); `None`
 /// when the token is not a valid header value.
-pub(crate) fn bearer_header(token: &Secret) -> Option<HeaderValue> {
-    let mut value = HeaderValue::try_from(format!("Bearer {}", token.expose())).ok()?;
+pub(crate) fn bearer_header(token: &str) -> Option<HeaderValue> {
+    let mut value = HeaderValue::try_from(format!("Bearer {token}")).ok()?;
     value.set_sensitive(true);
     Some(value)
 }

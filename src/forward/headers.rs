@@ -10,8 +10,11 @@ use hyper::body::Incoming;
 use crate::config::Route;
 use crate::headers::{CALLER_NEVER, HOP_BY_HOP, REWRITING, canonical};
 
-/// Removes hop-by-hop headers, those named in `Connection`, and `extra` names, matching `_`/`-` variants.
+/// Removes hop-by-hop headers, those named in `Connection`, and `extra` names (canonical and sorted, as
+/// [`request_strip_list`] makes them), matching `_`/`-` variants. Allocates only for a `Connection` header
+/// and for the names it removes.
 pub(crate) fn strip<S: AsRef<str>>(headers: &mut HeaderMap, extra: &[S], keep_te_trailers: bool) {
+    debug_assert!(extra.is_sorted_by(|a, b| a.as_ref() < b.as_ref()));
     let mut named: Vec<String> = Vec::new();
     for value in headers.get_all(header::CONNECTION) {
         // Byte-wise: one non-ASCII byte must not hide the other names in the list.
@@ -26,11 +29,11 @@ pub(crate) fn strip<S: AsRef<str>>(headers: &mut HeaderMap, extra: &[S], keep_te
         }
     }
     let te_trailers = keep_te_trailers
+        && headers.contains_key(header::TE)
         && headers.get_all(header::TE).iter().all(|v| {
             v.to_str()
                 .is_ok_and(|v| v.trim().eq_ignore_ascii_case("trailers"))
-        })
-        && headers.contains_key(header::TE);
+        });
     let doomed: Vec<HeaderName> = headers
         .keys()
         .filter(|name| {
@@ -40,7 +43,7 @@ pub(crate) fn strip<S: AsRef<str>>(headers: &mut HeaderMap, extra: &[S], keep_te
                 return false;
             }
             HOP_BY_HOP.contains(&c)
-                || extra.iter().any(|e| e.as_ref() == c)
+                || extra.binary_search_by(|e| e.as_ref().cmp(c)).is_ok()
                 || named.iter().any(|n| n == c)
         })
         .cloned()
@@ -53,7 +56,7 @@ pub(crate) fn strip<S: AsRef<str>>(headers: &mut HeaderMap, extra: &[S], keep_te
 /// What the upstream request carries besides the caller's request.
 pub(crate) struct Outgoing<'a> {
     pub(crate) uri: Uri,
-    pub(crate) peer: crate::server::Peer,
+    pub(crate) peer: &'a crate::server::Peer,
     pub(crate) route: &'a Route,
     /// `Authorization` to send (`None`: none).
     pub(crate) authorization: Option<HeaderValue>,
@@ -120,8 +123,7 @@ pub(crate) fn upstream_request(
     }
     headers.insert(
         HeaderName::from_static("x-forwarded-for"),
-        HeaderValue::from_str(&out.peer.remote.ip().to_string())
-            .unwrap_or_else(|_| HeaderValue::from_static("unknown")),
+        out.peer.forwarded_for.clone(),
     );
     headers.insert(
         HeaderName::from_static("x-forwarded-proto"),

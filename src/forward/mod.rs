@@ -21,7 +21,7 @@ pub(crate) use headers::{
     Outgoing, claim_header_names, clean_response_headers, request_strip_list, requested_upgrade,
     upstream_request,
 };
-pub(crate) use uri::upstream_uri;
+pub(crate) use uri::{UpstreamBase, upstream_uri};
 
 /// The pooled HTTP/1.1 (or HTTP/2) client of one route's upstream.
 pub(crate) type UpstreamClient = Client<HttpsConnector<HttpConnector>, Incoming>;

@@ -12,9 +12,13 @@ fn mapped(r: &Route, p: &str, q: Option<&str>) -> String {
     let prefix = Prefix::new(&r.match_prefix);
     let path = RequestPath::parse(p).expect("path");
     assert!(prefix.matches(&path), "{p}");
-    upstream_uri(r, path.after(prefix.len()), q)
-        .expect("uri")
-        .to_string()
+    upstream_uri(
+        &UpstreamBase::new(r).expect("base"),
+        path.after(prefix.len()),
+        q,
+    )
+    .expect("uri")
+    .to_string()
 }
 
 #[test]
@@ -120,7 +124,8 @@ mod no_panic {
                 let r = route(prefix, "http://127.0.0.1:1/base/");
                 let prefix = Prefix::new(&r.match_prefix);
                 if prefix.matches(&normalized) {
-                    let uri = upstream_uri(&r, normalized.after(prefix.len()), query.as_deref());
+                    let base = UpstreamBase::new(&r).expect("base");
+                    let uri = upstream_uri(&base, normalized.after(prefix.len()), query.as_deref());
                     prop_assert!(uri.is_ok() || query.is_some());
                 }
             }

@@ -7,7 +7,7 @@ mod token_api;
 mod tunnel;
 
 use std::sync::Arc;
-use std::time::Instant;
+use tokio::time::Instant;
 
 use bytes::Bytes;
 use futures_util::FutureExt as _;
@@ -22,7 +22,7 @@ use crate::exchange::cache::Lookup;
 use crate::exchange::{Acquired, Exchanger, Subject};
 use crate::forward::{self, Outgoing};
 use crate::route::{Prefix, RequestPath, RouteEntry, RouteTable, request_host};
-use crate::server::{Peer, Tunnels};
+use crate::server::Peer;
 use crate::telemetry::{CacheKind, CacheResult, Metrics, RouteMetrics, UpstreamErrorKind};
 
 /// What the proxy answers: the upstream's streamed body, or one the sidecar made.
@@ -44,6 +44,8 @@ pub(crate) struct Proxy {
 
 /// How a request ended, for the access log.
 struct Outcome<'a> {
+    /// When the request started: the one clock read its deadlines and its duration are measured from.
+    started: Instant,
     route: Option<&'a str>,
     metrics: Option<&'a RouteMetrics>,
     cache: &'static str,
@@ -87,12 +89,13 @@ impl Proxy {
     pub(crate) async fn handle(
         &self,
         request: Request<Incoming>,
-        peer: Peer,
+        peer: Arc<Peer>,
     ) -> Response<ProxyBody> {
         let started = Instant::now();
         let method = request.method().clone();
         let request_id = request_id::of(&request);
         let mut outcome = Outcome {
+            started,
             route: None,
             metrics: None,
             cache: "-",
@@ -117,16 +120,17 @@ impl Proxy {
             .headers_mut()
             .insert("x-request-id", request_id.clone());
         let status = response.status().as_u16();
+        let elapsed = started.elapsed();
         match outcome.metrics {
             Some(route) => {
-                route.record_request(status, started.elapsed());
+                route.record_request(status, elapsed);
                 if let Some(kind) = outcome.upstream_error {
                     route.record_upstream_error(kind);
                 }
             }
             None => {
                 self.metrics
-                    .record_request(crate::telemetry::NO_ROUTE, status, started.elapsed());
+                    .record_request(crate::telemetry::NO_ROUTE, status, elapsed);
             }
         }
         tracing::info!(
@@ -136,7 +140,7 @@ impl Proxy {
             status = response.status().as_u16(),
             cache = outcome.cache,
             idp_call = outcome.idp_call,
-            duration_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
+            duration_us = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX),
             request_id = request_id.to_str().unwrap_or("-"),
             "request"
         );
@@ -147,7 +151,7 @@ impl Proxy {
     async fn answer<'a>(
         &'a self,
         request: Request<Incoming>,
-        peer: Peer,
+        peer: Arc<Peer>,
         request_id: &HeaderValue,
         outcome: &mut Outcome<'a>,
     ) -> Result<Response<ProxyBody>, ProxyError> {
@@ -192,7 +196,7 @@ impl Proxy {
         let route = &entry.route;
         outcome.route = Some(&route.name);
         outcome.metrics = Some(&entry.metrics);
-        let deadline = tokio::time::Instant::now() + route.timeout;
+        let deadline = outcome.started + route.timeout;
         let caller = self.caller(request, route, deadline).await?;
         let acquired = tokio::time::timeout_at(
             deadline,
@@ -217,7 +221,7 @@ impl Proxy {
     async fn forward<'a>(
         &'a self,
         mut request: Request<Incoming>,
-        peer: Peer,
+        peer: Arc<Peer>,
         path: &RequestPath,
         entry: &'a RouteEntry,
         admitted: Admitted,
@@ -234,16 +238,20 @@ impl Proxy {
             Some(caller) if !route.forward_claims.is_empty() => claim_headers(route, caller),
             _ => Vec::new(),
         };
-        let uri =
-            forward::upstream_uri(route, path.after(entry.prefix.len()), request.uri().query())?;
+        let uri = forward::upstream_uri(
+            entry.upstream.as_ref().ok_or(ProxyError::Internal(
+                "the route's upstream URL is not a request target",
+            ))?,
+            path.after(entry.prefix.len()),
+            request.uri().query(),
+        )?;
         let upgrade = forward::requested_upgrade(&request).filter(|_| !route.http2);
         let caller_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut request));
-        let tunnels = request.extensions().get::<Tunnels>().cloned();
         let upstream = forward::upstream_request(
             request,
             Outgoing {
                 uri,
-                peer,
+                peer: &peer,
                 route,
                 authorization: acquired.header.clone(),
                 claim_headers,
@@ -288,11 +296,8 @@ impl Proxy {
                 self.idle_timeout,
             );
             // In the caller's connection task: the tunnel holds its max_connections permit and is drained
-            // with it. A connection served outside `server` (none today) runs it on its own.
-            match tunnels {
-                Some(tunnels) => tunnels.run(Box::pin(tunnel)),
-                None => drop(tokio::spawn(tunnel)),
-            }
+            // with it.
+            peer.tunnels.run(Box::pin(tunnel));
         }
         forward::clean_response_headers(response.headers_mut(), switching);
         Ok(response.map(Either::Left))
@@ -309,7 +314,7 @@ impl Proxy {
             token_api::Endpoint::Validate => {
                 outcome.route = Some(token_api::VALIDATE_ROUTE);
                 outcome.metrics = Some(&self.validate_metrics);
-                let deadline = tokio::time::Instant::now() + self.inbound_route.timeout;
+                let deadline = outcome.started + self.inbound_route.timeout;
                 let caller = self.caller(request, &self.inbound_route, deadline).await?;
                 let claims = caller.map(|c| serde_json::Value::Object(c.all_claims()));
                 serde_json::json!({ "claims": claims })

@@ -18,7 +18,7 @@ pub(super) fn of<B>(request: &Request<B>) -> HeaderValue {
         })
         .cloned()
         .unwrap_or_else(|| {
-            HeaderValue::from_str(&crate::ids::request_uuid())
+            HeaderValue::from_bytes(&crate::ids::request_uuid())
                 .unwrap_or_else(|_| HeaderValue::from_static("-"))
         })
 }

@@ -21,6 +21,9 @@ pub(crate) struct RouteEntry {
     pub(crate) metrics: RouteMetrics,
     /// Request headers never forwarded on this route ([`forward::request_strip_list`]).
     pub(crate) strip: Vec<String>,
+    /// The upstream URL's parts, which every forwarded request's URI starts from (`None` only for a URL
+    /// that the configuration's checks refuse).
+    pub(crate) upstream: Option<forward::UpstreamBase>,
     pub(crate) client: UpstreamClient,
 }
 
@@ -46,6 +49,7 @@ impl RouteTable {
                     prefix: Prefix::new(&route.match_prefix),
                     metrics: metrics.route(&route.name),
                     strip: forward::request_strip_list(route, &claim_names),
+                    upstream: forward::UpstreamBase::new(route),
                     client: forward::upstream_client(route)?,
                     route: route.clone(),
                 })

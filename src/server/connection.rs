@@ -4,7 +4,7 @@
 
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -21,7 +21,7 @@ use super::options::{HttpBuilder, Peer, ServeOptions};
 
 /// A connection's upgraded tunnels (WebSocket) run inside its task, so they hold its `max_connections`
 /// permit and are drained with it (SPEC §8): the proxy hands them over through this request extension.
-#[derive(Clone)]
+#[derive(Clone, Debug)]
 pub(crate) struct Tunnels(tokio::sync::mpsc::UnboundedSender<BoxFuture<'static, ()>>);
 
 impl Tunnels {
@@ -37,13 +37,13 @@ impl Tunnels {
 pub(super) async fn drive<I, H, Fut, B, E>(
     builder: &HttpBuilder,
     io: I,
-    peer: Peer,
+    (remote, tls): (std::net::SocketAddr, bool),
     handler: H,
     mut stop: watch::Receiver<bool>,
     options: &ServeOptions,
 ) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-    H: Fn(Request<Incoming>, Peer) -> Fut + Clone + Send + Sync + 'static,
+    H: Fn(Request<Incoming>, Arc<Peer>) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = Result<Response<B>, E>> + Send + 'static,
     E: Into<Box<dyn std::error::Error + Send + Sync>>,
     B: Body + Send + 'static,
@@ -56,11 +56,13 @@ pub(super) async fn drive<I, H, Fut, B, E>(
     let (tunnels, mut upgraded) = tokio::sync::mpsc::unbounded_channel();
     let service = {
         let requests = requests.clone();
-        let tunnels = Tunnels(tunnels);
-        service_fn(move |mut request: Request<Incoming>| {
+        // The connection's own, shared by its requests; dropped with the connection (and with it the last
+        // sender of `tunnels` not handed over).
+        let peer = Arc::new(Peer::new(remote, tls, Tunnels(tunnels)));
+        service_fn(move |request: Request<Incoming>| {
             let handler = handler.clone();
             let open = requests.open();
-            request.extensions_mut().insert(tunnels.clone());
+            let peer = Arc::clone(&peer);
             async move {
                 let response = handler(request, peer).await;
                 drop(open);
@@ -87,7 +89,7 @@ pub(super) async fn drive<I, H, Fut, B, E>(
         }
     };
     if let Err(error) = result {
-        tracing::debug!(listener = options.name, remote = %peer.remote, %error, "connection ended with an error");
+        tracing::debug!(listener = options.name, %remote, %error, "connection ended with an error");
     }
     // Dropping the connection drops every sender but those of tunnels already handed over.
     drop(connection);
@@ -145,35 +147,35 @@ impl Requests {
     }
 }
 
-/// When a connection last moved a byte, shared with its watchdog.
+/// Whether a connection moved a byte since its watchdog last looked, shared with the watchdog. A flag, so
+/// that a read or a write costs one relaxed store and no clock read; the watchdog reads the clock instead.
 #[derive(Clone)]
-pub(crate) struct Activity {
-    epoch: tokio::time::Instant,
-    last_ms: Arc<AtomicU64>,
-}
+pub(crate) struct Activity(Arc<AtomicBool>);
 
 impl Activity {
     fn new() -> Activity {
-        Activity {
-            epoch: tokio::time::Instant::now(),
-            last_ms: Arc::new(AtomicU64::new(0)),
-        }
+        Activity(Arc::new(AtomicBool::new(false)))
     }
 
     fn touch(&self) {
-        let now = u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
-        self.last_ms.store(now, Ordering::Relaxed);
+        self.0.store(true, Ordering::Relaxed);
     }
 
-    /// Resolves once no byte has moved for `limit`.
+    /// Resolves once no byte has moved for `limit`. It looks every quarter of `limit`, so it resolves
+    /// between `limit` and `limit` and a quarter after the last byte moved, never earlier. One watchdog at a
+    /// time per `Activity` (looking clears the flag).
     pub(crate) async fn idle_for(&self, limit: Duration) {
+        let tick = (limit / 4).max(Duration::from_millis(1));
+        let mut quiet_since = tokio::time::Instant::now();
+        self.0.store(false, Ordering::Relaxed);
         loop {
-            let last = Duration::from_millis(self.last_ms.load(Ordering::Relaxed));
-            let idle = self.epoch.elapsed().saturating_sub(last);
-            if idle >= limit {
+            tokio::time::sleep(tick).await;
+            let now = tokio::time::Instant::now();
+            if self.0.swap(false, Ordering::Relaxed) {
+                quiet_since = now;
+            } else if now.duration_since(quiet_since) >= limit {
                 return;
             }
-            tokio::time::sleep(limit.saturating_sub(idle)).await;
         }
     }
 }

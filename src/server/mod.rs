@@ -16,8 +16,8 @@ mod connection;
 mod options;
 pub(crate) mod tls;
 
+pub(crate) use connection::IdleIo;
 use connection::drive;
-pub(crate) use connection::{IdleIo, Tunnels};
 use options::{HttpBuilder, http_builder};
 pub(crate) use options::{Peer, ServeOptions};
 
@@ -29,7 +29,7 @@ pub(crate) async fn serve<H, Fut, B, E>(
     mut shutdown: watch::Receiver<bool>,
     options: ServeOptions,
 ) where
-    H: Fn(Request<Incoming>, Peer) -> Fut + Clone + Send + Sync + 'static,
+    H: Fn(Request<Incoming>, Arc<Peer>) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = Result<Response<B>, E>> + Send + 'static,
     E: Into<Box<dyn std::error::Error + Send + Sync>>,
     B: Body + Send + 'static,
@@ -127,7 +127,7 @@ async fn serve_one<H, Fut, B, E>(
     stop: watch::Receiver<bool>,
     options: &ServeOptions,
 ) where
-    H: Fn(Request<Incoming>, Peer) -> Fut + Clone + Send + Sync + 'static,
+    H: Fn(Request<Incoming>, Arc<Peer>) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = Result<Response<B>, E>> + Send + 'static,
     E: Into<Box<dyn std::error::Error + Send + Sync>>,
     B: Body + Send + 'static,
@@ -136,15 +136,13 @@ async fn serve_one<H, Fut, B, E>(
 {
     match &options.tls {
         None => {
-            let peer = Peer { remote, tls: false };
-            drive(builder, stream, peer, handler, stop, options).await;
+            drive(builder, stream, (remote, false), handler, stop, options).await;
         }
         Some(tls) => {
             let acceptor = tokio_rustls::TlsAcceptor::from(tls.current());
             match tokio::time::timeout(options.header_read_timeout, acceptor.accept(stream)).await {
                 Ok(Ok(stream)) => {
-                    let peer = Peer { remote, tls: true };
-                    drive(builder, stream, peer, handler, stop, options).await;
+                    drive(builder, stream, (remote, true), handler, stop, options).await;
                 }
                 Ok(Err(error)) => {
                     tracing::debug!(listener = options.name, %remote, %error, "TLS handshake failed");

@@ -4,18 +4,35 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use http::HeaderValue;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use crate::config::Listen;
 
+use super::connection::Tunnels;
 use super::tls::TlsSource;
 
-/// Where a request came from.
-#[derive(Debug, Clone, Copy)]
+/// Where a request came from: one per connection, shared by its requests, so that nothing about the
+/// connection is formatted or allocated again per request.
+#[derive(Debug)]
 pub(crate) struct Peer {
-    pub(crate) remote: SocketAddr,
     /// The connection is TLS (`X-Forwarded-Proto: https`).
     pub(crate) tls: bool,
+    /// `remote`'s address as the `X-Forwarded-For` value.
+    pub(crate) forwarded_for: HeaderValue,
+    /// Where the connection's upgraded tunnels run.
+    pub(crate) tunnels: Tunnels,
+}
+
+impl Peer {
+    pub(crate) fn new(remote: SocketAddr, tls: bool, tunnels: Tunnels) -> Peer {
+        Peer {
+            tls,
+            forwarded_for: HeaderValue::from_str(&remote.ip().to_string())
+                .unwrap_or_else(|_| HeaderValue::from_static("unknown")),
+            tunnels,
+        }
+    }
 }
 
 /// How a listener serves its connections.
