@@ -29,10 +29,11 @@ pub struct Listeners {
 }
 
 impl Listeners {
-    /// Binds the addresses of `[listen]`.
+    /// Binds the addresses of `[listen]`; the proxy's so that each worker binds a socket of its own beside
+    /// it (`SO_REUSEPORT`).
     pub async fn bind(config: &Config) -> std::io::Result<Listeners> {
         Ok(Listeners {
-            proxy: TcpListener::bind(config.listen.proxy).await?,
+            proxy: server::bind_shared(config.listen.proxy)?,
             admin: TcpListener::bind(config.listen.admin).await?,
         })
     }
@@ -69,6 +70,8 @@ struct Shared {
     fleet_cache: Option<Arc<SharedCache>>,
     /// The IdPs' `Retry-After`s survive reloads too.
     idp_backoff: Arc<IdpBackoff>,
+    /// The proxy listener's workers (each generation builds an upstream client per worker).
+    workers: usize,
     config: ArcSwap<Config>,
     metrics: Arc<telemetry::Metrics>,
     /// Key-set maintenance of every generation; a task ends when its key set is no longer used.
@@ -131,6 +134,7 @@ impl Shared {
             self.fleet_cache.clone(),
             &self.idp_backoff,
             &self.metrics,
+            self.workers,
         )?;
         if let Ok(mut background) = self.background.lock() {
             // The old key sets' tasks end when their last request lets go of them.
@@ -211,6 +215,7 @@ fn build_proxy(
     shared_cache: Option<Arc<SharedCache>>,
     idp_backoff: &Arc<IdpBackoff>,
     metrics: &Arc<telemetry::Metrics>,
+    workers: usize,
 ) -> Result<Proxy, StartError> {
     let exchanger = Exchanger::new(
         &config.identities,
@@ -220,7 +225,13 @@ fn build_proxy(
         idp_backoff,
         metrics,
     )?;
-    Ok(Proxy::new(config, authenticator, exchanger, metrics)?)
+    Ok(Proxy::new(
+        config,
+        authenticator,
+        exchanger,
+        metrics,
+        workers,
+    )?)
 }
 
 /// Starts serving `config` on `listeners`; signing keys are fetched in the background.
@@ -230,6 +241,7 @@ pub async fn start(config: Config, listeners: Listeners) -> Result<Sidecar, Star
     for warning in &config.warnings {
         tracing::warn!(%warning, "configuration");
     }
+    let workers = server::worker_count();
     // The first generation reads certificate stores and key files: off the runtime's worker threads.
     let built = tokio::task::spawn_blocking(move || {
         let metrics = Arc::new(telemetry::Metrics::new());
@@ -254,6 +266,7 @@ pub async fn start(config: Config, listeners: Listeners) -> Result<Sidecar, Star
             shared_cache.clone(),
             &idp_backoff,
             &metrics,
+            workers,
         )?;
         let tls = config
             .listen
@@ -269,6 +282,7 @@ pub async fn start(config: Config, listeners: Listeners) -> Result<Sidecar, Star
                 token_cache,
                 fleet_cache: shared_cache,
                 idp_backoff,
+                workers,
                 metrics,
                 background: std::sync::Mutex::new(Vec::new()),
                 config: ArcSwap::from_pointee(config),
@@ -313,13 +327,15 @@ pub async fn start(config: Config, listeners: Listeners) -> Result<Sidecar, Star
             }
         }
     };
+    let proxy_workers = server::serve_workers(
+        listeners.proxy,
+        workers,
+        proxy_handler,
+        &stop,
+        &proxy_options,
+    )?;
     let servers = vec![
-        tokio::spawn(server::serve(
-            listeners.proxy,
-            proxy_handler,
-            stop.clone(),
-            proxy_options,
-        )),
+        tokio::spawn(proxy_workers),
         tokio::spawn(server::serve(
             listeners.admin,
             admin_handler,
@@ -327,7 +343,7 @@ pub async fn start(config: Config, listeners: Listeners) -> Result<Sidecar, Star
             admin_options,
         )),
     ];
-    tracing::info!(proxy = %proxy_addr, admin = %admin_addr, "obo-sidecar serving");
+    tracing::info!(proxy = %proxy_addr, admin = %admin_addr, workers, "obo-sidecar serving");
     Ok(Sidecar {
         proxy_addr,
         admin_addr,

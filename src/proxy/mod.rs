@@ -67,9 +67,10 @@ impl Proxy {
         authenticator: Arc<Authenticator>,
         exchanger: Exchanger,
         metrics: &Arc<Metrics>,
+        workers: usize,
     ) -> Result<Self, crate::tls::TlsError> {
         Ok(Proxy {
-            routes: RouteTable::new(&config.routes, metrics)?,
+            routes: RouteTable::new(&config.routes, metrics, workers)?,
             metrics: Arc::clone(metrics),
             validate_metrics: metrics.route(token_api::VALIDATE_ROUTE),
             inbound_route: token_api::inbound_route(config),
@@ -261,7 +262,7 @@ impl Proxy {
             },
         );
         let mut response =
-            match tokio::time::timeout_at(deadline, entry.client.request(upstream)).await {
+            match tokio::time::timeout_at(deadline, entry.client().request(upstream)).await {
                 Err(_) => {
                     outcome.upstream_error = Some(UpstreamErrorKind::Timeout);
                     return Err(ProxyError::UpstreamTimeout);

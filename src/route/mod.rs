@@ -24,7 +24,15 @@ pub(crate) struct RouteEntry {
     /// The upstream URL's parts, which every forwarded request's URI starts from (`None` only for a URL
     /// that the configuration's checks refuse).
     pub(crate) upstream: Option<forward::UpstreamBase>,
-    pub(crate) client: UpstreamClient,
+    /// One pooled client per proxy worker, so a worker's upstream connections live on its own thread.
+    clients: Box<[UpstreamClient]>,
+}
+
+impl RouteEntry {
+    /// The upstream client of the worker this runs on.
+    pub(crate) fn client(&self) -> &UpstreamClient {
+        &self.clients[crate::server::worker_index() % self.clients.len()]
+    }
 }
 
 /// The routes of one configuration, longest prefix first.
@@ -37,9 +45,11 @@ pub(crate) struct RouteTable {
 }
 
 impl RouteTable {
+    /// The routing table of `routes`, with an upstream client per route for each of `workers`.
     pub(crate) fn new(
         routes: &[Route],
         metrics: &Metrics,
+        workers: usize,
     ) -> Result<RouteTable, crate::tls::TlsError> {
         let claim_names = forward::claim_header_names(routes);
         let mut entries = routes
@@ -50,7 +60,9 @@ impl RouteTable {
                     metrics: metrics.route(&route.name),
                     strip: forward::request_strip_list(route, &claim_names),
                     upstream: forward::UpstreamBase::new(route),
-                    client: forward::upstream_client(route)?,
+                    clients: (0..workers.max(1))
+                        .map(|_| forward::upstream_client(route))
+                        .collect::<Result<_, _>>()?,
                     route: route.clone(),
                 })
             })

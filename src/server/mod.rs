@@ -15,18 +15,20 @@ use tokio::task::JoinSet;
 mod connection;
 mod options;
 pub(crate) mod tls;
+mod workers;
 
 pub(crate) use connection::IdleIo;
 use connection::drive;
 use options::{HttpBuilder, http_builder};
 pub(crate) use options::{Peer, ServeOptions};
+pub(crate) use workers::{bind_shared, serve_workers, worker_count, worker_index};
 
 /// Serves `listener` with `handler` until `shutdown` turns true, then stops accepting and drains: open
 /// connections finish their in-flight requests (up to `drain_timeout`) and are closed.
 pub(crate) async fn serve<H, Fut, B, E>(
     listener: TcpListener,
     handler: H,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
     options: ServeOptions,
 ) where
     H: Fn(Request<Incoming>, Arc<Peer>) -> Fut + Clone + Send + Sync + 'static,
@@ -36,8 +38,26 @@ pub(crate) async fn serve<H, Fut, B, E>(
     B::Data: Send,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    let builder = http_builder(&options, true);
     let permits = Arc::new(Semaphore::new(options.max_connections));
+    serve_with(listener, handler, shutdown, options, permits).await;
+}
+
+/// [`serve`], its connections counted in `permits` (shared by the workers of one listener).
+async fn serve_with<H, Fut, B, E>(
+    listener: TcpListener,
+    handler: H,
+    mut shutdown: watch::Receiver<bool>,
+    options: ServeOptions,
+    permits: Arc<Semaphore>,
+) where
+    H: Fn(Request<Incoming>, Arc<Peer>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Result<Response<B>, E>> + Send + 'static,
+    E: Into<Box<dyn std::error::Error + Send + Sync>>,
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let builder = http_builder(&options, true);
     let mut connections = JoinSet::new();
     loop {
         // Beyond max_connections, new connections wait in the kernel's accept queue.
