@@ -8,6 +8,33 @@ pub(crate) fn sha256(bytes: &[u8]) -> [u8; 32] {
     out
 }
 
+/// The digest of the bearer token a connection sent last. A keep-alive connection sends the same token
+/// request after request, and comparing its bytes costs a fraction of hashing them; only a token that
+/// differs from the last one is hashed (and kept). Equal bytes have the equal digest, so nothing else is
+/// assumed.
+#[derive(Debug, Default)]
+pub(crate) struct LastDigest(std::sync::Mutex<Option<Seen>>);
+
+/// A token's bytes and their digest.
+type Seen = (Box<[u8]>, [u8; 32]);
+
+impl LastDigest {
+    /// SHA-256 of `bytes`.
+    pub(crate) fn sha256(&self, bytes: &[u8]) -> [u8; 32] {
+        if let Ok(last) = self.0.lock()
+            && let Some((seen, digest)) = last.as_ref()
+            && **seen == *bytes
+        {
+            return *digest;
+        }
+        let digest = sha256(bytes);
+        if let Ok(mut last) = self.0.lock() {
+            *last = Some((bytes.into(), digest));
+        }
+        digest
+    }
+}
+
 /// Hashes a key that is already a SHA-256 digest by taking its first eight bytes: the digest is uniformly
 /// spread, so `SipHash` over it again would only cost time on every lookup. Flooding one hash bucket would
 /// take many entries whose digests share a prefix, and an entry only gets in after a verified signature or

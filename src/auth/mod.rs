@@ -22,6 +22,7 @@ use jsonwebtoken::Validation;
 use serde_json::Value;
 
 use crate::config::Inbound;
+use crate::digest::LastDigest;
 use crate::error::{ProxyError, TokenDefect};
 use issuers::{Issuers, fetching_equal, key_sources_equal, verification_equal};
 use jwks::{IssuerKeys, KEYS_RETRY_AFTER};
@@ -177,7 +178,11 @@ impl Authenticator {
 
     /// Validates the caller's bearer token from the request headers. A token seen before (same bytes) is
     /// answered from the validated-token cache, with its expiry and its signing key checked again.
-    pub(crate) async fn authenticate(&self, headers: &HeaderMap) -> Result<Caller, ProxyError> {
+    pub(crate) async fn authenticate(
+        &self,
+        headers: &HeaderMap,
+        last: &LastDigest,
+    ) -> Result<Caller, ProxyError> {
         // The characters are checked only for a token not seen before: the same bytes passed that check.
         let (header, range) = bearer_range(headers)?;
         let token = header
@@ -185,9 +190,7 @@ impl Authenticator {
             .unwrap_or_default()
             .get(range.clone())
             .unwrap_or_default();
-        let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, token.as_bytes());
-        let mut key = [0u8; 32];
-        key.copy_from_slice(digest.as_ref());
+        let key = last.sha256(token.as_bytes());
         let claims = if let Some(claims) = self.validated.get(&key) {
             if now_unix() > claims.exp.saturating_add(self.clock_skew.as_secs()) {
                 self.validated.invalidate(&key);

@@ -254,13 +254,19 @@ async fn measure_validation_cost() {
         .collect();
     let started = std::time::Instant::now();
     for h in &tokens {
-        authenticator.authenticate(h).await.expect("valid");
+        authenticator
+            .authenticate(h, &LastDigest::default())
+            .await
+            .expect("valid");
     }
     let full = started.elapsed().as_nanos() / u128::from(TOKENS);
     let started = std::time::Instant::now();
     for _ in 0..ROUNDS {
         for h in &tokens {
-            authenticator.authenticate(h).await.expect("valid");
+            authenticator
+                .authenticate(h, &LastDigest::default())
+                .await
+                .expect("valid");
         }
     }
     let hit = started.elapsed().as_nanos() / u128::from(TOKENS * ROUNDS);

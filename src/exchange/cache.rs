@@ -45,11 +45,9 @@ impl CacheKey {
     }
 }
 
-/// The inputs of a [`CacheKey`]: which caller (for OBO), which identity at which resolved endpoint, and
-/// every target parameter sent.
+/// The inputs of a [`RequestKey`]: which identity at which resolved endpoint, and every target parameter
+/// sent.
 pub(crate) struct KeyParts<'a> {
-    /// SHA-256 of the subject token (OBO); `None` for app tokens.
-    pub(crate) subject: Option<&'a [u8; 32]>,
     pub(crate) identity: &'a str,
     pub(crate) client_id: &'a str,
     pub(crate) token_endpoint: &'a str,
@@ -62,22 +60,54 @@ pub(crate) struct KeyParts<'a> {
     pub(crate) claims: Option<&'a str>,
 }
 
+/// SHA-256 over everything of a token request but its subject: a route's, computed once per configuration
+/// when its token endpoint is fixed (per request when it names `{tenantid}`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct RequestKey([u8; 32]);
+
+/// SHA-256 of length-prefixed fields, so no two field lists hash the same bytes.
+struct Fields(aws_lc_rs::digest::Context);
+
+impl Fields {
+    fn new() -> Fields {
+        Fields(aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256))
+    }
+
+    fn field(&mut self, bytes: &[u8]) {
+        self.0.update(&(bytes.len() as u64).to_be_bytes());
+        self.0.update(bytes);
+    }
+
+    fn finish(self) -> [u8; 32] {
+        let mut key = [0u8; 32];
+        key.copy_from_slice(self.0.finish().as_ref());
+        key
+    }
+}
+
 impl CacheKey {
-    pub(crate) fn new(parts: &KeyParts<'_>) -> Self {
-        let mut digest = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
-        let mut field = |bytes: &[u8]| {
-            // Length-prefixed, so no two field lists hash the same bytes.
-            digest.update(&(bytes.len() as u64).to_be_bytes());
-            digest.update(bytes);
-        };
-        field(b"obo-sidecar token cache v2");
-        match parts.subject {
+    /// The key of `request`'s token for `subject` (the SHA-256 of the subject token; `None` for app
+    /// tokens).
+    pub(crate) fn new(request: &RequestKey, subject: Option<&[u8; 32]>) -> Self {
+        let mut fields = Fields::new();
+        fields.field(b"obo-sidecar token cache v3");
+        fields.field(&request.0);
+        match subject {
             Some(subject) => {
-                field(b"obo");
-                field(subject);
+                fields.field(b"obo");
+                fields.field(subject);
             }
-            None => field(b"app"),
+            None => fields.field(b"app"),
         }
+        CacheKey(fields.finish())
+    }
+}
+
+impl RequestKey {
+    pub(crate) fn new(parts: &KeyParts<'_>) -> Self {
+        let mut fields = Fields::new();
+        let mut field = |bytes: &[u8]| fields.field(bytes);
+        field(b"obo-sidecar token request");
         for text in [
             parts.identity,
             parts.client_id,
@@ -105,9 +135,7 @@ impl CacheKey {
                 None => field(b"0"),
             }
         }
-        let mut key = [0u8; 32];
-        key.copy_from_slice(digest.finish().as_ref());
-        CacheKey(key)
+        RequestKey(fields.finish())
     }
 }
 
@@ -615,8 +643,7 @@ mod tests {
             );
             let subject: [u8; 32] = subject.as_ref().try_into().expect("32 bytes");
             let scopes = vec![format!("api://route-{route}/.default")];
-            CacheKey::new(&KeyParts {
-                subject: Some(&subject),
+            let request = RequestKey::new(&KeyParts {
                 identity: "default",
                 client_id: "client",
                 token_endpoint: "https://idp.example/token",
@@ -627,7 +654,8 @@ mod tests {
                 resource: &[],
                 requested_token_type: None,
                 claims: None,
-            })
+            });
+            CacheKey::new(&request, Some(&subject))
         }
 
         /// A fetch that mints `c{caller}-r{route}-{n}` tokens living 600 s (stale after 300 s).

@@ -22,6 +22,7 @@ use http::HeaderValue;
 
 use crate::config::{CacheSettings, Identity, Route, TENANT_PLACEHOLDER, TokenKind};
 use crate::error::{ProxyError, TokenDefect};
+pub(crate) use cache::RequestKey;
 use cache::{CacheKey, Entry, Fetch, KeyParts, Lookup, TokenCache};
 use request::{Grant, IdentityClient, TokenRequest};
 
@@ -98,11 +99,24 @@ impl Exchanger {
         })
     }
 
+    /// What `route`'s token requests are keyed by, computed once: `None` when its token endpoint names
+    /// `{tenantid}` (each caller's tenant resolves it) or it sends no exchanged token.
+    pub(crate) fn request_key(&self, route: &Route) -> Option<RequestKey> {
+        if !matches!(route.token, TokenKind::Obo | TokenKind::App) {
+            return None;
+        }
+        let client = self.identities.get(&route.identity)?;
+        let endpoint = &client.identity.token_endpoint;
+        (!endpoint.contains(TENANT_PLACEHOLDER)).then(|| request_key(client, route, endpoint))
+    }
+
     /// The `Authorization` value `route` sends upstream for `subject`, which is `None` only on a route with
-    /// `caller_auth = "none"` (an `app` or `none` route).
+    /// `caller_auth = "none"` (an `app` or `none` route). `precomputed` is [`Exchanger::request_key`] of
+    /// the route.
     pub(crate) async fn acquire(
         &self,
         route: &Route,
+        precomputed: Option<&RequestKey>,
         subject: Option<Subject<'_>>,
     ) -> Result<Acquired, ProxyError> {
         let client = match route.token {
@@ -143,19 +157,11 @@ impl Exchanger {
             }
             _ => None,
         };
-        let key = CacheKey::new(&KeyParts {
-            subject: on_behalf_of.map(|s| s.digest),
-            identity: &identity.name,
-            client_id: &identity.client_id,
-            token_endpoint: &token_endpoint,
-            flavor: identity.flavor.as_str(),
-            auth_method: identity.auth_method.as_str(),
-            scopes: &route.scopes,
-            audience: &route.audience,
-            resource: &route.resource,
-            requested_token_type: route.requested_token_type.as_deref(),
-            claims,
-        });
+        let request_key = match precomputed {
+            Some(key) => *key,
+            None => request_key(client, route, &token_endpoint),
+        };
+        let key = CacheKey::new(&request_key, on_behalf_of.map(|s| s.digest));
         if let Some(entry) = self.cache.fresh(&key).await {
             return Ok(Acquired {
                 header: Some(entry.token.header.clone()),
@@ -222,6 +228,23 @@ impl Exchanger {
         }
         forgotten
     }
+}
+
+/// The key of `route`'s token requests through `client` at `token_endpoint` (resolved).
+fn request_key(client: &IdentityClient, route: &Route, token_endpoint: &str) -> RequestKey {
+    let identity = &client.identity;
+    RequestKey::new(&KeyParts {
+        identity: &identity.name,
+        client_id: &identity.client_id,
+        token_endpoint,
+        flavor: identity.flavor.as_str(),
+        auth_method: identity.auth_method.as_str(),
+        scopes: &route.scopes,
+        audience: &route.audience,
+        resource: &route.resource,
+        requested_token_type: route.requested_token_type.as_deref(),
+        claims: client.claims.as_deref(),
+    })
 }
 
 /// Fills `{tenantid}` from the caller's validated `tid`, which must be a GUID (nothing else may reach a URL).

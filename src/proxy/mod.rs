@@ -70,7 +70,9 @@ impl Proxy {
         workers: usize,
     ) -> Result<Self, crate::tls::TlsError> {
         Ok(Proxy {
-            routes: RouteTable::new(&config.routes, metrics, workers)?,
+            routes: RouteTable::new(&config.routes, metrics, workers, |route| {
+                exchanger.request_key(route)
+            })?,
             metrics: Arc::clone(metrics),
             validate_metrics: metrics.route(token_api::VALIDATE_ROUTE),
             inbound_route: token_api::inbound_route(config),
@@ -172,6 +174,7 @@ impl Proxy {
             return self
                 .token_api(
                     &request,
+                    &peer,
                     token_api::endpoint(request.method(), prefix, &path)?,
                     outcome,
                 )
@@ -181,7 +184,7 @@ impl Proxy {
             .routes
             .find(&path, host.as_deref(), request.method())
             .ok_or(ProxyError::NoRoute)?;
-        let admitted = self.admit(&request, entry, outcome).await?;
+        let admitted = self.admit(&request, &peer, entry, outcome).await?;
         self.forward(request, peer, &path, entry, admitted, request_id, outcome)
             .await
     }
@@ -191,6 +194,7 @@ impl Proxy {
     async fn admit<'a>(
         &self,
         request: &Request<Incoming>,
+        peer: &Peer,
         entry: &'a RouteEntry,
         outcome: &mut Outcome<'a>,
     ) -> Result<Admitted, ProxyError> {
@@ -198,10 +202,11 @@ impl Proxy {
         outcome.route = Some(&route.name);
         outcome.metrics = Some(&entry.metrics);
         let deadline = outcome.started + route.timeout;
-        let caller = self.caller(request, route, deadline).await?;
+        let caller = self.caller(request, peer, route, deadline).await?;
         let acquired = tokio::time::timeout_at(
             deadline,
-            self.exchanger.acquire(route, subject(caller.as_ref())),
+            self.exchanger
+                .acquire(route, entry.request_key.as_ref(), subject(caller.as_ref())),
         )
         .await
         .map_err(|_| ProxyError::TokenDeadline)??;
@@ -308,6 +313,7 @@ impl Proxy {
     async fn token_api<'a>(
         &'a self,
         request: &Request<Incoming>,
+        peer: &Peer,
         endpoint: token_api::Endpoint<'_>,
         outcome: &mut Outcome<'a>,
     ) -> Result<Response<ProxyBody>, ProxyError> {
@@ -316,7 +322,9 @@ impl Proxy {
                 outcome.route = Some(token_api::VALIDATE_ROUTE);
                 outcome.metrics = Some(&self.validate_metrics);
                 let deadline = outcome.started + self.inbound_route.timeout;
-                let caller = self.caller(request, &self.inbound_route, deadline).await?;
+                let caller = self
+                    .caller(request, peer, &self.inbound_route, deadline)
+                    .await?;
                 let claims = caller.map(|c| serde_json::Value::Object(c.all_claims()));
                 serde_json::json!({ "claims": claims })
             }
@@ -326,7 +334,7 @@ impl Proxy {
                     .named(name)
                     .filter(|e| e.route.token_api)
                     .ok_or(ProxyError::NoRoute)?;
-                let admitted = self.admit(request, entry, outcome).await?;
+                let admitted = self.admit(request, peer, entry, outcome).await?;
                 let expires_on = admitted
                     .acquired
                     .expires_on(subject(admitted.caller.as_ref()));
@@ -346,18 +354,21 @@ impl Proxy {
     async fn caller(
         &self,
         request: &Request<Incoming>,
+        peer: &Peer,
         route: &Route,
         deadline: tokio::time::Instant,
     ) -> Result<Option<Caller>, ProxyError> {
         if route.caller_auth == CallerAuth::None {
             return Ok(None);
         }
-        let caller =
-            tokio::time::timeout_at(deadline, self.authenticator.authenticate(request.headers()))
-                .await
-                .map_err(|_| ProxyError::KeysUnavailable {
-                    retry_after: crate::auth::jwks::KEYS_RETRY_AFTER,
-                })??;
+        let authenticated = self
+            .authenticator
+            .authenticate(request.headers(), &peer.last_token);
+        let caller = tokio::time::timeout_at(deadline, authenticated)
+            .await
+            .map_err(|_| ProxyError::KeysUnavailable {
+                retry_after: crate::auth::jwks::KEYS_RETRY_AFTER,
+            })??;
         authorize(&caller.claims, route)?;
         Ok(Some(caller))
     }

@@ -9,6 +9,7 @@ use http::{Method, Request};
 
 use crate::config::Route;
 use crate::error::{ProxyError, RequestDefect};
+use crate::exchange::RequestKey;
 use crate::forward::{self, UpstreamClient};
 use crate::telemetry::{Metrics, RouteMetrics};
 
@@ -24,6 +25,8 @@ pub(crate) struct RouteEntry {
     /// The upstream URL's parts, which every forwarded request's URI starts from (`None` only for a URL
     /// that the configuration's checks refuse).
     pub(crate) upstream: Option<forward::UpstreamBase>,
+    /// What the route's token requests are keyed by, when it is the same for every caller.
+    pub(crate) request_key: Option<RequestKey>,
     /// One pooled client per proxy worker, so a worker's upstream connections live on its own thread.
     clients: Box<[UpstreamClient]>,
 }
@@ -45,11 +48,13 @@ pub(crate) struct RouteTable {
 }
 
 impl RouteTable {
-    /// The routing table of `routes`, with an upstream client per route for each of `workers`.
+    /// The routing table of `routes`, with an upstream client per route for each of `workers`, and each
+    /// route's token request key from `request_key`.
     pub(crate) fn new(
         routes: &[Route],
         metrics: &Metrics,
         workers: usize,
+        request_key: impl Fn(&Route) -> Option<RequestKey>,
     ) -> Result<RouteTable, crate::tls::TlsError> {
         let claim_names = forward::claim_header_names(routes);
         let mut entries = routes
@@ -60,6 +65,7 @@ impl RouteTable {
                     metrics: metrics.route(&route.name),
                     strip: forward::request_strip_list(route, &claim_names),
                     upstream: forward::UpstreamBase::new(route),
+                    request_key: request_key(route),
                     clients: (0..workers.max(1))
                         .map(|_| forward::upstream_client(route))
                         .collect::<Result<_, _>>()?,

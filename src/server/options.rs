@@ -22,6 +22,8 @@ pub(crate) struct Peer {
     pub(crate) forwarded_for: HeaderValue,
     /// Where the connection's upgraded tunnels run.
     pub(crate) tunnels: Tunnels,
+    /// The digest of the bearer token the connection sent last.
+    pub(crate) last_token: crate::digest::LastDigest,
 }
 
 impl Peer {
@@ -31,6 +33,7 @@ impl Peer {
             forwarded_for: HeaderValue::from_str(&remote.ip().to_string())
                 .unwrap_or_else(|_| HeaderValue::from_static("unknown")),
             tunnels,
+            last_token: crate::digest::LastDigest::default(),
         }
     }
 }
