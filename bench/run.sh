@@ -1,13 +1,19 @@
 #!/usr/bin/env bash
 # Benchmarks on loopback: the release binary, the development IdP and a minimal upstream, against nginx as the
 # reference proxy hop, driven by oha and by the in-repo load generator (examples/bench). Prints a table whose
-# figures are each measured against a baseline of the same run.
+# figures are each measured against a baseline of the same run, and draws two charts as SVG (throughput.svg,
+# latency.svg).
 #   bench/run.sh --quick        smoke run of the debug build, under a minute, needs nothing beyond cargo
-#                               (.ci/run calls it; its figures are not the product's)
-#   bench/run.sh                full run (about fifteen minutes); installs nginx and redis-server (apt) and oha
-#                               (cargo) if missing
+#                               (.ci/run calls it; its figures are not the product's); one worker; its charts go
+#                               to target/bench-charts/
+#   bench/run.sh                full run (about seventeen minutes); installs nginx and redis-server (apt) and oha
+#                               (cargo) if missing. The oha throughput comparison (nginx, bare hyper hop, sidecar)
+#                               runs at 1 and then 2 workers, each with its own processes; every other scenario
+#                               once, at 1 worker. The fixed-rate latency (p50/p90/p99/p99.9) is measured direct,
+#                               through nginx and through the sidecar. Charts go to bench/charts/
 #   bench/run.sh --soak 30m     steady load at half capacity with rotating caller tokens; errors and RSS drift
-#   --workers N                 TOKIO_WORKER_THREADS of the sidecar and nginx's worker_processes (default 1)
+#   --workers N                 only this worker count (TOKIO_WORKER_THREADS of the sidecar, nginx's
+#                               worker_processes, the bare hop's workers) instead of 1 and 2
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

@@ -1,16 +1,27 @@
 //! The benchmark harness behind `bench/run.sh`. On loopback it starts a minimal hyper upstream and the
 //! development IdP in this process, the release `obo-sidecar` binary as its own process (with
 //! `TOKIO_WORKER_THREADS` pinned) and, in the full run, nginx as the reference proxy hop; it drives them with
-//! `oha` (full run) and an in-repo load generator, and prints a table of figures, each against a baseline
-//! measured in the same run. Every loop is bounded in time and count.
+//! `oha` (full run) and an in-repo load generator, prints a table of figures, each against a baseline
+//! measured in the same run, and draws two charts (`throughput.svg`, `latency.svg`; [`charts`]). Every loop
+//! is bounded in time and count.
 //!
 //! ```text
 //! bench [--quick | --soak DURATION] [--workers N]
 //! ```
+//! The full run measures the oha throughput comparison (nginx's hop as the 1.00 reference, the bare hyper
+//! hop, the sidecar on a cache hit) at 1 and then 2 workers, each worker count with its own sidecar
+//! (`TOKIO_WORKER_THREADS`), nginx (`worker_processes`) and bare hop; every other scenario runs once, at 1
+//! worker. `--workers N` restricts the run to that one worker count. The latency at a fixed rate is measured
+//! direct, through nginx and through the sidecar, at p50, p90, p99 and p99.9. The charts go to
+//! `bench/charts/`.
+//!
 //! `--quick` is a smoke run of seconds that needs nothing beyond cargo (the fleet rows need `redis-server`,
-//! and say so when it is missing); `--soak 30m` holds a steady load.
+//! and say so when it is missing): one worker count, no oha, no nginx, and its charts (of the in-repo load
+//! generator's figures) go to `target/bench-charts/`, so that it never overwrites the committed ones.
+//! `--soak 30m` holds a steady load (no charts).
 
 mod bare;
+mod charts;
 mod fleet;
 mod load;
 mod oha;
@@ -19,13 +30,14 @@ mod soak;
 mod transfer;
 
 use std::io::Write as _;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use obo_sidecar::dev::{DevIdp, DevIdpConfig, Failure, TokenClaims};
 use tokio::net::TcpListener;
 
+use crate::charts::{LatencyLine, PERCENTILES, ThroughputGroup, workers_label};
 use crate::load::{Target, closed_loop, each_once, paced, percentile};
 use crate::transfer::{mib_per_s, upload_download};
 
@@ -50,8 +62,12 @@ pub struct Settings {
     pub cold_requests: usize,
     /// The fixed rate of the latency scenario.
     pub rate: u64,
-    /// `TOKIO_WORKER_THREADS` of the sidecar, and nginx's `worker_processes`.
+    /// `TOKIO_WORKER_THREADS` of the sidecar, nginx's `worker_processes` and the bare hop's workers in every
+    /// scenario but the oha throughput comparison: the first of `worker_counts`.
     pub workers: usize,
+    /// The worker counts of the oha throughput comparison, each with its own sidecar, nginx and bare hop:
+    /// 1 and 2 in the full run, the one of `--workers N` when given, 1 otherwise.
+    pub worker_counts: Vec<usize>,
     /// Size of the upload and of the download through the sidecar.
     pub transfer_bytes: u64,
     /// Callers whose upstream tokens fill the cache in the memory scenario.
@@ -65,7 +81,7 @@ const USAGE: &str = "usage: bench [--quick | --soak DURATION] [--workers N]";
 impl Settings {
     fn from_args() -> Result<Settings, Error> {
         let mut mode = Mode::Full;
-        let mut workers = 1;
+        let mut workers = None;
         let mut args = std::env::args().skip(1);
         while let Some(arg) = args.next() {
             match arg.as_str() {
@@ -78,16 +94,22 @@ impl Settings {
                     );
                 }
                 "--workers" => {
-                    workers = args
-                        .next()
-                        .and_then(|n| n.parse().ok())
-                        .filter(|&n| n > 0)
-                        .ok_or("--workers needs a positive number")?;
+                    workers = Some(
+                        args.next()
+                            .and_then(|n| n.parse().ok())
+                            .filter(|&n| n > 0)
+                            .ok_or("--workers needs a positive number")?,
+                    );
                 }
                 _ => return Err(format!("unknown argument {arg:?}\n{USAGE}").into()),
             }
         }
         let quick = mode == Mode::Quick;
+        let worker_counts = match (workers, mode) {
+            (Some(n), _) => vec![n],
+            (None, Mode::Full) => vec![1, 2],
+            (None, _) => vec![1],
+        };
         Ok(Settings {
             mode,
             duration: Duration::from_secs(if quick { 2 } else { 10 }),
@@ -95,7 +117,8 @@ impl Settings {
             callers: if quick { 1_000 } else { 10_000 },
             cold_requests: if quick { 200 } else { 2_000 },
             rate: 1_000,
-            workers,
+            workers: worker_counts.first().copied().unwrap_or(1),
+            worker_counts,
             transfer_bytes: if quick { 64 << 20 } else { 1 << 30 },
             cached_tokens: if quick { 2_000 } else { 100_000 },
             rounds: if quick { 1 } else { 3 },
@@ -150,10 +173,32 @@ impl Report {
         measured: impl Into<String>,
         figure: impl Into<String>,
     ) {
+        let at = self.rows.len();
+        self.row_at(at, scenario, measured, figure);
+    }
+
+    /// A row at `index` of the table (a figure that needs later measurements, placed before their rows).
+    fn row_at(
+        &mut self,
+        index: usize,
+        scenario: impl Into<String>,
+        measured: impl Into<String>,
+        figure: impl Into<String>,
+    ) {
         let row = [scenario.into(), measured.into(), figure.into()];
         eprintln!("  {} | {} | {}", row[0], row[1], row[2]);
-        self.rows.push(row);
+        self.rows.insert(index.min(self.rows.len()), row);
     }
+}
+
+/// `p50 … / p90 … / p99 … / p99.9 … ms` of latencies in ms at [`PERCENTILES`].
+fn percentiles_line(ms: &[f64; 4]) -> String {
+    let parts: Vec<String> = PERCENTILES
+        .iter()
+        .zip(ms)
+        .map(|((name, _), v)| format!("{name} {v:.2}"))
+        .collect();
+    format!("{} ms", parts.join(" / "))
 }
 
 /// The median of some measurements.
@@ -258,8 +303,9 @@ async fn run(settings: &Settings, binary: &PathBuf, dir: &std::path::Path) -> Re
         ),
     );
 
-    // Throughput with oha: the upstream alone, then nginx's hop (the 1.00 reference) and the sidecar on a
-    // cache hit in alternation, `rounds` times each; the medians are compared.
+    // Throughput with oha: the upstream alone, then at each worker count nginx's hop (the 1.00 reference),
+    // the bare hop and the sidecar on a cache hit in alternation, `rounds` times each; the medians are
+    // compared. Each worker count has its own three processes; the first count's sidecar is the run's own.
     let oha = if full { oha::Oha::find() } else { None };
     let nginx_binary = if full {
         servers::find_program(
@@ -270,78 +316,124 @@ async fn run(settings: &Settings, binary: &PathBuf, dir: &std::path::Path) -> Re
     } else {
         None
     };
+    let mut throughput = Vec::new();
     if let Some(oha) = &oha {
         let d = settings.duration;
         let warm = Duration::from_secs(1);
         oha.run(upstream, "/x", None, c, warm, None)?;
         let direct = oha.run(upstream, "/x", None, c, d, None)?;
-        let nginx = match &nginx_binary {
-            Some(nginx) => {
-                Some(servers::start_nginx(nginx, upstream, settings.workers, dir).await?)
-            }
-            None => None,
-        };
-        let (_bare_process, bare) = servers::start_bare_hop(upstream, settings.workers).await?;
-        let (mut nginx_runs, mut bare_runs, mut hit_runs) = (Vec::new(), Vec::new(), Vec::new());
-        for round in 0..settings.rounds {
-            if let Some((_, addr)) = &nginx {
-                if round == 0 {
-                    oha.run(*addr, "/x", None, c, warm, None)?;
+        // The direct row comes first, but its ratios need nginx's figures.
+        let direct_row = report.rows.len();
+        for (index, &workers) in settings.worker_counts.iter().enumerate() {
+            let label = workers_label(workers);
+            let other = if index == 0 {
+                None
+            } else {
+                let name = format!("bench-{workers}-workers");
+                let other =
+                    servers::start_sidecar_with(binary, &idp, upstream, workers, dir, &name, "")
+                        .await?;
+                each_once(&Target::new(other.proxy, "/obo/x", &one), 1).await?;
+                Some(other)
+            };
+            let proxy = other.as_ref().map_or(sidecar.proxy, |s| s.proxy);
+            let nginx = match &nginx_binary {
+                Some(nginx) => Some(servers::start_nginx(nginx, upstream, workers, dir).await?),
+                None => None,
+            };
+            let (bare_process, bare) = servers::start_bare_hop(upstream, workers).await?;
+            let (mut nginx_runs, mut bare_runs, mut hit_runs) =
+                (Vec::new(), Vec::new(), Vec::new());
+            for round in 0..settings.rounds {
+                if let Some((_, addr)) = &nginx {
+                    if round == 0 {
+                        oha.run(*addr, "/x", None, c, warm, None)?;
+                    }
+                    nginx_runs.push(oha.run(*addr, "/x", None, c, d, None)?);
                 }
-                nginx_runs.push(oha.run(*addr, "/x", None, c, d, None)?);
+                if round == 0 {
+                    oha.run(bare, "/x", None, c, warm, None)?;
+                }
+                bare_runs.push(oha.run(bare, "/x", None, c, d, None)?);
+                if round == 0 {
+                    oha.run(proxy, "/obo/x", Some(&one[0]), c, warm, None)?;
+                }
+                hit_runs.push(oha.run(proxy, "/obo/x", Some(&one[0]), c, d, None)?);
             }
-            if round == 0 {
-                oha.run(bare, "/x", None, c, warm, None)?;
+            // This count's processes stop before the next count's start.
+            drop(nginx);
+            drop(bare_process);
+            drop(other);
+            let nginx = oha::median(nginx_runs);
+            let bare = oha::median(bare_runs).ok_or("no oha run")?;
+            let hit = oha::median(hit_runs).ok_or("no oha run")?;
+            let (reference, reference_name) = match &nginx {
+                Some(n) => (n.rps, "nginx"),
+                None => (direct.rps, "direct"),
+            };
+            match &nginx {
+                Some(n) => report.row(
+                    format!(
+                        "oha: nginx proxy hop, {label}, keep-alive upstream (median of {})",
+                        settings.rounds
+                    ),
+                    n.line(),
+                    "1.00 (reference)",
+                ),
+                None => report.row(
+                    format!("oha: nginx proxy hop, {label}"),
+                    "not run: nginx not found",
+                    "-",
+                ),
             }
-            bare_runs.push(oha.run(bare, "/x", None, c, d, None)?);
-            if round == 0 {
-                oha.run(sidecar.proxy, "/obo/x", Some(&one[0]), c, warm, None)?;
-            }
-            hit_runs.push(oha.run(sidecar.proxy, "/obo/x", Some(&one[0]), c, d, None)?);
+            report.row(
+                format!(
+                    "oha: bare hyper proxy hop on the sidecar's stack, {label} (median of {})",
+                    settings.rounds
+                ),
+                bare.line(),
+                format!("{:.2} of {reference_name}", bare.rps / reference),
+            );
+            report.row(
+                format!(
+                    "oha: sidecar, cache hit, one caller (obo), {label} (median of {})",
+                    settings.rounds
+                ),
+                hit.line(),
+                format!(
+                    "{:.2} of {reference_name}; {:.2} of the bare hop",
+                    hit.rps / reference,
+                    hit.rps / bare.rps
+                ),
+            );
+            throughput.push(ThroughputGroup {
+                workers,
+                direct: Some(direct.rps),
+                nginx: nginx.map(|n| n.rps),
+                bare: Some(bare.rps),
+                hit: Some(hit.rps),
+            });
         }
-        drop(nginx);
-        let nginx = oha::median(nginx_runs);
-        let bare = oha::median(bare_runs).ok_or("no oha run")?;
-        let hit = oha::median(hit_runs).ok_or("no oha run")?;
-        let (reference, reference_name) = match &nginx {
-            Some(n) => (n.rps, "nginx"),
-            None => (direct.rps, "direct"),
-        };
-        report.row(
+        let ratios: Vec<String> = throughput
+            .iter()
+            .filter_map(|g| {
+                let ratio = format!("{:.2} of nginx", direct.rps / g.nginx?);
+                Some(if throughput.len() > 1 {
+                    format!("{ratio} at {}", workers_label(g.workers))
+                } else {
+                    ratio
+                })
+            })
+            .collect();
+        report.row_at(
+            direct_row,
             "oha: direct upstream (no proxy)",
             direct.line(),
-            format!("{:.2} of {reference_name}", direct.rps / reference),
-        );
-        match &nginx {
-            Some(n) => report.row(
-                format!(
-                    "oha: nginx proxy hop, {} worker(s), keep-alive upstream (median of {})",
-                    settings.workers, settings.rounds
-                ),
-                n.line(),
-                "1.00 (reference)",
-            ),
-            None => report.row("oha: nginx proxy hop", "not run: nginx not found", "-"),
-        }
-        report.row(
-            format!(
-                "oha: bare hyper proxy hop on the sidecar's stack, {} worker(s) (median of {})",
-                settings.workers, settings.rounds
-            ),
-            bare.line(),
-            format!("{:.2} of {reference_name}", bare.rps / reference),
-        );
-        report.row(
-            format!(
-                "oha: sidecar, cache hit, one caller (obo), {} worker(s) (median of {})",
-                settings.workers, settings.rounds
-            ),
-            hit.line(),
-            format!(
-                "{:.2} of {reference_name}; {:.2} of the bare hop",
-                hit.rps / reference,
-                hit.rps / bare.rps
-            ),
+            if ratios.is_empty() {
+                "1.00 (reference)".to_owned()
+            } else {
+                ratios.join("; ")
+            },
         );
     } else if full {
         report.row("oha scenarios", "not run: oha not found", "-");
@@ -410,6 +502,22 @@ async fn run(settings: &Settings, binary: &PathBuf, dir: &std::path::Path) -> Re
         format!("{breadth:.0} rps ({failed} failed warm-ups)"),
         format!("{:.2} of one caller", breadth / hit),
     );
+    // Without oha (the quick run), the throughput chart shows the in-repo generator's figures.
+    let throughput_source = if throughput.is_empty() {
+        throughput.push(ThroughputGroup {
+            workers: settings.workers,
+            direct: Some(direct),
+            nginx: None,
+            bare: None,
+            hit: Some(hit),
+        });
+        format!(
+            "in-repo load generator, {c} connections, median of {}",
+            settings.rounds
+        )
+    } else {
+        format!("oha, {c} connections, median of {}", settings.rounds)
+    };
     report.row(transfer_row.0, transfer_row.1, transfer_row.2);
 
     // Cold path: every request a new caller, so every request is an exchange; against the IdP's own time.
@@ -479,19 +587,36 @@ async fn run(settings: &Settings, binary: &PathBuf, dir: &std::path::Path) -> Re
         ),
     );
 
-    // Fixed-rate latency, direct and through the sidecar (oha -q in the full run).
+    // Fixed-rate latency, direct, through nginx's hop and through the sidecar (oha -q in the full run).
     let rate_duration = settings.duration;
-    let (d50, d99, s50, s99) = if let Some(oha) = &oha {
-        let direct = oha.run(upstream, "/x", None, 16, rate_duration, Some(settings.rate))?;
-        let sidecar = oha.run(
-            sidecar.proxy,
-            "/obo/x",
-            Some(&one[0]),
-            16,
-            rate_duration,
-            Some(settings.rate),
-        )?;
-        (direct.p50_ms, direct.p99_ms, sidecar.p50_ms, sidecar.p99_ms)
+    let (direct_ms, nginx_ms, sidecar_ms) = if let Some(oha) = &oha {
+        let fixed = |addr: std::net::SocketAddr, path: &str, token: Option<&str>| {
+            oha.run(addr, path, token, 16, rate_duration, Some(settings.rate))
+        };
+        let direct = fixed(upstream, "/x", None)?;
+        let nginx = match &nginx_binary {
+            Some(nginx) => {
+                let (_nginx, addr) =
+                    servers::start_nginx(nginx, upstream, settings.workers, dir).await?;
+                // Its keep-alive connections to the upstream opened before the measurement.
+                oha.run(
+                    addr,
+                    "/x",
+                    None,
+                    16,
+                    Duration::from_secs(1),
+                    Some(settings.rate),
+                )?;
+                Some(fixed(addr, "/x", None)?)
+            }
+            None => None,
+        };
+        let sidecar = fixed(sidecar.proxy, "/obo/x", Some(&one[0]))?;
+        (
+            direct.percentiles(),
+            nginx.map(|n| n.percentiles()),
+            sidecar.percentiles(),
+        )
     } else {
         let tally = Arc::new(load::Tally::default());
         let fixed = |addr, path: &'static str, tokens: &Arc<Vec<String>>| {
@@ -508,24 +633,55 @@ async fn run(settings: &Settings, binary: &PathBuf, dir: &std::path::Path) -> Re
         let mut direct = fixed(upstream, "/x", &none).await?;
         let mut through = fixed(sidecar.proxy, "/obo/x", &one).await?;
         (
-            percentile(&mut direct, 0.5),
-            percentile(&mut direct, 0.99),
-            percentile(&mut through, 0.5),
-            percentile(&mut through, 0.99),
+            PERCENTILES.map(|(_, p)| percentile(&mut direct, p)),
+            None,
+            PERCENTILES.map(|(_, p)| percentile(&mut through, p)),
+        )
+    };
+    let added = |ms: &[f64; 4]| {
+        format!(
+            "+{:.2} ms p50, +{:.2} ms p99",
+            ms[0] - direct_ms[0],
+            ms[2] - direct_ms[2]
         )
     };
     report.row(
         format!(
-            "{}fixed rate {} rps, latency added over direct",
+            "{}fixed rate {} rps (16 connections), {}, latency added over direct",
             if oha.is_some() {
                 "oha: "
             } else {
                 "in-repo load: "
             },
-            settings.rate
+            settings.rate,
+            workers_label(settings.workers)
         ),
-        format!("direct p50 {d50:.2} / p99 {d99:.2} ms; sidecar p50 {s50:.2} / p99 {s99:.2} ms"),
-        format!("+{:.2} ms p50, +{:.2} ms p99", s50 - d50, s99 - d99),
+        format!(
+            "direct {}; {}sidecar {}",
+            percentiles_line(&direct_ms),
+            nginx_ms.as_ref().map_or(String::new(), |n| format!(
+                "nginx {}; ",
+                percentiles_line(n)
+            )),
+            percentiles_line(&sidecar_ms)
+        ),
+        format!(
+            "sidecar {}{}",
+            added(&sidecar_ms),
+            nginx_ms
+                .as_ref()
+                .map_or(String::new(), |n| format!("; nginx {}", added(n)))
+        ),
+    );
+    let latency_source = format!(
+        "{} requests/s ({}, 16 connections, {})",
+        settings.rate,
+        if oha.is_some() {
+            "oha -q"
+        } else {
+            "in-repo load generator"
+        },
+        workers_label(settings.workers)
     );
 
     // Single flight: 256 concurrent first requests of one caller against a slow IdP.
@@ -587,7 +743,41 @@ async fn run(settings: &Settings, binary: &PathBuf, dir: &std::path::Path) -> Re
         ),
     );
 
-    print(settings, report)
+    // The charts: the committed ones from the full run, the quick run's beside the build.
+    let charts_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join(if full {
+        "bench/charts"
+    } else {
+        "target/bench-charts"
+    });
+    let latency = [
+        LatencyLine {
+            name: "direct upstream (no proxy)",
+            ms: Some(direct_ms),
+        },
+        LatencyLine {
+            name: "nginx proxy hop",
+            ms: nginx_ms,
+        },
+        LatencyLine {
+            name: "sidecar, cache hit",
+            ms: Some(sidecar_ms),
+        },
+    ];
+    let written = charts::write(
+        &charts_dir,
+        &charts::Charts {
+            throughput_source,
+            throughput: &throughput,
+            latency_source,
+            latency: &latency,
+        },
+    );
+
+    print(settings, report)?;
+    for path in written {
+        eprintln!("chart: {}", path.display());
+    }
+    Ok(())
 }
 
 /// The table, as BENCHMARKS.md shows it.

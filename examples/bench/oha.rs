@@ -13,8 +13,11 @@ use crate::servers::find_program;
 /// What one `oha` run measured.
 pub(crate) struct Summary {
     pub rps: f64,
+    /// Latency percentiles, in ms.
     pub p50_ms: f64,
+    pub p90_ms: f64,
     pub p99_ms: f64,
+    pub p99_9_ms: f64,
     pub non_200: u64,
 }
 
@@ -32,6 +35,11 @@ impl Summary {
                 String::new()
             }
         )
+    }
+
+    /// The latency percentiles in ms, in the order of [`crate::charts::PERCENTILES`]: p50, p90, p99, p99.9.
+    pub(crate) fn percentiles(&self) -> [f64; 4] {
+        [self.p50_ms, self.p90_ms, self.p99_ms, self.p99_9_ms]
     }
 }
 
@@ -118,7 +126,9 @@ impl Oha {
         Ok(Summary {
             rps: json["summary"]["requestsPerSec"].as_f64().unwrap_or(0.0),
             p50_ms: ms("p50"),
+            p90_ms: ms("p90"),
             p99_ms: ms("p99"),
+            p99_9_ms: ms("p99.9"),
             non_200,
         })
     }
