@@ -12,7 +12,10 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     init_tracing(cli.log_format);
     obo_sidecar::install_crypto_provider();
+    // The proxy listener's workers run their own runtimes (`server::workers`); this one serves the admin
+    // listener and the background work (key refresh, file watches, reloads), which one thread carries.
     let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
         .enable_all()
         .build()
     {

@@ -640,7 +640,7 @@ async fn run(settings: &Settings, binary: &PathBuf, dir: &std::path::Path) -> Re
     };
     let added = |ms: &[f64; 4]| {
         format!(
-            "+{:.2} ms p50, +{:.2} ms p99",
+            "{:+.2} ms p50, {:+.2} ms p99",
             ms[0] - direct_ms[0],
             ms[2] - direct_ms[2]
         )
