@@ -30,15 +30,20 @@ pub(crate) type UpstreamClient = Client<HttpsConnector<HttpConnector>, Incoming>
 /// (nginx 75 s, Node 5 s is the outlier and answers with a clean close).
 const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// The upstream client of `route`, built from its `http2`, `connect_timeout` and `ca_file`: HTTP/1.1, or
-/// with `http2` HTTP/2 (prior knowledge for `http://`, ALPN for `https://`).
-pub(crate) fn upstream_client(route: &Route) -> Result<UpstreamClient, crate::tls::TlsError> {
+/// The TLS client configuration of `route`'s upstream: the system roots and its `ca_file`.
+pub(crate) fn upstream_tls(route: &Route) -> Result<rustls::ClientConfig, crate::tls::TlsError> {
     let roots: Vec<&std::path::Path> = route
         .ca_file
         .iter()
         .map(std::path::PathBuf::as_path)
         .collect();
-    let tls = crate::tls::client_config(&roots)?;
+    crate::tls::client_config(&roots)
+}
+
+/// A pooled client of `route`'s upstream over `tls` (its [`upstream_tls`], one for all the route's clients),
+/// built from its `http2` and `connect_timeout`: HTTP/1.1, or with `http2` HTTP/2 (prior knowledge for
+/// `http://`, ALPN for `https://`).
+pub(crate) fn upstream_client(route: &Route, tls: rustls::ClientConfig) -> UpstreamClient {
     let mut http = HttpConnector::new();
     http.enforce_http(false);
     http.set_nodelay(true);
@@ -59,7 +64,7 @@ pub(crate) fn upstream_client(route: &Route) -> Result<UpstreamClient, crate::tl
     if route.http2 && route.upstream.scheme() == "http" {
         client.http2_only(true);
     }
-    Ok(client.build(https))
+    client.build(https)
 }
 
 /// How an upstream request failed, for `obo_upstream_errors_total{kind}`: a TLS failure is found by its

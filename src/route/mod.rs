@@ -60,6 +60,7 @@ impl RouteTable {
         let mut entries = routes
             .iter()
             .map(|route| {
+                let tls = forward::upstream_tls(route)?;
                 Ok(RouteEntry {
                     prefix: Prefix::new(&route.match_prefix),
                     metrics: metrics.route(&route.name),
@@ -67,8 +68,8 @@ impl RouteTable {
                     upstream: forward::UpstreamBase::new(route),
                     request_key: request_key(route),
                     clients: (0..workers.max(1))
-                        .map(|_| forward::upstream_client(route))
-                        .collect::<Result<_, _>>()?,
+                        .map(|_| forward::upstream_client(route, tls.clone()))
+                        .collect(),
                     route: route.clone(),
                 })
             })

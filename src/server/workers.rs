@@ -59,18 +59,10 @@ const LISTEN_BACKLOG: u32 = 1024;
 /// A listening socket for one more worker: a socket of its own on `listener`'s address when `listener`
 /// allows it (bound by [`bind_shared`]), else the same socket shared.
 fn sibling(listener: &std::net::TcpListener) -> std::io::Result<std::net::TcpListener> {
-    let own = listener.local_addr().and_then(|addr| {
-        let socket = if addr.is_ipv4() {
-            TcpSocket::new_v4()?
-        } else {
-            TcpSocket::new_v6()?
-        };
-        socket.set_reuseaddr(true)?;
-        #[cfg(unix)]
-        socket.set_reuseport(true)?;
-        socket.bind(addr)?;
-        socket.listen(LISTEN_BACKLOG)?.into_std()
-    });
+    let own = listener
+        .local_addr()
+        .and_then(bind_shared)
+        .and_then(TcpListener::into_std);
     match own {
         Ok(own) => Ok(own),
         Err(_) => listener.try_clone(),
