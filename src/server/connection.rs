@@ -2,6 +2,7 @@
 //! upgraded (WebSocket tunnels), inside the same task, so a tunnel holds the connection's permit and is
 //! drained with it.
 
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -9,7 +10,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use futures_util::future::BoxFuture;
-use http::{Request, Response};
+use http::{HeaderValue, Request, Response};
 use hyper::body::{Body, Incoming};
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
@@ -17,7 +18,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
-use super::options::{HttpBuilder, Peer, ServeOptions};
+use super::options::{HttpBuilder, ServeOptions};
 
 /// A connection's upgraded tunnels (WebSocket) run inside its task, so they hold its `max_connections`
 /// permit and are drained with it (SPEC §8): the proxy hands them over through this request extension.
@@ -29,6 +30,32 @@ impl Tunnels {
     pub(crate) fn run(&self, tunnel: BoxFuture<'static, ()>) {
         // The receiver lives as long as the connection's task; if it is gone, so is the caller.
         let _ = self.0.send(tunnel);
+    }
+}
+
+/// Where a request came from: one per connection, shared by its requests, so that nothing about the
+/// connection is formatted or allocated again per request.
+#[derive(Debug)]
+pub(crate) struct Peer {
+    /// The connection is TLS (`X-Forwarded-Proto: https`).
+    pub(crate) tls: bool,
+    /// `remote`'s address as the `X-Forwarded-For` value.
+    pub(crate) forwarded_for: HeaderValue,
+    /// Where the connection's upgraded tunnels run.
+    pub(crate) tunnels: Tunnels,
+    /// The digest of the bearer token the connection sent last.
+    pub(crate) last_token: crate::digest::LastDigest,
+}
+
+impl Peer {
+    pub(crate) fn new(remote: SocketAddr, tls: bool, tunnels: Tunnels) -> Peer {
+        Peer {
+            tls,
+            forwarded_for: HeaderValue::from_str(&remote.ip().to_string())
+                .unwrap_or_else(|_| HeaderValue::from_static("unknown")),
+            tunnels,
+            last_token: crate::digest::LastDigest::default(),
+        }
     }
 }
 

@@ -1,42 +1,13 @@
 //! How a listener serves its connections, and where a request came from.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::HeaderValue;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use crate::config::Listen;
 
-use super::connection::Tunnels;
 use super::tls::TlsSource;
-
-/// Where a request came from: one per connection, shared by its requests, so that nothing about the
-/// connection is formatted or allocated again per request.
-#[derive(Debug)]
-pub(crate) struct Peer {
-    /// The connection is TLS (`X-Forwarded-Proto: https`).
-    pub(crate) tls: bool,
-    /// `remote`'s address as the `X-Forwarded-For` value.
-    pub(crate) forwarded_for: HeaderValue,
-    /// Where the connection's upgraded tunnels run.
-    pub(crate) tunnels: Tunnels,
-    /// The digest of the bearer token the connection sent last.
-    pub(crate) last_token: crate::digest::LastDigest,
-}
-
-impl Peer {
-    pub(crate) fn new(remote: SocketAddr, tls: bool, tunnels: Tunnels) -> Peer {
-        Peer {
-            tls,
-            forwarded_for: HeaderValue::from_str(&remote.ip().to_string())
-                .unwrap_or_else(|_| HeaderValue::from_static("unknown")),
-            tunnels,
-            last_token: crate::digest::LastDigest::default(),
-        }
-    }
-}
 
 /// How a listener serves its connections.
 #[derive(Clone)]

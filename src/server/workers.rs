@@ -17,7 +17,9 @@ use hyper::body::{Body, Incoming};
 use tokio::net::{TcpListener, TcpSocket};
 use tokio::sync::{Semaphore, oneshot, watch};
 
-use super::{Peer, ServeOptions, serve_with};
+use super::accept::serve_with;
+use super::connection::Peer;
+use super::options::ServeOptions;
 
 thread_local! {
     static WORKER: Cell<usize> = const { Cell::new(0) };
