@@ -9,7 +9,7 @@
 #
 # The configuration is not baked in: mount it at /etc/obo-sidecar/sidecar.toml (in Kubernetes a
 # ConfigMap, see deploy/kubernetes/). In a container, `[listen] admin` must bind 0.0.0.0 (e.g.
-# "0.0.0.0:15090"): the default 127.0.0.1 is unreachable for probes from outside the container's network
+# "0.0.0.0:7090"): the default 127.0.0.1 is unreachable for probes from outside the container's network
 # namespace (the kubelet probes the pod IP). The proxy stays on 127.0.0.1 when only containers of the same
 # pod call it.
 
@@ -35,7 +35,7 @@ FROM gcr.io/distroless/cc-debian12:nonroot
 COPY --from=builder /build/target/release/obo-sidecar /usr/local/bin/obo-sidecar
 # The image's `nonroot` user, by number: Kubernetes' runAsNonRoot can only verify a numeric user.
 USER 65532:65532
-# 15080: proxy (callers); 15090: admin (/healthz, /readyz, /metrics; probes).
-EXPOSE 15080 15090
+# 7080: proxy (callers); 7090: admin (/healthz, /readyz, /metrics; probes).
+EXPOSE 7080 7090
 ENTRYPOINT ["/usr/local/bin/obo-sidecar"]
 CMD ["run", "-c", "/etc/obo-sidecar/sidecar.toml"]

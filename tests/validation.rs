@@ -354,7 +354,7 @@ async fn caller_auth_none_needs_no_token_and_forwards_none() {
 /// `caller_auth = "none"` is refused by `check` on a listener beyond loopback, and on `obo` routes.
 #[test]
 fn caller_auth_none_is_refused_beyond_loopback_and_on_obo() {
-    let text = "[listen]\nproxy = \"0.0.0.0:15080\"\n[inbound]\nissuers = [\"https://idp.example/\"]\naudiences = [\"a\"]\n[[routes]]\nname = \"open\"\npath_prefix = \"/open\"\nupstream = \"http://127.0.0.1:9/\"\ntoken = \"passthrough\"\ncaller_auth = \"none\"\n";
+    let text = "[listen]\nproxy = \"0.0.0.0:7080\"\n[inbound]\nissuers = [\"https://idp.example/\"]\naudiences = [\"a\"]\n[[routes]]\nname = \"open\"\npath_prefix = \"/open\"\nupstream = \"http://127.0.0.1:9/\"\ntoken = \"passthrough\"\ncaller_auth = \"none\"\n";
     let problems = obo_sidecar::config::Config::parse(text, &|_| None)
         .expect_err("refused")
         .problems;

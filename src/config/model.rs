@@ -15,9 +15,9 @@ use super::credential::{AuthMethod, Credential};
 use crate::secret::Secret;
 
 /// Loopback by default: a sidecar is reached by its own pod or host, never by the network unless told.
-pub const DEFAULT_PROXY_LISTEN: &str = "127.0.0.1:15080";
+pub const DEFAULT_PROXY_LISTEN: &str = "127.0.0.1:7080";
 /// Probes reach the admin listener; in Kubernetes bind it to `0.0.0.0`.
-pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:15090";
+pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:7090";
 /// Entra's and most IdPs' clocks agree within seconds; a minute absorbs VM clock drift without
 /// stretching a token's life noticeably.
 pub const DEFAULT_CLOCK_SKEW: Duration = Duration::from_secs(60);

@@ -511,7 +511,7 @@ fn a_fully_qualified_required_scope_is_a_warning() {
 #[test]
 fn a_network_facing_proxy_without_tls_is_a_warning() {
     let text = format!(
-        "[listen]\nproxy = \"0.0.0.0:15080\"\n\n{}",
+        "[listen]\nproxy = \"0.0.0.0:7080\"\n\n{}",
         shorthand("public")
     );
     let found = warnings(&text);
