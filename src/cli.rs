@@ -46,6 +46,11 @@ pub enum Command {
     Run,
     /// Load and validate the configuration without binding ports; print the resolved routes.
     Check,
+    /// Print the shell completion script for SHELL (bash, elvish, fish, powershell, zsh) to stdout.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
     /// Start a development IdP, an echo upstream and the sidecar on loopback, and print curl commands.
     #[cfg(feature = "dev")]
     Demo,
@@ -56,6 +61,17 @@ pub enum Command {
         #[arg(long, default_value = "127.0.0.1:15443")]
         listen: std::net::SocketAddr,
     },
+}
+
+/// `completions`: the completion script for `shell`, on stdout. Written whole from a buffer, so a closed pipe
+/// (`… completions bash | head`) is an error, not a panic.
+pub fn completions(shell: clap_complete::Shell) -> std::io::Result<()> {
+    use clap::CommandFactory as _;
+    let mut command = Cli::command();
+    let name = command.get_name().to_owned();
+    let mut script = Vec::new();
+    clap_complete::generate(shell, &mut command, name, &mut script);
+    std::io::Write::write_all(&mut std::io::stdout().lock(), &script)
 }
 
 /// `check`: the resolved route table on stdout, or every problem on stderr.

@@ -37,6 +37,9 @@ fn main() -> ExitCode {
                 }
             },
             Command::Run => serve(&config).await,
+            Command::Completions { shell } => cli::completions(shell)
+                .map(|()| ExitCode::SUCCESS)
+                .map_err(Into::into),
             #[cfg(feature = "dev")]
             Command::Demo => obo_sidecar::dev::demo::run(shutdown_signal())
                 .await

@@ -277,3 +277,52 @@ scopes = ["api://reports/Reports.Read"]
         "{stdout}"
     );
 }
+
+/// `check` names the file, line and column of a TOML syntax error, and suggests the key an unknown one
+/// was meant to be.
+#[test]
+fn check_names_the_line_of_a_syntax_error_and_suggests_keys() {
+    let path = write_config(
+        "syntax.toml",
+        "[listen]\nproxy = \"127.0.0.1:7080\"\n[inbound\nissuers = []\n",
+    );
+    let (code, _, stderr) = check(&path, None);
+    assert_eq!(code, 64);
+    assert!(
+        stderr.starts_with(&format!("{}: ", path.display())),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("TOML syntax error at line 3, column 9: "),
+        "{stderr}"
+    );
+    let path = write_config(
+        "suggest.toml",
+        &std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/sidecar.toml"))
+            .expect("sidecar.toml")
+            .replacen("audiences", "audience", 1),
+    );
+    let (code, _, stderr) = check(&path, Some("x"));
+    assert_eq!(code, 64);
+    assert!(
+        stderr.contains("inbound.audience: unknown key (did you mean `audiences`?)"),
+        "{stderr}"
+    );
+}
+
+/// `completions <shell>` prints a completion script that knows the commands.
+#[test]
+fn completions_print_a_script() {
+    for shell in ["bash", "zsh", "fish"] {
+        let output = Command::new(support::sidecar_binary())
+            .args(["completions", shell])
+            .output()
+            .expect("runs");
+        assert!(output.status.success(), "{shell}");
+        let script = String::from_utf8_lossy(&output.stdout);
+        assert!(
+            script.contains("obo-sidecar") && script.contains("check"),
+            "{shell}: {script}"
+        );
+    }
+}

@@ -83,7 +83,16 @@ impl Config {
         let mut table: Table = text.parse().map_err(|e: toml::de::Error| ConfigError {
             problems: vec![Problem {
                 path: String::new(),
-                message: format!("TOML syntax: {}", e.message().trim()),
+                message: match e.span() {
+                    Some(span) => {
+                        let (line, column) = line_and_column(text, span.start);
+                        format!(
+                            "TOML syntax error at line {line}, column {column}: {}",
+                            e.message().trim()
+                        )
+                    }
+                    None => format!("TOML syntax error: {}", e.message().trim()),
+                },
             }],
         })?;
         let mut problems = Problems::default();
@@ -223,4 +232,20 @@ fn read_cache(table: Option<&Table>, env: EnvLookup<'_>, p: &mut Problems) -> Ca
         expiry_margin,
         shared,
     }
+}
+
+/// The 1-based line and column (in characters) of byte `offset` of `text`.
+fn line_and_column(text: &str, offset: usize) -> (usize, usize) {
+    let mut end = offset.min(text.len());
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    let before = &text[..end];
+    let line = before.matches('\n').count() + 1;
+    let column = before
+        .rsplit('\n')
+        .next()
+        .map_or(0, |last| last.chars().count())
+        + 1;
+    (line, column)
 }

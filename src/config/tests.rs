@@ -31,6 +31,21 @@ fn problems(text: &str) -> Vec<String> {
     }
 }
 
+/// The default ports stay out of what meshes reserve: Istio 15000–15090, Linkerd 4140–4191 (SPEC §3).
+#[test]
+fn default_ports_are_outside_the_ranges_meshes_reserve() {
+    for address in [DEFAULT_PROXY_LISTEN, DEFAULT_ADMIN_LISTEN] {
+        let port = address
+            .parse::<std::net::SocketAddr>()
+            .expect("an address")
+            .port();
+        assert!(
+            !(15000..=15090).contains(&port) && !(4140..=4191).contains(&port),
+            "{address} is in a mesh's reserved range"
+        );
+    }
+}
+
 #[test]
 fn good_config_parses_with_defaults() {
     let config = Config::parse(GOOD, &env).expect("valid");
@@ -209,6 +224,47 @@ fn syntax_error_is_one_problem() {
     let found = problems("[inbound\n");
     assert_eq!(found.len(), 1);
     assert!(found[0].starts_with("TOML syntax"));
+}
+
+/// A syntax error names its line and column (characters, 1-based), also after multi-byte text.
+#[test]
+fn syntax_error_names_its_line_and_column() {
+    let found = problems("# é ü\n[inbound]\nissuers = [\"a\",\n  audiences = 3\n");
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert!(
+        found[0].starts_with("TOML syntax error at line 4, column "),
+        "{found:?}"
+    );
+    assert_eq!(line_and_column("ab\ncd", 4), (2, 2));
+    assert_eq!(
+        line_and_column("é\nx", 1),
+        (1, 1),
+        "inside a character: its start"
+    );
+}
+
+/// An unknown key close to a known one gets a suggestion; one far from every key does not.
+#[test]
+fn unknown_key_suggests_the_nearest() {
+    let text = GOOD.replace("issuers =", "isuers =");
+    assert!(
+        problems(&text)
+            .contains(&"inbound.isuers: unknown key (did you mean `issuers`?)".to_owned()),
+        "{:?}",
+        problems(&text)
+    );
+    let text = GOOD.replace("issuers =", "IssuerS =");
+    assert!(
+        problems(&text)
+            .iter()
+            .any(|p| p.contains("did you mean `issuers`?"))
+    );
+    let text = format!("{GOOD}\n[cache]\nzzzzzz = 1\n");
+    assert!(
+        problems(&text).contains(&"cache.zzzzzz: unknown key".to_owned()),
+        "{:?}",
+        problems(&text)
+    );
 }
 
 #[test]

@@ -31,6 +31,19 @@ pub(super) fn join(path: &str, key: &str) -> String {
     }
 }
 
+/// The known key nearest to an unknown `key`, when one is close enough to be what was meant: within a
+/// third of its length in edits (at least one), letter case aside.
+fn nearest(key: &str, known: &[&'static str]) -> Option<&'static str> {
+    let key = key.to_ascii_lowercase();
+    let limit = (key.chars().count() / 3).max(1);
+    known
+        .iter()
+        .map(|k| (strsim::damerau_levenshtein(&key, k), *k))
+        .filter(|(distance, _)| *distance <= limit)
+        .min_by_key(|(distance, _)| *distance)
+        .map(|(_, k)| k)
+}
+
 /// A table being read: remembers which keys were taken so the rest can be reported as unknown.
 pub(super) struct Fields<'a> {
     pub(super) table: &'a Table,
@@ -48,7 +61,11 @@ impl<'a> Fields<'a> {
         let path = path.into();
         for key in table.keys() {
             if !known.contains(&key.as_str()) {
-                p.add(&join(&path, key), "unknown key");
+                let message = match nearest(key, known) {
+                    Some(near) => format!("unknown key (did you mean `{near}`?)"),
+                    None => "unknown key".to_owned(),
+                };
+                p.add(&join(&path, key), message);
             }
         }
         Fields { table, path, known }
