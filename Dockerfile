@@ -19,13 +19,16 @@ WORKDIR /build
 
 # Dependencies in their own layer, rebuilt only when Cargo.toml or Cargo.lock change: build them once
 # against placeholder sources.
-COPY Cargo.toml Cargo.lock ./
+COPY Cargo.toml Cargo.lock build.rs ./
 RUN mkdir src \
  && echo 'fn main() {}' > src/main.rs \
  && touch src/lib.rs \
  && cargo build --release --locked --no-default-features
 
 COPY src ./src
+# The context has no .git: pass the commit for `--version` and `obo_build_info`
+# (`docker build --build-arg OBO_SIDECAR_COMMIT=$(git rev-parse --short=12 HEAD) .`); without it, "unknown".
+ARG OBO_SIDECAR_COMMIT=unknown
 # COPY keeps the files' own mtimes, which can be older than the placeholder build's outputs: touch the crate
 # roots so cargo rebuilds the crate itself rather than keeping the placeholder binary.
 RUN touch src/lib.rs src/main.rs \

@@ -11,10 +11,18 @@ use crate::config::{Config, ConfigError};
 /// is 78 but SPEC fixes 64.
 pub const EXIT_CONFIG: u8 = 64;
 
+/// `--version`: the package version and the git commit it was built from (`unknown` without git).
+pub const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (",
+    env!("OBO_SIDECAR_COMMIT"),
+    ")"
+);
+
 #[derive(Debug, Parser)]
 #[command(
     name = "obo-sidecar",
-    version,
+    version = VERSION,
     about = "A reverse proxy that validates a caller's bearer token and swaps it On-Behalf-Of for an upstream token"
 )]
 pub struct Cli {

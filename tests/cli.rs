@@ -326,3 +326,25 @@ fn completions_print_a_script() {
         );
     }
 }
+
+/// `--version` names the version and the commit the binary was built from.
+#[test]
+fn version_names_the_commit() {
+    let output = Command::new(support::sidecar_binary())
+        .arg("--version")
+        .output()
+        .expect("runs");
+    assert!(output.status.success());
+    let text = String::from_utf8_lossy(&output.stdout);
+    // The binary may come from another build than this test (the production build): its commit is one.
+    let commit = text
+        .trim()
+        .strip_prefix(&format!("obo-sidecar {} (", env!("CARGO_PKG_VERSION")))
+        .and_then(|rest| rest.strip_suffix(')'))
+        .unwrap_or_else(|| panic!("{text}"));
+    let hash = commit.strip_suffix("-dirty").unwrap_or(commit);
+    assert!(
+        commit == "unknown" || (hash.len() == 12 && hash.bytes().all(|b| b.is_ascii_hexdigit())),
+        "{text}"
+    );
+}

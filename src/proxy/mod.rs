@@ -95,6 +95,7 @@ impl Proxy {
         peer: Arc<Peer>,
     ) -> Response<ProxyBody> {
         let started = Instant::now();
+        let _in_flight = self.metrics.request_started();
         let method = request.method().clone();
         let request_id = request_id::of(&request);
         let mut outcome = Outcome {

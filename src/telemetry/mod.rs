@@ -356,6 +356,24 @@ pub(crate) struct Metrics {
     /// `obo_shared_cache_requests_total{result}`: hit, miss, error, each created at 0.
     shared_cache: [Counter; 3],
     shared_cache_up: Gauge,
+    /// `obo_requests_in_flight`: proxy-listener requests started and not yet answered.
+    in_flight: Gauge,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct BuildLabels {
+    version: &'static str,
+    commit: &'static str,
+}
+
+/// One request in flight: counted while it lives, however it ends (answered, failed, or dropped when its
+/// caller went away).
+pub(crate) struct InFlight<'a>(&'a Gauge);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
 }
 
 /// The result of one shared-cache lookup (`obo_shared_cache_requests_total{result}`).
@@ -474,6 +492,24 @@ impl Metrics {
             "1 while the shared token cache answers; 0 while it is degraded, or without [cache.shared]",
             shared_cache_up.clone(),
         );
+        let build_info = Family::<BuildLabels, Gauge>::default();
+        registry.register(
+            "obo_build_info",
+            "1, labelled with the version and the git commit of this binary",
+            build_info.clone(),
+        );
+        build_info
+            .get_or_create(&BuildLabels {
+                version: env!("CARGO_PKG_VERSION"),
+                commit: env!("OBO_SIDECAR_COMMIT"),
+            })
+            .set(1);
+        let in_flight = Gauge::default();
+        registry.register(
+            "obo_requests_in_flight",
+            "Requests on the proxy listener started and not yet answered",
+            in_flight.clone(),
+        );
         let shared_cache = [SharedResult::Hit, SharedResult::Miss, SharedResult::Error]
             .map(|result| shared_cache_requests.get_or_create_owned(&SharedLabels { result }));
 
@@ -498,7 +534,14 @@ impl Metrics {
             credential_reload,
             shared_cache,
             shared_cache_up,
+            in_flight,
         }
+    }
+
+    /// Counts one request in flight until the returned guard drops.
+    pub(crate) fn request_started(&self) -> InFlight<'_> {
+        self.in_flight.inc();
+        InFlight(&self.in_flight)
     }
 
     /// The handle for `route`, created on first use and the same for every later call with that name (a

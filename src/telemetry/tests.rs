@@ -9,8 +9,8 @@ fn samples(metrics: &Metrics) -> Vec<Sample> {
 
 const MS: Duration = Duration::from_millis(1);
 
-/// The sample names of SPEC §6.
-const SPEC_NAMES: [&str; 12] = [
+/// The sample names of SPEC §6 and §15.
+const SPEC_NAMES: [&str; 14] = [
     "obo_requests_total",
     "obo_request_duration_seconds",
     "obo_token_cache_requests_total",
@@ -23,6 +23,8 @@ const SPEC_NAMES: [&str; 12] = [
     "obo_credential_reload_total",
     "obo_shared_cache_requests_total",
     "obo_shared_cache_up",
+    "obo_build_info",
+    "obo_requests_in_flight",
 ];
 
 fn record_one_of_each(metrics: &Metrics) {
@@ -64,6 +66,8 @@ fn fresh_metrics_list_every_family() {
         "obo_credential_reload counter",
         "obo_shared_cache_requests counter",
         "obo_shared_cache_up gauge",
+        "obo_build_info gauge",
+        "obo_requests_in_flight gauge",
     ] {
         assert!(
             text.contains(&format!("# TYPE {family}\n")),
@@ -463,4 +467,34 @@ fn parser_rejects_malformed_lines() {
     assert_eq!(good[0].label("x"), Some("q\"u\\o\nte"));
     assert!(good[0].value.is_infinite());
     assert!((good[1].value - 2.5).abs() < f64::EPSILON);
+}
+
+/// `obo_build_info` is 1 with the version and commit; `obo_requests_in_flight` counts live guards.
+#[test]
+fn build_info_and_requests_in_flight() {
+    let metrics = Metrics::new();
+    let build = [
+        ("version", env!("CARGO_PKG_VERSION")),
+        ("commit", env!("OBO_SIDECAR_COMMIT")),
+    ];
+    assert_eq!(
+        value(&samples(&metrics), "obo_build_info", &build),
+        Some(1.0)
+    );
+    assert_eq!(
+        value(&samples(&metrics), "obo_requests_in_flight", &[]),
+        Some(0.0)
+    );
+    let first = metrics.request_started();
+    let second = metrics.request_started();
+    assert_eq!(
+        value(&samples(&metrics), "obo_requests_in_flight", &[]),
+        Some(2.0)
+    );
+    drop(first);
+    drop(second);
+    assert_eq!(
+        value(&samples(&metrics), "obo_requests_in_flight", &[]),
+        Some(0.0)
+    );
 }
