@@ -186,6 +186,23 @@ pub(crate) enum ProxyError {
 }
 
 impl ProxyError {
+    /// A short code for why a caller was refused (401, 403), for the access log: what was wrong, never the
+    /// token. `None` for other answers.
+    pub(crate) fn reason(&self) -> Option<std::borrow::Cow<'static, str>> {
+        use std::borrow::Cow;
+        Some(match self {
+            ProxyError::MissingToken => Cow::Borrowed("missing_token"),
+            ProxyError::InvalidToken(defect) => Cow::Owned(format!("invalid_token:{defect:?}")),
+            ProxyError::InsufficientScope { .. } => Cow::Borrowed("insufficient_scope"),
+            ProxyError::IdpRejectedSubject => Cow::Borrowed("idp_rejected_subject"),
+            ProxyError::IdpClaimsChallenge { .. } => Cow::Borrowed("claims_challenge"),
+            ProxyError::IdpConsentRequired { .. } => Cow::Borrowed("consent_required"),
+            _ => return None,
+        })
+    }
+}
+
+impl ProxyError {
     pub(crate) fn fault(&self) -> Fault {
         match self {
             ProxyError::NoRoute

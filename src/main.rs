@@ -113,8 +113,9 @@ fn init_tracing(format: LogFormat) {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     let subscriber: Box<dyn tracing::Subscriber + Send + Sync> = match format {
+        // Flat: an event's fields sit beside `timestamp`, `level` and `target`, not under `fields`.
         LogFormat::Json => Box::new(tracing_subscriber::layer::SubscriberExt::with(
-            builder.json().finish(),
+            builder.json().flatten_event(true).finish(),
             filter,
         )),
         LogFormat::Text => Box::new(tracing_subscriber::layer::SubscriberExt::with(

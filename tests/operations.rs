@@ -594,9 +594,11 @@ impl Drop for Child {
 
 /// SIGTERM to the real binary during a slow in-flight request: the proxy listener stops accepting new
 /// connections, the in-flight request still completes 200, and the process exits 0 within `drain_timeout`.
+/// Its JSON log has one flat access line per request (SPEC §15).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_lets_an_in_flight_request_finish_and_exits_zero() {
     const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+    const TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
     let idp = DevIdp::start(support::bind().await, DevIdpConfig::default())
         .await
         .expect("idp");
@@ -637,10 +639,10 @@ async fn sigterm_lets_an_in_flight_request_finish_and_exits_zero() {
     let log = || std::fs::read_to_string(&log_path).unwrap_or_default();
     let mut child = Child(
         std::process::Command::new(support::sidecar_binary())
-            .arg("run")
-            .arg("-c")
+            .args(["--log-format", "json", "run", "-c"])
             .arg(&config_path)
             .env_remove("OBO_SIDECAR_CONFIG")
+            .env("RUST_LOG", "info")
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::null())
             .stderr(std::fs::File::create(&log_path).expect("log file"))
@@ -671,6 +673,23 @@ async fn sigterm_lets_an_in_flight_request_finish_and_exits_zero() {
         scp: Some("access_as_user".to_owned()),
         ..obo_sidecar::dev::TokenClaims::user("alice")
     });
+    // For the access log: one request carrying a trace and a query, one refused.
+    let traced = http
+        .get(format!("http://{proxy_addr}/obo/traced?q=private"))
+        .bearer_auth(&caller)
+        .header("traceparent", format!("00-{TRACE}-00f067aa0ba902b7-01"))
+        .send()
+        .await
+        .expect("traced request");
+    assert_eq!(traced.status(), 200);
+    let refused = http
+        .get(format!("http://{proxy_addr}/obo/refused"))
+        .bearer_auth("not-a-jwt")
+        .send()
+        .await
+        .expect("refused request");
+    assert_eq!(refused.status(), 401);
+    let before = upstream.requests();
     let in_flight = tokio::spawn({
         let request = http
             .get(format!("http://{proxy_addr}/obo/slow"))
@@ -683,7 +702,7 @@ async fn sigterm_lets_an_in_flight_request_finish_and_exits_zero() {
         }
     });
     let started = Instant::now();
-    while upstream.requests() == 0 {
+    while upstream.requests() == before {
         assert!(
             started.elapsed() < PATIENCE,
             "the request never reached the upstream:\n{}",
@@ -748,6 +767,39 @@ async fn sigterm_lets_an_in_flight_request_finish_and_exits_zero() {
     };
     assert_eq!(exit.code(), Some(0), "{}", log());
     assert!(TcpStream::connect(proxy_addr).await.is_err());
+
+    // One flat JSON line per request: the fields at the top level, the path without its query, the caller's
+    // trace id, and a refusal's reason code (never the token).
+    let text = log();
+    let access: Vec<serde_json::Value> = text
+        .lines()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .filter(|line| line["target"] == "access")
+        .collect();
+    assert_eq!(access.len(), 3, "{text}");
+    let traced = &access[0];
+    assert_eq!(traced["route"], "obo", "{traced}");
+    assert_eq!(traced["method"], "GET");
+    assert_eq!(traced["path"], "/obo/traced");
+    assert_eq!(traced["status"], 200);
+    assert_eq!(traced["trace_id"], TRACE);
+    assert_eq!(traced["cache"], "miss");
+    assert_eq!(traced["idp_call"], true);
+    assert!(traced["duration_ms"].as_f64().is_some_and(|ms| ms > 0.0));
+    assert!(
+        traced["request_id"]
+            .as_str()
+            .is_some_and(|id| id.len() == 36)
+    );
+    assert!(traced.get("fields").is_none());
+    let refused = &access[1];
+    assert_eq!(refused["status"], 401, "{refused}");
+    assert_eq!(refused["reason"], "invalid_token:NotThreeParts");
+    assert_eq!(refused["trace_id"], "-");
+    assert!(
+        !text.contains("private") && !text.contains("not-a-jwt"),
+        "{text}"
+    );
 }
 
 /// About 500 requests, 16 at a time, across five reloads that add route `b` and move `a`'s upstream path:
