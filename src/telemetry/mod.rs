@@ -504,6 +504,8 @@ impl Metrics {
                 commit: env!("OBO_SIDECAR_COMMIT"),
             })
             .set(1);
+        #[cfg(target_os = "linux")]
+        registry.register_collector(Box::new(process::ProcessCollector));
         let in_flight = Gauge::default();
         registry.register(
             "obo_requests_in_flight",
@@ -778,6 +780,9 @@ impl RouteMetrics {
             .inc();
     }
 }
+
+#[cfg(target_os = "linux")]
+mod process;
 
 /// The `OpenMetrics` parser of the unit tests below, which the integration tests' support uses too.
 #[cfg(test)]

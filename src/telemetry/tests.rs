@@ -440,14 +440,40 @@ fn exposition_has_one_type_line_per_family_and_valid_samples() {
     let metrics = Metrics::new();
     record_one_of_each(&metrics);
     let text = metrics.encode();
-    let types = text.lines().filter(|l| l.starts_with("# TYPE ")).count();
+    let types = text
+        .lines()
+        .filter(|l| l.starts_with("# TYPE obo_"))
+        .count();
     assert_eq!(types, SPEC_NAMES.len());
-    // `parse` checks every line's shape; every sample belongs to an obo_ family.
+    // `parse` checks every line's shape; every sample belongs to an obo_ family or is a process_ one.
     assert!(
         parse(&text)
             .unwrap()
             .iter()
-            .all(|s| s.name.starts_with("obo_"))
+            .all(|s| s.name.starts_with("obo_") || s.name.starts_with("process_"))
+    );
+}
+
+/// On Linux the process metrics are there, with plausible values.
+#[cfg(target_os = "linux")]
+#[test]
+fn process_metrics_are_read_from_proc() {
+    let samples = samples(&Metrics::new());
+    let get = |name: &str| value(&samples, name, &[]).unwrap_or_else(|| panic!("{name} missing"));
+    assert!(get("process_resident_memory_bytes") > 1_000_000.0);
+    assert!(get("process_virtual_memory_bytes") >= get("process_resident_memory_bytes"));
+    assert!(get("process_cpu_seconds_total") >= 0.0);
+    assert!(get("process_open_fds") >= 3.0);
+    assert!(get("process_max_fds") >= get("process_open_fds"));
+    assert!(get("process_threads") >= 1.0);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("after 1970")
+        .as_secs_f64();
+    let started = get("process_start_time_seconds");
+    assert!(
+        started <= now + 1.0 && started > now - 86_400.0,
+        "{started} vs {now}"
     );
 }
 
