@@ -330,7 +330,7 @@ pub async fn start(config: Config, listeners: Listeners) -> Result<Sidecar, Star
     let proxy_workers = server::serve_workers(
         listeners.proxy,
         workers,
-        proxy_handler,
+        &proxy_handler,
         &stop,
         &proxy_options,
     )?;

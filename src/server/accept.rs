@@ -5,49 +5,33 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::{Request, Response};
-use hyper::body::{Body, Incoming};
 use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
 
-use super::connection::{Peer, drive};
+use super::connection::{Handler, drive};
 use super::options::{HttpBuilder, ServeOptions, http_builder};
 
 /// Serves `listener` with `handler` until `shutdown` turns true, then stops accepting and drains: open
 /// connections finish their in-flight requests (up to `drain_timeout`) and are closed.
-pub(crate) async fn serve<H, Fut, B, E>(
+pub(crate) async fn serve<H: Handler>(
     listener: TcpListener,
     handler: H,
     shutdown: watch::Receiver<bool>,
     options: ServeOptions,
-) where
-    H: Fn(Request<Incoming>, Arc<Peer>) -> Fut + Clone + Send + Sync + 'static,
-    Fut: Future<Output = Result<Response<B>, E>> + Send + 'static,
-    E: Into<Box<dyn std::error::Error + Send + Sync>>,
-    B: Body + Send + 'static,
-    B::Data: Send,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-{
+) {
     let permits = Arc::new(Semaphore::new(options.max_connections));
     serve_with(listener, handler, shutdown, options, permits).await;
 }
 
 /// [`serve`], its connections counted in `permits` (shared by the workers of one listener).
-pub(super) async fn serve_with<H, Fut, B, E>(
+pub(super) async fn serve_with<H: Handler>(
     listener: TcpListener,
     handler: H,
     mut shutdown: watch::Receiver<bool>,
     options: ServeOptions,
     permits: Arc<Semaphore>,
-) where
-    H: Fn(Request<Incoming>, Arc<Peer>) -> Fut + Clone + Send + Sync + 'static,
-    Fut: Future<Output = Result<Response<B>, E>> + Send + 'static,
-    E: Into<Box<dyn std::error::Error + Send + Sync>>,
-    B: Body + Send + 'static,
-    B::Data: Send,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-{
+) {
     let builder = http_builder(&options, true);
     let mut connections = JoinSet::new();
     loop {
@@ -130,21 +114,14 @@ fn queued(listener: TcpListener) -> Vec<(tokio::net::TcpStream, SocketAddr)> {
 }
 
 /// Serves one accepted connection: the TLS handshake if the listener has TLS, then HTTP.
-async fn serve_one<H, Fut, B, E>(
+async fn serve_one<H: Handler>(
     builder: &HttpBuilder,
     stream: tokio::net::TcpStream,
     remote: SocketAddr,
     handler: H,
     stop: watch::Receiver<bool>,
     options: &ServeOptions,
-) where
-    H: Fn(Request<Incoming>, Arc<Peer>) -> Fut + Clone + Send + Sync + 'static,
-    Fut: Future<Output = Result<Response<B>, E>> + Send + 'static,
-    E: Into<Box<dyn std::error::Error + Send + Sync>>,
-    B: Body + Send + 'static,
-    B::Data: Send,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-{
+) {
     match &options.tls {
         None => {
             drive(builder, stream, (remote, false), handler, stop, options).await;

@@ -59,9 +59,38 @@ impl Peer {
     }
 }
 
+/// An error a handler or a response body may end with.
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// What answers a listener's requests: a function, cloned into every connection, from a request and its
+/// connection's [`Peer`] to a response with a streaming body. Any such closure is one.
+pub(crate) trait Handler: Clone + Send + Sync + 'static {
+    type Body: Body<Data: Send, Error: Into<BoxError>> + Send + 'static;
+    type Error: Into<BoxError>;
+    type Answer: Future<Output = Result<Response<Self::Body>, Self::Error>> + Send + 'static;
+
+    fn call(&self, request: Request<Incoming>, peer: Arc<Peer>) -> Self::Answer;
+}
+
+impl<H, A, B, E> Handler for H
+where
+    H: Fn(Request<Incoming>, Arc<Peer>) -> A + Clone + Send + Sync + 'static,
+    A: Future<Output = Result<Response<B>, E>> + Send + 'static,
+    B: Body<Data: Send, Error: Into<BoxError>> + Send + 'static,
+    E: Into<BoxError>,
+{
+    type Body = B;
+    type Error = E;
+    type Answer = A;
+
+    fn call(&self, request: Request<Incoming>, peer: Arc<Peer>) -> A {
+        self(request, peer)
+    }
+}
+
 /// Serves one connection until it closes, goes idle for `idle_timeout`, or shutdown asks it to finish; then
 /// runs what it upgraded, until that ends too.
-pub(super) async fn drive<I, H, Fut, B, E>(
+pub(super) async fn drive<I, H: Handler>(
     builder: &HttpBuilder,
     io: I,
     (remote, tls): (std::net::SocketAddr, bool),
@@ -70,12 +99,6 @@ pub(super) async fn drive<I, H, Fut, B, E>(
     options: &ServeOptions,
 ) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-    H: Fn(Request<Incoming>, Arc<Peer>) -> Fut + Clone + Send + Sync + 'static,
-    Fut: Future<Output = Result<Response<B>, E>> + Send + 'static,
-    E: Into<Box<dyn std::error::Error + Send + Sync>>,
-    B: Body + Send + 'static,
-    B::Data: Send,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let io = IdleIo::new(io);
     let activity = io.activity();
@@ -91,7 +114,7 @@ pub(super) async fn drive<I, H, Fut, B, E>(
             let open = requests.open();
             let peer = Arc::clone(&peer);
             async move {
-                let response = handler(request, peer).await;
+                let response = handler.call(request, peer).await;
                 drop(open);
                 response
             }

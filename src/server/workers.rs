@@ -12,13 +12,11 @@ use std::cell::Cell;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use http::{Request, Response};
-use hyper::body::{Body, Incoming};
 use tokio::net::{TcpListener, TcpSocket};
 use tokio::sync::{Semaphore, oneshot, watch};
 
 use super::accept::serve_with;
-use super::connection::Peer;
+use super::connection::Handler;
 use super::options::ServeOptions;
 
 thread_local! {
@@ -73,21 +71,13 @@ fn sibling(listener: &std::net::TcpListener) -> std::io::Result<std::net::TcpLis
 
 /// Serves `listener` on `workers` threads until `shutdown` turns true (or its sender is dropped), then
 /// drains as [`super::serve`] does. Resolves when every worker has finished.
-pub(crate) fn serve_workers<H, Fut, B, E>(
+pub(crate) fn serve_workers<H: Handler>(
     listener: TcpListener,
     workers: usize,
-    handler: H,
+    handler: &H,
     shutdown: &watch::Receiver<bool>,
     options: &ServeOptions,
-) -> std::io::Result<impl Future<Output = ()> + Send + 'static>
-where
-    H: Fn(Request<Incoming>, Arc<Peer>) -> Fut + Clone + Send + Sync + 'static,
-    Fut: Future<Output = Result<Response<B>, E>> + Send + 'static,
-    E: Into<Box<dyn std::error::Error + Send + Sync>>,
-    B: Body + Send + 'static,
-    B::Data: Send,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-{
+) -> std::io::Result<impl Future<Output = ()> + Send + 'static> {
     let first = listener.into_std()?;
     let mut sockets = Vec::with_capacity(workers);
     for _ in 1..workers.max(1) {
