@@ -13,6 +13,9 @@
 # namespace (the kubelet probes the pod IP). The proxy stays on 127.0.0.1 when only containers of the same
 # pod call it.
 
+# Base images are pinned by tag: this repository's CI cannot reach a container registry to read their digests.
+# Before a release, pin them by digest: `docker buildx imagetools inspect rust:1.88-bookworm` (and the
+# distroless image below) prints it, to append as `FROM rust:1.88-bookworm@sha256:<digest>`.
 # rust-version in Cargo.toml is 1.88; the lockfile's dependencies need no newer compiler.
 FROM rust:1.88-bookworm AS builder
 WORKDIR /build

@@ -801,3 +801,44 @@ fn shared_cache_variant_reads_redis_from_a_secret_and_may_reach_it() {
         deployment["spec"]["selector"]["matchLabels"]
     );
 }
+
+/// The release workflow (untried: our CI cannot reach GitHub) is well-formed YAML that builds the production
+/// binary for both musl targets on a tag, checksums it, makes an SBOM and a multi-arch image.
+#[test]
+fn release_workflow_has_its_parts() {
+    let path = repo().join(".github/workflows/release.yml");
+    let text = read(&path);
+    assert!(text.contains("UNTRIED"), "says it has never run");
+    let docs = documents(&path);
+    let [workflow] = docs.as_slice() else {
+        panic!("one YAML document")
+    };
+    assert_eq!(
+        seq(&workflow["on"]["push"]["tags"])
+            .iter()
+            .map(|t| str_at(t, "tag"))
+            .collect::<Vec<_>>(),
+        ["v*"]
+    );
+    let jobs = &workflow["jobs"];
+    let targets: Vec<&str> = seq(&jobs["binaries"]["strategy"]["matrix"]["target"])
+        .iter()
+        .map(|t| str_at(t, "target"))
+        .collect();
+    assert_eq!(
+        targets,
+        ["x86_64-unknown-linux-musl", "aarch64-unknown-linux-musl"]
+    );
+    let steps = |job: &str| -> String {
+        seq(&jobs[job]["steps"])
+            .iter()
+            .map(|s| yaml_serde::to_string(s).unwrap())
+            .collect()
+    };
+    assert!(steps("binaries").contains("--release --locked --no-default-features"));
+    assert!(steps("binaries").contains("sha256sum"));
+    assert!(steps("sbom").contains("cyclonedx"));
+    assert!(steps("image").contains("linux/amd64,linux/arm64"));
+    assert!(steps("image").contains("OBO_SIDECAR_COMMIT"));
+    assert_eq!(seq(&jobs["release"]["needs"]).len(), 3);
+}
