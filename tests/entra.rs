@@ -398,21 +398,13 @@ fn load(
 
 /// The count of `obo_credential_reload_total{outcome}`.
 async fn credential_reloads(h: &Harness, outcome: &str) -> f64 {
-    let text = h
-        .http
-        .get(h.admin_url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    support::exposition::parse(&text)
-        .unwrap()
-        .iter()
-        .filter(|s| s.name == "obo_credential_reload_total" && s.label("outcome") == Some(outcome))
-        .map(|s| s.value)
-        .sum()
+    support::metric_sum(
+        &h.http,
+        &h.admin_url("/metrics"),
+        "obo_credential_reload_total",
+        Some(("outcome", outcome)),
+    )
+    .await
 }
 
 /// Waits until the sidecar has counted `count` credential reloads with `outcome`.
@@ -437,6 +429,16 @@ async fn wait_for_token_requests(h: &Harness, more: u64) {
     }
 }
 
+/// A harness configuration whose one identity authenticates with `credential` (a TOML line), and one obo
+/// route `/r/`.
+fn rotation_config(idp: &DevIdp, upstream: &str, credential: &str) -> String {
+    support::inbound_config(idp)
+        + &format!(
+            "\n[identity]\ntoken_endpoint = \"{}\"\nclient_id = \"{DEFAULT_CLIENT_ID}\"\n{credential}\n\n[[routes]]\nname = \"r\"\npath_prefix = \"/r/\"\nupstream = \"{upstream}/\"\ntoken = \"obo\"\nscopes = [\"api://downstream/.default\"]\n",
+            idp.token_endpoint()
+        )
+}
+
 /// Stops the load and checks that it ran and that no request failed.
 async fn stop_load(stop: &AtomicBool, failures: &AtomicU32, task: tokio::task::JoinHandle<u32>) {
     stop.store(true, Ordering::SeqCst);
@@ -455,12 +457,11 @@ async fn a_rotated_secret_file_is_used_without_a_restart() {
     std::fs::write(&file, "first-secret").unwrap();
     let h = Harness::start_custom(|idp, upstream| {
         idp.add_client(DevClient::new(DEFAULT_CLIENT_ID, "first-secret"));
-        support::inbound_config(idp)
-            + &format!(
-                "\n[identity]\ntoken_endpoint = \"{}\"\nclient_id = \"{DEFAULT_CLIENT_ID}\"\nclient_secret = {{ file = \"{}\" }}\n\n[[routes]]\nname = \"r\"\npath_prefix = \"/r/\"\nupstream = \"{upstream}/\"\ntoken = \"obo\"\nscopes = [\"api://downstream/.default\"]\n",
-                idp.token_endpoint(),
-                file.display()
-            )
+        rotation_config(
+            idp,
+            upstream,
+            &format!("client_secret = {{ file = \"{}\" }}", file.display()),
+        )
     })
     .await;
     let (stop, failures, task) = load(&h, "/r/x");
@@ -509,14 +510,19 @@ async fn a_renewed_certificate_is_used_without_a_restart() {
     std::fs::copy(&cert_a, &cert).unwrap();
     std::fs::copy(&key_a, &key).unwrap();
     let h = Harness::start_custom(|idp, upstream| {
-        idp.add_client(DevClient::with_certificate(DEFAULT_CLIENT_ID, der_a.clone()));
-        support::inbound_config(idp)
-            + &format!(
-                "\n[identity]\ntoken_endpoint = \"{}\"\nclient_id = \"{DEFAULT_CLIENT_ID}\"\nclient_certificate = {{ cert_file = \"{}\", key_file = \"{}\" }}\n\n[[routes]]\nname = \"r\"\npath_prefix = \"/r/\"\nupstream = \"{upstream}/\"\ntoken = \"obo\"\nscopes = [\"api://downstream/.default\"]\n",
-                idp.token_endpoint(),
+        idp.add_client(DevClient::with_certificate(
+            DEFAULT_CLIENT_ID,
+            der_a.clone(),
+        ));
+        rotation_config(
+            idp,
+            upstream,
+            &format!(
+                "client_certificate = {{ cert_file = \"{}\", key_file = \"{}\" }}",
                 cert.display(),
                 key.display()
-            )
+            ),
+        )
     })
     .await;
     let (stop, failures, task) = load(&h, "/r/x");
@@ -553,13 +559,15 @@ async fn a_rotated_assertion_file_is_used_without_a_restart() {
     let file = dir.join("azure-identity-token");
     std::fs::write(&file, "projected later").unwrap();
     let h = Harness::start_custom(|idp, upstream| {
-        idp.add_client(DevClient::with_federated_subject(DEFAULT_CLIENT_ID, "system:serviceaccount:apps:api"));
-        support::inbound_config(idp)
-            + &format!(
-                "\n[identity]\ntoken_endpoint = \"{}\"\nclient_id = \"{DEFAULT_CLIENT_ID}\"\nclient_assertion_file = \"{}\"\n\n[[routes]]\nname = \"r\"\npath_prefix = \"/r/\"\nupstream = \"{upstream}/\"\ntoken = \"obo\"\nscopes = [\"api://downstream/.default\"]\n",
-                idp.token_endpoint(),
-                file.display()
-            )
+        idp.add_client(DevClient::with_federated_subject(
+            DEFAULT_CLIENT_ID,
+            "system:serviceaccount:apps:api",
+        ));
+        rotation_config(
+            idp,
+            upstream,
+            &format!("client_assertion_file = \"{}\"", file.display()),
+        )
     })
     .await;
     let projected =

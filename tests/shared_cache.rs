@@ -127,25 +127,8 @@ impl Fleet {
 
     /// The sum of one metric over the replicas' `/metrics`, filtered by a label.
     async fn metric(&self, replica: usize, name: &str, label: Option<(&str, &str)>) -> f64 {
-        let text = self
-            .http
-            .get(format!(
-                "http://{}/metrics",
-                self.replicas[replica].admin_addr
-            ))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
-        support::exposition::parse(&text)
-            .unwrap()
-            .iter()
-            .filter(|s| s.name == name)
-            .filter(|s| label.is_none_or(|(k, v)| s.label(k) == Some(v)))
-            .map(|s| s.value)
-            .sum()
+        let url = format!("http://{}/metrics", self.replicas[replica].admin_addr);
+        support::metric_sum(&self.http, &url, name, label).await
     }
 
     /// Waits until `obo_shared_cache_up` of `replica` is `up`.

@@ -181,6 +181,40 @@ fn authorization_uri(token_endpoint: &str) -> String {
     }
 }
 
+/// A `Retry-After` longer than this is shortened: an IdP, a managed-identity endpoint (or a proxy in front of
+/// either) asking for a day must not take an identity offline for a day.
+pub(crate) const MAX_RETRY_AFTER: Duration = Duration::from_secs(300);
+
+/// An answer's `Retry-After` in seconds (the HTTP-date form is not used by IdPs), at most `max`: a broken
+/// or hostile endpoint cannot park the sidecar for longer.
+pub(super) fn retry_after(headers: &http::HeaderMap, max: Duration) -> Option<Duration> {
+    headers
+        .get(http::header::RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map(|secs| Duration::from_secs(secs).min(max))
+}
+
+/// An answer's body, refused beyond `max` bytes (read chunk by chunk, so an endless body is not buffered).
+pub(super) async fn read_limited(
+    mut response: reqwest::Response,
+    max: usize,
+) -> Result<Vec<u8>, Unavailable> {
+    let mut body = Vec::new();
+    loop {
+        match response.chunk().await {
+            Ok(Some(chunk)) => {
+                if body.len() + chunk.len() > max {
+                    return Err(Unavailable::TooLarge);
+                }
+                body.extend_from_slice(&chunk);
+            }
+            Ok(None) => return Ok(body),
+            Err(e) => return Err(Unavailable::Read(Arc::new(e))),
+        }
+    }
+}
+
 /// Maps an RFC 6749 §5.2 error answer (SPEC §4's table).
 pub(crate) fn map_error_answer(
     status: http::StatusCode,

@@ -17,7 +17,10 @@ use crate::config::{ManagedIdentity, ManagedIdentityEndpoint};
 use crate::oauth::now_unix;
 use crate::secret::Secret;
 
-use super::answer::{ExchangeError, MAX_TOKEN_LIFETIME, Misconfiguration, Unavailable};
+use super::answer::{
+    ExchangeError, MAX_RETRY_AFTER, MAX_TOKEN_LIFETIME, Misconfiguration, Unavailable,
+    read_limited, retry_after,
+};
 
 /// The IMDS API version every Azure SDK sends.
 const IMDS_API_VERSION: &str = "2018-02-01";
@@ -28,8 +31,6 @@ const REFRESH_BEFORE_EXPIRY: u64 = 300;
 /// The `Retry-After` callers get when the managed identity endpoint is unavailable and names none: the
 /// endpoint is local, and the Azure SDKs retry it within seconds.
 const DEFAULT_RETRY_AFTER: Duration = Duration::from_secs(5);
-/// The endpoint's own `Retry-After` is believed up to this.
-const MAX_RETRY_AFTER: Duration = Duration::from_secs(300);
 /// While the endpoint fails, a cached token with this many seconds left still serves.
 const GRACE: u64 = 60;
 /// Managed identity answers are small.
@@ -173,13 +174,8 @@ impl ManagedIdentityTokens {
                 }
             })?;
         let status = response.status();
-        let retry_after = response
-            .headers()
-            .get(http::header::RETRY_AFTER)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.trim().parse::<u64>().ok())
-            .map(Duration::from_secs);
-        let body = read_limited(response).await?;
+        let retry_after = retry_after(response.headers(), MAX_RETRY_AFTER);
+        let body = read_limited(response, MAX_ANSWER_BYTES).await?;
         // IMDS: 404 and 410 while it updates, 429 when throttled; 5xx anywhere: all pass.
         if matches!(status.as_u16(), 404 | 408 | 410 | 429) || status.is_server_error() {
             return Err(ExchangeError::Unavailable {
@@ -237,20 +233,4 @@ fn error_summary(body: &[u8]) -> String {
         field("error_description"),
         field("message")
     )
-}
-
-async fn read_limited(mut response: reqwest::Response) -> Result<Vec<u8>, Unavailable> {
-    let mut body = Vec::new();
-    loop {
-        match response.chunk().await {
-            Ok(Some(chunk)) => {
-                if body.len() + chunk.len() > MAX_ANSWER_BYTES {
-                    return Err(Unavailable::TooLarge);
-                }
-                body.extend_from_slice(&chunk);
-            }
-            Ok(None) => return Ok(body),
-            Err(e) => return Err(Unavailable::Read(Arc::new(e))),
-        }
-    }
 }

@@ -21,8 +21,9 @@ use crate::secret::Secret;
 use crate::telemetry::{Grant as GrantLabel, IdpOutcome, Metrics};
 
 use super::answer::{
-    ExchangeError, MAX_TOKEN_LIFETIME, Misconfiguration, TokenResponse, Unavailable,
-    cache_lifetime, expires_in_seconds, jwt_exp, map_error_answer, redacted_answer,
+    ExchangeError, MAX_RETRY_AFTER, MAX_TOKEN_LIFETIME, Misconfiguration, TokenResponse,
+    Unavailable, cache_lifetime, expires_in_seconds, jwt_exp, map_error_answer, read_limited,
+    redacted_answer, retry_after,
 };
 use super::client_auth::{self, AssertionAlg};
 use super::managed_identity::ManagedIdentityTokens;
@@ -35,9 +36,6 @@ const RETRY_BASE_DELAY_MS: u64 = 50;
 /// A misconfiguration (`invalid_client`, …) is logged at error at most this often per identity: once per
 /// burst, not once per request.
 const ERROR_LOG_INTERVAL: Duration = Duration::from_secs(60);
-/// A `Retry-After` longer than this is shortened: an IdP (or a proxy in front of it) asking for a day must not
-/// take an identity offline for a day.
-const MAX_RETRY_AFTER: Duration = Duration::from_secs(300);
 /// Endpoints whose `Retry-After` is remembered at once; each entry lives at most [`MAX_RETRY_AFTER`].
 const MAX_BACKOFF_ENTRIES: u64 = 10_000;
 
@@ -405,13 +403,8 @@ impl TokenRequest {
             }
         })?;
         let status = response.status();
-        let retry_after = response
-            .headers()
-            .get(http::header::RETRY_AFTER)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.trim().parse::<u64>().ok())
-            .map(|secs| Duration::from_secs(secs.min(MAX_RETRY_AFTER.as_secs())));
-        let body = read_limited(response).await?;
+        let retry_after = retry_after(response.headers(), MAX_RETRY_AFTER);
+        let body = read_limited(response, MAX_IDP_BODY_BYTES).await?;
         tracing::debug!(
             route = %self.route,
             identity = %identity.name,
@@ -500,20 +493,4 @@ fn jitter() -> Duration {
     let mut byte = [0u8; 1];
     let _ = aws_lc_rs::rand::SystemRandom::new().fill(&mut byte);
     Duration::from_millis(RETRY_BASE_DELAY_MS + u64::from(byte[0]) * 100 / 255)
-}
-
-async fn read_limited(mut response: reqwest::Response) -> Result<Vec<u8>, Unavailable> {
-    let mut body = Vec::new();
-    loop {
-        match response.chunk().await {
-            Ok(Some(chunk)) => {
-                if body.len() + chunk.len() > MAX_IDP_BODY_BYTES {
-                    return Err(Unavailable::TooLarge);
-                }
-                body.extend_from_slice(&chunk);
-            }
-            Ok(None) => return Ok(body),
-            Err(e) => return Err(Unavailable::Read(Arc::new(e))),
-        }
-    }
 }

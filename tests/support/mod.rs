@@ -494,17 +494,11 @@ impl Harness {
 
     /// The value of the unlabelled sample `name` on `/metrics`.
     pub(crate) async fn metric(&self, name: &str) -> Option<f64> {
-        let text = self
-            .http
-            .get(self.admin_url("/metrics"))
-            .send()
-            .await
-            .expect("metrics")
-            .text()
-            .await
-            .expect("metrics text");
-        let samples = exposition::parse(&text).unwrap_or_else(|e| panic!("{e}\n{text}"));
-        exposition::value(&samples, name, &[])
+        exposition::value(
+            &scrape(&self.http, &self.admin_url("/metrics")).await,
+            name,
+            &[],
+        )
     }
 
     /// Waits until the sidecar has its signing keys (fetched in the background), then checks `/readyz`.
@@ -524,6 +518,35 @@ impl Harness {
 
 pub(crate) async fn bind() -> TcpListener {
     TcpListener::bind("127.0.0.1:0").await.expect("bind")
+}
+
+/// The samples of a `/metrics` page.
+pub(crate) async fn scrape(http: &reqwest::Client, url: &str) -> Vec<exposition::Sample> {
+    let text = http
+        .get(url)
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("metrics text");
+    exposition::parse(&text).unwrap_or_else(|e| panic!("{e}\n{text}"))
+}
+
+/// The sum of the samples of `name` on a `/metrics` page, those with `label` only when one is given.
+pub(crate) async fn metric_sum(
+    http: &reqwest::Client,
+    url: &str,
+    name: &str,
+    label: Option<(&str, &str)>,
+) -> f64 {
+    scrape(http, url)
+        .await
+        .iter()
+        .filter(|s| s.name == name)
+        .filter(|s| label.is_none_or(|(k, v)| s.label(k) == Some(v)))
+        .map(|s| s.value)
+        .sum()
 }
 
 pub(crate) async fn start_sidecar(config: Config) -> Sidecar {
