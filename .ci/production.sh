@@ -23,5 +23,6 @@ for marker in "/dev/token" "dev-secret-not-for-production" "mints tokens for any
 done
 # Every product unit test without the dev feature, then the tests that run the binary, against it.
 cargo nextest run --locked --no-default-features --lib
-OBO_SIDECAR_BIN="$PWD/$binary" cargo nextest run --locked --test cli --test operations -E 'binary(cli) | test(sigterm)'
+OBO_SIDECAR_BIN="$PWD/$binary" cargo nextest run --locked --test cli --test operations --test tracing \
+    -E 'binary(cli) | binary(tracing) | test(sigterm)'
 echo "production build: no dev commands, no dev IdP code, binary tests pass"

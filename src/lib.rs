@@ -36,4 +36,6 @@ mod tls;
 pub use exchange::SharedCacheError;
 pub use secret::Secret;
 pub use sidecar::{CONFIG_POLL_INTERVAL, Listeners, Sidecar, StartError, run, start, watch_config};
+/// OpenTelemetry traces: the layer `main` installs when the `OTEL_*` variables ask for it.
+pub use telemetry::trace as traces;
 pub use tls::{ServerTlsError, TlsError, install_crypto_provider};

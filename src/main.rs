@@ -10,10 +10,10 @@ use tracing_subscriber::filter::Targets;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_tracing(cli.log_format);
     obo_sidecar::install_crypto_provider();
     // The proxy listener's workers run their own runtimes (`server::workers`); this one serves the admin
-    // listener and the background work (key refresh, file watches, reloads), which one thread carries.
+    // listener and the background work (key refresh, file watches, reloads, trace exports), which one
+    // thread carries.
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
@@ -21,10 +21,12 @@ fn main() -> ExitCode {
     {
         Ok(runtime) => runtime,
         Err(error) => {
-            tracing::error!(%error, "cannot start the runtime");
+            let text = format!("obo-sidecar: cannot start the runtime: {error}\n");
+            let _ = std::io::Write::write_all(&mut std::io::stderr(), text.as_bytes());
             return ExitCode::FAILURE;
         }
     };
+    let traces = init_tracing(cli.log_format, runtime.handle());
     let command = cli.command.unwrap_or(Command::Run);
     let config = cli.config;
     let result = runtime.block_on(async {
@@ -49,6 +51,10 @@ fn main() -> ExitCode {
             Command::DevIdp { listen } => dev_idp(listen).await,
         }
     });
+    if let Some(traces) = traces {
+        // The export runs on the runtime, which is still up; this thread only waits for it.
+        traces.shutdown();
+    }
     match result {
         Ok(code) => code,
         Err(error) => {
@@ -98,8 +104,15 @@ async fn dev_idp(listen: std::net::SocketAddr) -> anyhow::Result<ExitCode> {
 
 /// Logs to stderr at the levels `RUST_LOG` names (`info` by default): a level, or `target=level` pairs
 /// (`info,obo_sidecar=debug,hyper=warn`). Span and field filters are not supported: they would cost the
-/// binary a regular-expression engine.
-fn init_tracing(format: LogFormat) {
+/// binary a regular-expression engine. When the `OTEL_*` variables ask for traces, the OpenTelemetry layer
+/// exports the request's spans, whose exports run on `runtime`; the returned handle flushes them at exit.
+fn init_tracing(
+    format: LogFormat,
+    runtime: &tokio::runtime::Handle,
+) -> Option<obo_sidecar::traces::Traces> {
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::{Layer as _, fmt};
+
     let configured = std::env::var("RUST_LOG")
         .ok()
         .filter(|v| !v.trim().is_empty());
@@ -107,26 +120,52 @@ fn init_tracing(format: LogFormat) {
     let filter = match &parsed {
         Some(Ok(targets)) => targets.clone(),
         Some(Err(_)) | None => Targets::new().with_default(tracing::Level::INFO),
-    };
-    let builder = tracing_subscriber::fmt()
-        .with_max_level(tracing::Level::TRACE)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
-    let subscriber: Box<dyn tracing::Subscriber + Send + Sync> = match format {
+    }
+    // The request's spans are for the trace exporter only: log lines read the same with traces on or off.
+    .with_target(
+        obo_sidecar::traces::SPAN_TARGET,
+        tracing_subscriber::filter::LevelFilter::OFF,
+    );
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let log = match format {
         // Flat: an event's fields sit beside `timestamp`, `level` and `target`, not under `fields`.
-        LogFormat::Json => Box::new(tracing_subscriber::layer::SubscriberExt::with(
-            builder.json().flatten_event(true).finish(),
-            filter,
-        )),
-        LogFormat::Text => Box::new(tracing_subscriber::layer::SubscriberExt::with(
-            builder.finish(),
-            filter,
-        )),
+        LogFormat::Json => fmt::layer()
+            .json()
+            .flatten_event(true)
+            .with_writer(std::io::stderr)
+            .with_filter(filter)
+            .boxed(),
+        LogFormat::Text => fmt::layer()
+            .with_writer(std::io::stderr)
+            .with_ansi(ansi)
+            .with_filter(filter)
+            .boxed(),
     };
-    let _ = tracing::subscriber::set_global_default(subscriber);
+    let registry = tracing_subscriber::registry().with(log);
+    let (traces, problem) = match obo_sidecar::traces::from_env(runtime) {
+        Ok(Some((layer, traces))) => {
+            let _ = tracing::subscriber::set_global_default(registry.with(layer));
+            (Some(traces), None)
+        }
+        Ok(None) => {
+            let _ = tracing::subscriber::set_global_default(registry);
+            (None, None)
+        }
+        Err(error) => {
+            let _ = tracing::subscriber::set_global_default(registry);
+            (None, Some(error))
+        }
+    };
     if let Some(Err(error)) = parsed {
         tracing::warn!(%error, "RUST_LOG is not a level or target=level list; logging at info");
     }
+    if let Some(error) = problem {
+        tracing::warn!(
+            error = format!("{:#}", anyhow::Error::new(error)),
+            "traces are off"
+        );
+    }
+    traces
 }
 
 /// SIGTERM or SIGINT (Ctrl-C).

@@ -30,6 +30,7 @@ use obo_sidecar::dev::EchoUpstream;
 use obo_sidecar::dev::{DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, DevIdp, DevIdpConfig};
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use serde_json::Value;
+use support::process::SidecarProcess;
 use support::{Harness, SECRET_VARIABLE, echoed, seen_authorization, seen_header};
 use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
 use tokio::net::TcpStream;
@@ -580,18 +581,6 @@ async fn websocket_round_trips_with_the_swapped_token_at_the_handshake() {
 // ---------------------------------------------------------------------------------------------------------
 // Lifecycle: SIGTERM, reload
 
-/// Kills the child at the end of a failed test (only this test's own child, by its handle).
-struct Child(std::process::Child);
-
-impl Drop for Child {
-    fn drop(&mut self) {
-        if matches!(self.0.try_wait(), Ok(None)) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-}
-
 /// SIGTERM to the real binary during a slow in-flight request: the proxy listener stops accepting new
 /// connections, the in-flight request still completes 200, and the process exits 0 within `drain_timeout`.
 /// Its JSON log has one flat access line per request (SPEC §15).
@@ -606,68 +595,21 @@ async fn sigterm_lets_an_in_flight_request_finish_and_exits_zero() {
         .await
         .expect("upstream");
     let dir = support::temp_dir("sigterm");
-    // The binary binds its listeners from the config, so this test picks the ports: bind 127.0.0.1:0, note
-    // the address and release it just before the binary starts. Handing a port to another process is the
-    // one place where that small race is acceptable; every in-process test passes bound listeners instead.
-    let (proxy_addr, admin_addr) = {
-        let proxy = support::bind().await;
-        let admin = support::bind().await;
-        (
-            proxy.local_addr().expect("addr"),
-            admin.local_addr().expect("addr"),
-        )
-    };
-    let config = support::inbound_config(&idp)
-        .replacen(
-            "proxy = \"127.0.0.1:0\"",
-            &format!(
-                "proxy = \"{proxy_addr}\"\ndrain_timeout = \"{}s\"",
-                DRAIN_TIMEOUT.as_secs()
-            ),
-            1,
-        )
-        .replacen(
-            "admin = \"127.0.0.1:0\"",
-            &format!("admin = \"{admin_addr}\""),
-            1,
-        )
-        + &identity(&idp, &file_secret(&dir))
+    let config = support::inbound_config(&idp).replacen(
+        "proxy = \"127.0.0.1:0\"",
+        &format!(
+            "proxy = \"127.0.0.1:0\"\ndrain_timeout = \"{}s\"",
+            DRAIN_TIMEOUT.as_secs()
+        ),
+        1,
+    ) + &identity(&idp, &file_secret(&dir))
         + &obo_route("obo", "/obo/", &format!("{}/", upstream.url()), "");
-    let config_path = dir.join("sidecar.toml");
-    std::fs::write(&config_path, config).expect("write config");
-    let log_path = dir.join("stderr.log");
-    let log = || std::fs::read_to_string(&log_path).unwrap_or_default();
-    let mut child = Child(
-        std::process::Command::new(support::sidecar_binary())
-            .args(["--log-format", "json", "run", "-c"])
-            .arg(&config_path)
-            .env_remove("OBO_SIDECAR_CONFIG")
-            .env("RUST_LOG", "info")
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::fs::File::create(&log_path).expect("log file"))
-            .spawn()
-            .expect("start obo-sidecar"),
-    );
-
+    let mut child = SidecarProcess::start(&dir, &config, &["--log-format", "json"], &[]).await;
+    let proxy_addr = child.proxy;
     let http = reqwest::Client::builder()
         .no_proxy()
         .build()
         .expect("client");
-    let readyz = format!("http://{admin_addr}/readyz");
-    let started = Instant::now();
-    loop {
-        if let Some(status) = child.0.try_wait().expect("try_wait") {
-            panic!("obo-sidecar exited early ({status}):\n{}", log());
-        }
-        if let Ok(response) = http.get(&readyz).send().await
-            && response.status() == 200
-        {
-            break;
-        }
-        assert!(started.elapsed() < PATIENCE, "never ready:\n{}", log());
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 
     let caller = idp.mint(&obo_sidecar::dev::TokenClaims {
         scp: Some("access_as_user".to_owned()),
@@ -706,18 +648,13 @@ async fn sigterm_lets_an_in_flight_request_finish_and_exits_zero() {
         assert!(
             started.elapsed() < PATIENCE,
             "the request never reached the upstream:\n{}",
-            log()
+            child.log()
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 
-    let pid = child.0.id().to_string();
     let signalled = Instant::now();
-    let kill = std::process::Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .expect("kill");
-    assert!(kill.success());
+    child.terminate();
 
     // New connections are refused once the listener is closed, while the slow request is still running. A
     // connect racing the close may be reset instead of refused (the kernel completed the handshake just as the
@@ -740,37 +677,29 @@ async fn sigterm_lets_an_in_flight_request_finish_and_exits_zero() {
         let early = in_flight.await.expect("in-flight task");
         panic!(
             "the slow request finished before the listener closed ({early:?}): the test proves nothing\n{}",
-            log()
+            child.log()
         );
     }
 
     let (status, body) = in_flight
         .await
         .expect("in-flight task")
-        .unwrap_or_else(|e| panic!("in-flight request failed: {e:?}\n{}", log()));
-    assert_eq!(status, 200, "{body}\n{}", log());
+        .unwrap_or_else(|e| panic!("in-flight request failed: {e:?}\n{}", child.log()));
+    assert_eq!(status, 200, "{body}\n{}", child.log());
     assert_eq!(
         json(body.as_bytes())["authorization"]["claims"]["sub"],
         "alice"
     );
 
-    let exit = loop {
-        if let Some(status) = child.0.try_wait().expect("try_wait") {
-            break status;
-        }
-        assert!(
-            signalled.elapsed() < DRAIN_TIMEOUT,
-            "still running {DRAIN_TIMEOUT:?} after SIGTERM:\n{}",
-            log()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
-    assert_eq!(exit.code(), Some(0), "{}", log());
+    let exit = child
+        .wait(DRAIN_TIMEOUT.saturating_sub(signalled.elapsed()))
+        .await;
+    assert_eq!(exit.code(), Some(0), "{}", child.log());
     assert!(TcpStream::connect(proxy_addr).await.is_err());
 
     // One flat JSON line per request: the fields at the top level, the path without its query, the caller's
     // trace id, and a refusal's reason code (never the token).
-    let text = log();
+    let text = child.log();
     let access: Vec<serde_json::Value> = text
         .lines()
         .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())

@@ -20,6 +20,7 @@ use std::time::Duration;
 use http::HeaderMap;
 use jsonwebtoken::Validation;
 use serde_json::Value;
+use tracing::Instrument as _;
 
 use crate::config::Inbound;
 use crate::digest::LastDigest;
@@ -200,8 +201,10 @@ impl Authenticator {
                 self.validated.invalidate(&key);
                 return Err(ProxyError::InvalidToken(TokenDefect::KeyWithdrawn));
             }
+            tracing::Span::current().record("obo.validated_cache", "hit");
             claims
         } else {
+            tracing::Span::current().record("obo.validated_cache", "miss");
             check_b64token(token)?;
             let claims = Arc::new(self.verify(token).await?);
             self.validated.insert(key, Arc::clone(&claims));
@@ -273,11 +276,17 @@ impl Authenticator {
     ) -> Result<Arc<jwks::Key>, ProxyError> {
         let mut state = issuer.state();
         if !state.attempted {
-            state = issuer.first_attempt().await;
+            state = issuer
+                .first_attempt()
+                .instrument(key_fetch_span("first fetch"))
+                .await;
         }
         if state.keys.is_none() {
             // Never fetched: try again now (rate-limited, one fetch at a time).
-            issuer.refetch_for_unknown_kid().await;
+            issuer
+                .refetch_for_unknown_kid()
+                .instrument(key_fetch_span("no keys"))
+                .await;
             state = issuer.state();
         }
         let Some(mut keys) = state.keys else {
@@ -292,7 +301,10 @@ impl Authenticator {
             };
         };
         if !keys.by_kid.contains_key(kid) {
-            issuer.refetch_for_unknown_kid().await;
+            issuer
+                .refetch_for_unknown_kid()
+                .instrument(key_fetch_span("unknown kid"))
+                .await;
             if let Some(fresh) = issuer.state().keys {
                 keys = fresh;
             }
@@ -302,4 +314,14 @@ impl Authenticator {
             .cloned()
             .ok_or(ProxyError::InvalidToken(TokenDefect::KeyUnknown))
     }
+}
+
+/// The span of a wait for an issuer's signing keys (SPEC §15: validation with the key-fetch wait), and why
+/// the keys were fetched.
+fn key_fetch_span(reason: &'static str) -> tracing::Span {
+    tracing::info_span!(
+        target: crate::telemetry::trace::SPAN_TARGET,
+        "key fetch wait",
+        obo.key_fetch = reason
+    )
 }

@@ -17,6 +17,7 @@ use moka::Expiry;
 use moka::ops::compute::Op;
 use moka::policy::EvictionPolicy;
 use tokio::time::Instant;
+use tracing::Instrument as _;
 
 use super::answer::{ExchangeError, Unavailable};
 use super::token::UpstreamToken;
@@ -350,6 +351,8 @@ impl TokenCache {
             flights.remove(&key);
             outcome.map_err(Arc::new)
         }
+        // The token request's spans belong to the acquisition that started it, whichever task runs it.
+        .instrument(tracing::Span::current())
         .boxed()
         .shared();
         vacant.insert(flight.clone());

@@ -6,6 +6,7 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
+use tracing::Instrument as _;
 
 use aws_lc_rs::rand::SecureRandom as _;
 use http::HeaderValue;
@@ -395,16 +396,61 @@ impl TokenRequest {
             request = request.header(http::header::AUTHORIZATION, value);
         }
         drop(form);
-        let response = request.send().await.map_err(|e| {
-            if e.is_timeout() {
-                Unavailable::Timeout
-            } else {
-                Unavailable::Transport(Arc::new(e))
+        // A client span per attempt, with Entra's `client-request-id`; the endpoint's host and port only,
+        // since its path may hold the caller's tenant (SPEC §15).
+        let span = tracing::info_span!(
+            target: crate::telemetry::trace::SPAN_TARGET,
+            "token request",
+            otel.name = "POST",
+            otel.kind = "client",
+            otel.status_code = tracing::field::Empty,
+            http.request.method = "POST",
+            server.address = tracing::field::Empty,
+            server.port = tracing::field::Empty,
+            client_request_id = client_request_id.as_str(),
+            obo.grant = match self.grant {
+                Grant::OnBehalfOf { .. } => "on_behalf_of",
+                Grant::App => "app",
+            },
+            http.response.status_code = tracing::field::Empty,
+            error.type = tracing::field::Empty,
+        );
+        crate::telemetry::trace::record_server(&span, &identity.token_endpoint);
+        let answered = async {
+            let response = request.send().await.map_err(|e| {
+                if e.is_timeout() {
+                    Unavailable::Timeout
+                } else {
+                    Unavailable::Transport(Arc::new(e))
+                }
+            })?;
+            let status = response.status();
+            let retry_after = retry_after(response.headers(), MAX_RETRY_AFTER);
+            let body = read_limited(response, MAX_IDP_BODY_BYTES).await?;
+            Ok::<_, ExchangeError>((status, retry_after, body))
+        }
+        .instrument(span.clone())
+        .await;
+        let (status, retry_after, body) = match answered {
+            Ok(answered) => answered,
+            Err(error) => {
+                let kind = match &error {
+                    ExchangeError::Unavailable {
+                        cause: Unavailable::Timeout,
+                        ..
+                    } => "timeout",
+                    _ => "transport",
+                };
+                span.record("error.type", kind)
+                    .record("otel.status_code", "error");
+                return Err(error);
             }
-        })?;
-        let status = response.status();
-        let retry_after = retry_after(response.headers(), MAX_RETRY_AFTER);
-        let body = read_limited(response, MAX_IDP_BODY_BYTES).await?;
+        };
+        span.record("http.response.status_code", status.as_u16());
+        if !status.is_success() {
+            span.record("otel.status_code", "error");
+        }
+        drop(span);
         tracing::debug!(
             route = %self.route,
             identity = %identity.name,

@@ -14,6 +14,8 @@ use futures_util::FutureExt as _;
 use http::{HeaderValue, Request, Response, StatusCode, header};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
+use tracing::Instrument as _;
+use tracing::field::Empty;
 
 use crate::auth::{Authenticator, Caller, authorize};
 use crate::config::{CallerAuth, Config, Route, TokenKind};
@@ -23,6 +25,7 @@ use crate::exchange::{Acquired, Exchanger, Subject};
 use crate::forward::{self, Outgoing};
 use crate::route::{Prefix, RequestPath, RouteEntry, RouteTable, request_host};
 use crate::server::Peer;
+use crate::telemetry::trace::{self, SPAN_TARGET};
 use crate::telemetry::{CacheKind, CacheResult, Metrics, RouteMetrics, UpstreamErrorKind};
 
 /// What the proxy answers: the upstream's streamed body, or one the sidecar made.
@@ -51,6 +54,8 @@ struct Outcome<'a> {
     cache: &'static str,
     idp_call: bool,
     upstream_error: Option<UpstreamErrorKind>,
+    /// The request's server span (disabled with traces off).
+    span: tracing::Span,
 }
 
 /// A request that passed its route's checks: its validated caller (none for `caller_auth = "none"`), the
@@ -105,6 +110,24 @@ impl Proxy {
                 request.headers().get("traceparent").cloned(),
             )
         });
+        // HTTP semantic-convention attributes; the path without its query (SPEC §15).
+        let span = tracing::info_span!(
+            target: SPAN_TARGET,
+            "request",
+            otel.name = method.as_str(),
+            otel.kind = "server",
+            otel.status_code = Empty,
+            http.request.method = method.as_str(),
+            url.path = request.uri().path(),
+            url.scheme = if peer.tls { "https" } else { "http" },
+            network.protocol.version = protocol_version(request.version()),
+            http.route = Empty,
+            http.response.status_code = Empty,
+            obo.route = Empty,
+            obo.request_id = request_id.to_str().unwrap_or("-"),
+            obo.refusal = Empty,
+        );
+        trace::continue_trace(&span, request.headers());
         let mut reason = None;
         let mut outcome = Outcome {
             started,
@@ -113,12 +136,14 @@ impl Proxy {
             cache: "-",
             idp_call: false,
             upstream_error: None,
+            span: span.clone(),
         };
         // A bug that panics answers this request with 500 instead of resetting the caller's connection (and
         // every other request multiplexed on it).
         let answered =
             std::panic::AssertUnwindSafe(self.answer(request, peer, &request_id, &mut outcome))
                 .catch_unwind()
+                .instrument(span.clone())
                 .await
                 .unwrap_or(Err(ProxyError::Internal("the request handler panicked")));
         let mut response = match answered {
@@ -134,6 +159,13 @@ impl Proxy {
             .insert("x-request-id", request_id.clone());
         let status = response.status().as_u16();
         let elapsed = started.elapsed();
+        span.record("http.response.status_code", status);
+        if let Some(reason) = &reason {
+            span.record("obo.refusal", reason.as_ref());
+        }
+        if status >= 500 {
+            span.record("otel.status_code", "error");
+        }
         match outcome.metrics {
             Some(route) => {
                 route.record_request(status, elapsed);
@@ -165,7 +197,10 @@ impl Proxy {
                 cache = outcome.cache,
                 idp_call = outcome.idp_call,
                 request_id = request_id.to_str().unwrap_or("-"),
-                trace_id = traceparent.as_ref().and_then(trace_id).unwrap_or("-"),
+                trace_id = trace::trace_id(&span)
+                    .as_deref()
+                    .or_else(|| traceparent.as_ref().and_then(trace_id))
+                    .unwrap_or("-"),
                 reason = reason.as_deref().unwrap_or("-"),
                 "request"
             );
@@ -224,16 +259,34 @@ impl Proxy {
         let route = &entry.route;
         outcome.route = Some(&route.name);
         outcome.metrics = Some(&entry.metrics);
+        if !outcome.span.is_disabled() {
+            outcome
+                .span
+                .record(
+                    "otel.name",
+                    format!("{} {}", request.method(), route.path_prefix),
+                )
+                .record("http.route", route.path_prefix.as_str())
+                .record("obo.route", route.name.as_str());
+        }
         let deadline = outcome.started + route.timeout;
         let caller = self.caller(request, peer, route, deadline).await?;
+        let acquisition = tracing::info_span!(
+            target: SPAN_TARGET,
+            "acquire token",
+            obo.token = route.token.as_str(),
+            obo.cache = Empty,
+        );
         let acquired = tokio::time::timeout_at(
             deadline,
             self.exchanger
-                .acquire(route, entry.request_key.as_ref(), subject(caller.as_ref())),
+                .acquire(route, entry.request_key.as_ref(), subject(caller.as_ref()))
+                .instrument(acquisition.clone()),
         )
         .await
         .map_err(|_| ProxyError::TokenDeadline)??;
         record_lookup(route, acquired.lookup, outcome);
+        acquisition.record("obo.cache", outcome.cache);
         Ok(Admitted {
             caller,
             acquired,
@@ -276,7 +329,7 @@ impl Proxy {
         )?;
         let upgrade = forward::requested_upgrade(&request).filter(|_| !route.http2);
         let caller_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut request));
-        let upstream = forward::upstream_request(
+        let mut upstream = forward::upstream_request(
             request,
             Outgoing {
                 uri,
@@ -289,18 +342,48 @@ impl Proxy {
                 strip: &entry.strip,
             },
         );
-        let mut response =
-            match tokio::time::timeout_at(deadline, entry.client().request(upstream)).await {
-                Err(_) => {
-                    outcome.upstream_error = Some(UpstreamErrorKind::Timeout);
-                    return Err(ProxyError::UpstreamTimeout);
-                }
-                Ok(Err(error)) => {
-                    outcome.upstream_error = Some(forward::upstream_error_kind(&error));
-                    return Err(ProxyError::UpstreamConnect(Box::new(error)));
-                }
-                Ok(Ok(response)) => response,
-            };
+        // A client span until the upstream's response head; the upstream's own spans hang under it.
+        let span = tracing::info_span!(
+            target: SPAN_TARGET,
+            "upstream",
+            otel.name = upstream.method().as_str(),
+            otel.kind = "client",
+            otel.status_code = Empty,
+            http.request.method = upstream.method().as_str(),
+            server.address = upstream.uri().host().unwrap_or_default(),
+            server.port = upstream.uri().port_u16().unwrap_or(match upstream.uri().scheme_str() {
+                Some("https") => 443,
+                _ => 80,
+            }),
+            url.path = upstream.uri().path(),
+            http.response.status_code = Empty,
+            error.type = Empty,
+        );
+        trace::inject(&span, upstream.headers_mut());
+        let sent = tokio::time::timeout_at(deadline, entry.client().request(upstream))
+            .instrument(span.clone())
+            .await;
+        let mut response = match sent {
+            Err(_) => {
+                outcome.upstream_error = Some(UpstreamErrorKind::Timeout);
+                span.record("error.type", "timeout")
+                    .record("otel.status_code", "error");
+                return Err(ProxyError::UpstreamTimeout);
+            }
+            Ok(Err(error)) => {
+                let kind = forward::upstream_error_kind(&error);
+                outcome.upstream_error = Some(kind);
+                span.record("error.type", kind.as_str())
+                    .record("otel.status_code", "error");
+                return Err(ProxyError::UpstreamConnect(Box::new(error)));
+            }
+            Ok(Ok(response)) => response,
+        };
+        span.record("http.response.status_code", response.status().as_u16());
+        if response.status().is_server_error() {
+            span.record("otel.status_code", "error");
+        }
+        drop(span);
         if response.status() == StatusCode::UNAUTHORIZED
             && let Some(sent) = &acquired.sent
             && self.exchanger.forget(sent).await
@@ -384,16 +467,33 @@ impl Proxy {
         if route.caller_auth == CallerAuth::None {
             return Ok(None);
         }
+        let span = tracing::info_span!(
+            target: SPAN_TARGET,
+            "validate caller",
+            obo.validated_cache = Empty,
+            obo.refusal = Empty,
+        );
         let authenticated = self
             .authenticator
-            .authenticate(request.headers(), &peer.last_token);
+            .authenticate(request.headers(), &peer.last_token)
+            .instrument(span.clone());
         let caller = tokio::time::timeout_at(deadline, authenticated)
             .await
             .map_err(|_| ProxyError::KeysUnavailable {
                 retry_after: crate::auth::jwks::KEYS_RETRY_AFTER,
-            })??;
-        authorize(&caller.claims, route)?;
-        Ok(Some(caller))
+            })
+            .and_then(|authenticated| {
+                let caller = authenticated?;
+                authorize(&caller.claims, route)?;
+                Ok(caller)
+            });
+        if let Err(error) = &caller
+            && !span.is_disabled()
+            && let Some(reason) = error.reason()
+        {
+            span.record("obo.refusal", reason.as_ref());
+        }
+        caller.map(Some)
     }
 }
 
@@ -494,5 +594,16 @@ fn log_error(error: &ProxyError, route: Option<&str>, request_id: &HeaderValue) 
         (Fault::Internal, _) => {
             tracing::error!(route, request_id, error = %detail, "request failed");
         }
+    }
+}
+
+/// The `network.protocol.version` of a request's HTTP version.
+fn protocol_version(version: http::Version) -> &'static str {
+    match version {
+        http::Version::HTTP_09 => "0.9",
+        http::Version::HTTP_10 => "1.0",
+        http::Version::HTTP_2 => "2",
+        http::Version::HTTP_3 => "3",
+        _ => "1.1",
     }
 }

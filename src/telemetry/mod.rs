@@ -783,6 +783,7 @@ impl RouteMetrics {
 
 #[cfg(target_os = "linux")]
 mod process;
+pub mod trace;
 
 /// The `OpenMetrics` parser of the unit tests below, which the integration tests' support uses too.
 #[cfg(test)]

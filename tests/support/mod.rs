@@ -8,6 +8,7 @@
 
 #[path = "../../src/telemetry/exposition.rs"]
 pub mod exposition;
+pub(crate) mod process;
 pub(crate) mod redis;
 
 use std::net::SocketAddr;
