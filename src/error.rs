@@ -102,6 +102,10 @@ pub(crate) enum RequestDefect {
     MalformedHost,
     HostMismatch,
     Unforwardable,
+    /// A forward-auth request without `X-Original-URI` or `X-Forwarded-Uri` (SPEC §16).
+    NoOriginalUri,
+    /// `X-Original-Method`/`X-Forwarded-Method` that is not a method token.
+    MalformedOriginalMethod,
 }
 
 impl RequestDefect {
@@ -119,6 +123,10 @@ impl RequestDefect {
             RequestDefect::MalformedHost => "Host is not a host[:port]",
             RequestDefect::HostMismatch => "Host does not match the request target's authority",
             RequestDefect::Unforwardable => "request path cannot be forwarded",
+            RequestDefect::NoOriginalUri => {
+                "forward-auth request names no original URI (X-Original-URI or X-Forwarded-Uri)"
+            }
+            RequestDefect::MalformedOriginalMethod => "the original method is not an HTTP method",
         }
     }
 }

@@ -842,3 +842,57 @@ fn release_workflow_has_its_parts() {
     assert!(steps("image").contains("OBO_SIDECAR_COMMIT"));
     assert_eq!(seq(&jobs["release"]["needs"]).len(), 3);
 }
+
+/// The forward-auth examples ask the route that their sidecar.toml opens to forward-auth, for the path its
+/// `path_prefix` covers, and copy its `Authorization` over the caller's; Envoy's refuses when the sidecar is
+/// unreachable. (`tests/forward_auth.rs` runs the nginx one against a real nginx.)
+#[test]
+fn forward_auth_examples_ask_the_route_their_sidecar_toml_opens() {
+    let dir = repo().join("deploy/forward-auth");
+    let (config, _) = parse_deployed(&dir.join("sidecar.toml"));
+    let route = config
+        .routes
+        .iter()
+        .find(|r| r.forward_auth)
+        .expect("a forward_auth route");
+    let endpoint = format!("/.obo/forward-auth/{}", route.name);
+
+    let nginx = read(&dir.join("nginx.conf"));
+    assert!(nginx.contains(&format!("{endpoint};")), "{nginx}");
+    assert!(nginx.contains(&format!("location {} {{", route.path_prefix)));
+    assert!(nginx.contains("auth_request_set $obo_authorization $upstream_http_authorization;"));
+    assert!(nginx.contains("proxy_set_header Authorization $obo_authorization;"));
+
+    let envoy = &documents(&dir.join("envoy.yaml"))[0];
+    let manager = &envoy["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"];
+    let route_prefix = &manager["route_config"]["virtual_hosts"][0]["routes"][0]["match"]["prefix"];
+    assert_eq!(
+        str_at(route_prefix, "envoy route prefix"),
+        route.path_prefix
+    );
+    let ext_authz = seq(&manager["http_filters"])
+        .iter()
+        .find(|f| f["name"] == "envoy.filters.http.ext_authz")
+        .expect("ext_authz filter");
+    let ext_authz = &ext_authz["typed_config"];
+    assert_eq!(ext_authz["failure_mode_allow"], Value::Bool(false));
+    let service = &ext_authz["http_service"];
+    assert_eq!(str_at(&service["path_prefix"], "path_prefix"), endpoint);
+    let upstream_headers: Vec<&str> =
+        seq(&service["authorization_response"]["allowed_upstream_headers"]["patterns"])
+            .iter()
+            .map(|p| str_at(&p["exact"], "pattern"))
+            .collect();
+    assert!(
+        upstream_headers.contains(&"authorization"),
+        "{upstream_headers:?}"
+    );
+
+    let traefik = &documents(&dir.join("traefik.yml"))[0];
+    let forward = &traefik["http"]["middlewares"]["obo-sidecar"]["forwardAuth"];
+    assert!(str_at(&forward["address"], "address").ends_with(&endpoint));
+    assert_eq!(forward["trustForwardHeader"], Value::Bool(false));
+    assert!(seq(&forward["authResponseHeaders"]).contains(&Value::from("Authorization")));
+    let rule = str_at(&traefik["http"]["routers"]["orders"]["rule"], "rule");
+    assert!(rule.contains(&route.path_prefix), "{rule}");
+}

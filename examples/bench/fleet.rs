@@ -133,6 +133,7 @@ pub(crate) async fn run(
         dir,
         "fleet-off",
         "",
+        &[],
     )
     .await?;
     let on = start_sidecar_with(
@@ -143,6 +144,7 @@ pub(crate) async fn run(
         dir,
         "fleet-on",
         &shared,
+        &[],
     )
     .await?;
 
@@ -237,7 +239,7 @@ async fn start_fleet(
     for i in 0..replicas {
         // One worker each: ten replicas share two cores.
         let name = format!("fleet-{replicas}-{i}-{}", extra.len());
-        fleet.push(start_sidecar_with(binary, idp, upstream, 1, dir, &name, extra).await?);
+        fleet.push(start_sidecar_with(binary, idp, upstream, 1, dir, &name, extra, &[]).await?);
     }
     Ok(fleet)
 }

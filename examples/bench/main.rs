@@ -27,6 +27,7 @@ mod load;
 mod oha;
 mod servers;
 mod soak;
+mod traces;
 mod transfer;
 
 use std::io::Write as _;
@@ -273,6 +274,22 @@ async fn run(settings: &Settings, binary: &PathBuf, dir: &std::path::Path) -> Re
     let mut report = Report { rows: Vec::new() };
     let none = Arc::new(Vec::new());
     let one = Arc::new(mint(&idp, 1, "hit").await?);
+    // OBO_BENCH_ONLY=traces: only the rows of the cost of traces.
+    if std::env::var("OBO_BENCH_ONLY").is_ok_and(|only| only == "traces") {
+        let oha = oha::Oha::find().ok_or("oha not found")?;
+        traces::run(
+            settings,
+            &oha,
+            binary,
+            &idp,
+            upstream,
+            dir,
+            &one[0],
+            &mut report,
+        )
+        .await?;
+        return print(settings, report);
+    }
     let direct_target = Target::new(upstream, "/x", &none);
     let hit_target = Target::new(sidecar.proxy, "/obo/x", &one);
     each_once(&hit_target, 1).await?;
@@ -330,9 +347,17 @@ async fn run(settings: &Settings, binary: &PathBuf, dir: &std::path::Path) -> Re
                 None
             } else {
                 let name = format!("bench-{workers}-workers");
-                let other =
-                    servers::start_sidecar_with(binary, &idp, upstream, workers, dir, &name, "")
-                        .await?;
+                let other = servers::start_sidecar_with(
+                    binary,
+                    &idp,
+                    upstream,
+                    workers,
+                    dir,
+                    &name,
+                    "",
+                    &[],
+                )
+                .await?;
                 each_once(&Target::new(other.proxy, "/obo/x", &one), 1).await?;
                 Some(other)
             };
@@ -435,6 +460,17 @@ async fn run(settings: &Settings, binary: &PathBuf, dir: &std::path::Path) -> Re
                 ratios.join("; ")
             },
         );
+        traces::run(
+            settings,
+            oha,
+            binary,
+            &idp,
+            upstream,
+            dir,
+            &one[0],
+            &mut report,
+        )
+        .await?;
     } else if full {
         report.row("oha scenarios", "not run: oha not found", "-");
     }

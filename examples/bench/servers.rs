@@ -179,10 +179,15 @@ pub(crate) async fn start_sidecar(
     workers: usize,
     dir: &Path,
 ) -> Result<Sidecar, Error> {
-    start_sidecar_with(binary, idp, upstream, workers, dir, "bench", "").await
+    start_sidecar_with(binary, idp, upstream, workers, dir, "bench", "", &[]).await
 }
 
-/// As [`start_sidecar`], its configuration file named `name` and ending with `extra` (more TOML).
+/// As [`start_sidecar`], its configuration file named `name` and ending with `extra` (more TOML), with the
+/// variables `env` added to its environment.
+#[allow(
+    clippy::too_many_arguments,
+    reason = "each a part of the process, used once"
+)]
 pub(crate) async fn start_sidecar_with(
     binary: &Path,
     idp: &DevIdp,
@@ -191,6 +196,7 @@ pub(crate) async fn start_sidecar_with(
     dir: &Path,
     name: &str,
     extra: &str,
+    env: &[(&str, &str)],
 ) -> Result<Sidecar, Error> {
     let proxy: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
     let admin: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
@@ -230,6 +236,7 @@ scopes = ["api://downstream/.default"]
         .arg(&config)
         .env("RUST_LOG", "warn")
         .env("TOKIO_WORKER_THREADS", workers.to_string())
+        .envs(env.iter().copied())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()?;

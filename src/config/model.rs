@@ -250,6 +250,10 @@ impl TokenKind {
 }
 
 #[derive(Debug, Clone)]
+#[allow(
+    clippy::struct_excessive_bools,
+    reason = "each flag is one independent configuration key, not a state"
+)]
 pub struct Route {
     pub name: String,
     /// As configured, for display.
@@ -283,6 +287,8 @@ pub struct Route {
     pub preserve_host: bool,
     /// Served on the token API (SPEC §5).
     pub token_api: bool,
+    /// Answers `{api_prefix}/forward-auth/{name}` for an ingress (SPEC §16).
+    pub forward_auth: bool,
     /// HTTP/2 to the upstream (prior knowledge for `http://`, ALPN for `https://`).
     pub http2: bool,
     pub connect_timeout: Duration,
@@ -315,6 +321,7 @@ impl Route {
             remove_request_headers: vec![],
             preserve_host: false,
             token_api: false,
+            forward_auth: false,
             http2: false,
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             ca_file: None,

@@ -147,6 +147,7 @@ fn read_route(
             "remove_request_headers",
             "preserve_host",
             "token_api",
+            "forward_auth",
             "allow_plain_http",
             "http2",
             "connect_timeout",
@@ -351,6 +352,7 @@ fn read_route(
             "a route with token = \"none\" has no Authorization header to hand out",
         );
     }
+    let forward_auth = f.boolean("forward_auth", false, p);
     let http2 = f.boolean("http2", false, p);
     let connect_timeout = f.bounded_duration(
         "connect_timeout",
@@ -380,6 +382,7 @@ fn read_route(
         remove_request_headers,
         preserve_host,
         token_api,
+        forward_auth,
         http2,
         connect_timeout,
         ca_file,

@@ -2,6 +2,7 @@
 //! API). Errors become responses here and only here, each logged once at the level its fault calls for;
 //! every request ends with one access-log event.
 
+mod forward_auth;
 mod request_id;
 mod token_api;
 mod tunnel;
@@ -316,10 +317,7 @@ impl Proxy {
             acquired,
             deadline,
         } = admitted;
-        let claim_headers = match &caller {
-            Some(caller) if !route.forward_claims.is_empty() => claim_headers(route, caller),
-            _ => Vec::new(),
-        };
+        let claim_headers = claim_headers(route, caller.as_ref());
         let uri = forward::upstream_uri(
             entry.upstream.as_ref().ok_or(ProxyError::Internal(
                 "the route's upstream URL is not a request target",
@@ -415,6 +413,36 @@ impl Proxy {
         Ok(response.map(Either::Left))
     }
 
+    /// Forward-auth (SPEC §16): the ingress's original request must be one the routing table gives to route
+    /// `name` (which has `forward_auth = true`); its caller is admitted as a proxied request's would be, and
+    /// the answer carries the upstream `Authorization` and the claim headers instead of the request going on.
+    async fn forward_auth<'a>(
+        &'a self,
+        request: &Request<Incoming>,
+        peer: &Peer,
+        name: &str,
+        suffix: Option<RequestPath>,
+        outcome: &mut Outcome<'a>,
+    ) -> Result<Response<ProxyBody>, ProxyError> {
+        let entry = self
+            .routes
+            .named(name)
+            .filter(|e| e.route.forward_auth)
+            .ok_or(ProxyError::NoRoute)?;
+        let original = forward_auth::original(request, suffix)?;
+        // An original request that another route (or none) would serve is not this route's to allow: the
+        // ingress's location and the route disagree.
+        let matched = self
+            .routes
+            .find(&original.path, original.host.as_deref(), &original.method);
+        if !matched.is_some_and(|m| std::ptr::eq(m, entry)) {
+            return Err(ProxyError::NoRoute);
+        }
+        let admitted = self.admit(request, peer, entry, outcome).await?;
+        let claims = claim_headers(&entry.route, admitted.caller.as_ref());
+        Ok(forward_auth::allow::<Full<Bytes>>(admitted.acquired.header, claims).map(Either::Right))
+    }
+
     /// Serves a token API endpoint with the proxy's validation, policy, cache and errors.
     async fn token_api<'a>(
         &'a self,
@@ -451,6 +479,11 @@ impl Proxy {
                     .and_then(|h| h.to_str().ok())
                     .ok_or(ProxyError::NoRoute)?;
                 serde_json::json!({ "authorization_header": header, "expires_on": expires_on })
+            }
+            token_api::Endpoint::ForwardAuth { route, suffix } => {
+                return self
+                    .forward_auth(request, peer, route, suffix, outcome)
+                    .await;
             }
         };
         Ok(token_api::answer(&body).map(Either::Right))
@@ -530,7 +563,7 @@ fn record_lookup(route: &Route, lookup: Option<Lookup>, outcome: &mut Outcome<'_
 /// The `forward_claims` headers of `route` from the caller's validated claims. Strings as they are, numbers
 /// and booleans as JSON, arrays of those joined with `,`; a claim that is absent, an object, or not a valid
 /// header value is not sent.
-fn claim_headers(route: &Route, caller: &Caller) -> Vec<(http::HeaderName, HeaderValue)> {
+fn claim_headers(route: &Route, caller: Option<&Caller>) -> Vec<(http::HeaderName, HeaderValue)> {
     fn text(value: &serde_json::Value) -> Option<String> {
         match value {
             serde_json::Value::String(s) => Some(s.clone()),
@@ -541,6 +574,9 @@ fn claim_headers(route: &Route, caller: &Caller) -> Vec<(http::HeaderName, Heade
             | serde_json::Value::Object(_) => None,
         }
     }
+    let Some(caller) = caller.filter(|_| !route.forward_claims.is_empty()) else {
+        return Vec::new();
+    };
     let claims = caller.all_claims();
     route
         .forward_claims

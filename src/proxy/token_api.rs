@@ -19,6 +19,13 @@ pub(super) enum Endpoint<'a> {
     Validate,
     /// `GET {prefix}/authorization-header/{route}`: the header the route would send upstream.
     AuthorizationHeader(&'a str),
+    /// `{prefix}/forward-auth/{route}[/original path]` (SPEC §16), any method: may the ingress's request
+    /// pass, and with which `Authorization`. `suffix` is the original path when one follows the route name
+    /// (Envoy), decoded and normalized with the whole path.
+    ForwardAuth {
+        route: &'a str,
+        suffix: Option<RequestPath>,
+    },
 }
 
 /// The endpoint a request under the API prefix asks for; anything else is 404.
@@ -27,11 +34,21 @@ pub(super) fn endpoint<'a>(
     prefix: &Prefix,
     path: &'a RequestPath,
 ) -> Result<Endpoint<'a>, ProxyError> {
+    let mut rest = prefix.rest(path).map(|segment| segment.name);
+    let first = rest.next();
+    if let Some(endpoint) = first
+        && endpoint.eq_ignore_ascii_case(b"forward-auth")
+    {
+        // Envoy's ext_authz sends the original method and appends the original path.
+        let name = rest.next().ok_or(ProxyError::NoRoute)?;
+        let route = std::str::from_utf8(name).map_err(|_| ProxyError::NoRoute)?;
+        let suffix = rest.next().map(|_| path.tail(prefix.len() + 2));
+        return Ok(Endpoint::ForwardAuth { route, suffix });
+    }
     if method != Method::GET && method != Method::HEAD {
         return Err(ProxyError::NoRoute);
     }
-    let mut rest = prefix.rest(path).map(|segment| segment.name);
-    match (rest.next(), rest.next(), rest.next()) {
+    match (first, rest.next(), rest.next()) {
         (Some(endpoint), None, None) if endpoint.eq_ignore_ascii_case(b"validate") => {
             Ok(Endpoint::Validate)
         }

@@ -120,18 +120,7 @@ pub(crate) fn request_host<B>(request: &Request<B>) -> Result<Option<String>, Pr
     if hosts.next().is_some() {
         return Err(ProxyError::BadRequest(RequestDefect::TwoHosts));
     }
-    let header = header
-        .map(|v| {
-            http::uri::Authority::try_from(v.as_bytes())
-                .ok()
-                .filter(|a| {
-                    // No userinfo, and a port (if any) that is a number.
-                    let port = &a.as_str()[a.host().len()..];
-                    !a.as_str().contains('@') && (port.is_empty() || a.port_u16().is_some())
-                })
-                .ok_or(ProxyError::BadRequest(RequestDefect::MalformedHost))
-        })
-        .transpose()?;
+    let header = header.map(|v| authority(v.as_bytes())).transpose()?;
     let authority = match (request.uri().authority(), header.as_ref()) {
         (Some(target), Some(header)) if !target.as_str().eq_ignore_ascii_case(header.as_str()) => {
             return Err(ProxyError::BadRequest(RequestDefect::HostMismatch));
@@ -139,11 +128,32 @@ pub(crate) fn request_host<B>(request: &Request<B>) -> Result<Option<String>, Pr
         (Some(authority), _) | (None, Some(authority)) => authority,
         (None, None) => return Ok(None),
     };
-    // `Host: admin.local.` is the same host to DNS and to most upstreams.
+    Ok(Some(host_name(authority)))
+}
+
+/// The host named by a header that holds `host[:port]` the way `Host` does (an ingress's
+/// `X-Forwarded-Host`), for route matching as [`request_host`] reads it.
+pub(crate) fn header_host(value: &http::HeaderValue) -> Result<String, ProxyError> {
+    Ok(host_name(&authority(value.as_bytes())?))
+}
+
+/// `host[:port]` with no userinfo and a port (if any) that is a number.
+fn authority(value: &[u8]) -> Result<http::uri::Authority, ProxyError> {
+    http::uri::Authority::try_from(value)
+        .ok()
+        .filter(|a| {
+            let port = &a.as_str()[a.host().len()..];
+            !a.as_str().contains('@') && (port.is_empty() || a.port_u16().is_some())
+        })
+        .ok_or(ProxyError::BadRequest(RequestDefect::MalformedHost))
+}
+
+/// The host of `authority` without its port or a trailing dot, lowercase: `Host: admin.local.` is the same
+/// host to DNS and to most upstreams.
+fn host_name(authority: &http::uri::Authority) -> String {
     let host = authority
         .host()
         .trim_start_matches('[')
         .trim_end_matches(']');
-    let host = host.strip_suffix('.').unwrap_or(host);
-    Ok(Some(host.to_ascii_lowercase()))
+    host.strip_suffix('.').unwrap_or(host).to_ascii_lowercase()
 }

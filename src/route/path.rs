@@ -103,6 +103,17 @@ impl RequestPath {
         })
     }
 
+    /// The path made of what follows the first `count` segments (`/` when nothing does), as decoded and
+    /// normalized already: never decoded twice.
+    pub(crate) fn tail(&self, count: usize) -> RequestPath {
+        let rest = self.after(count);
+        RequestPath(if rest.is_empty() {
+            b"/".to_vec()
+        } else {
+            rest.to_vec()
+        })
+    }
+
     /// What follows the first `count` segments: `""`, `"/"` or `"/rest…"`. The prefix's own `;` parameters
     /// go with it: the route's prefix is replaced by its upstream's path.
     pub(crate) fn after(&self, count: usize) -> &[u8] {
