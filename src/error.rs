@@ -191,6 +191,15 @@ pub(crate) enum ProxyError {
     UpstreamTimeout,
     #[error("internal error: {0}")]
     Internal(&'static str),
+    /// Microsoft's sidecar endpoints (SPEC §16): an API name that is no route served there. Their 400 and
+    /// their words, so a client that matches on them keeps working.
+    #[error(
+        "No scopes found for the API '{0}' or in optionsOverride. 'scopes' needs to be either a single value or a list of values."
+    )]
+    UnknownApi(String),
+    /// An `…Unauthenticated/{api}` call for a route that validates its callers.
+    #[error("The API '{0}' requires an authenticated caller: call it without 'Unauthenticated'.")]
+    ApiNeedsCaller(String),
 }
 
 impl ProxyError {
@@ -221,7 +230,9 @@ impl ProxyError {
             | ProxyError::InsufficientScope { .. }
             | ProxyError::IdpRejectedSubject
             | ProxyError::IdpClaimsChallenge { .. }
-            | ProxyError::IdpConsentRequired { .. } => Fault::Caller,
+            | ProxyError::IdpConsentRequired { .. }
+            | ProxyError::UnknownApi(_)
+            | ProxyError::ApiNeedsCaller(_) => Fault::Caller,
             ProxyError::KeysUnavailable { .. }
             | ProxyError::IdpUnavailable { .. }
             | ProxyError::TokenDeadline => Fault::Idp,
@@ -235,7 +246,9 @@ impl ProxyError {
     pub(crate) fn status(&self) -> StatusCode {
         match self {
             ProxyError::NoRoute => StatusCode::NOT_FOUND,
-            ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ProxyError::BadRequest(_)
+            | ProxyError::UnknownApi(_)
+            | ProxyError::ApiNeedsCaller(_) => StatusCode::BAD_REQUEST,
             ProxyError::HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             ProxyError::MissingToken
             | ProxyError::InvalidToken(_)
@@ -292,7 +305,9 @@ impl ProxyError {
             | ProxyError::UpstreamConnect(_)
             | ProxyError::UpstreamSwitched
             | ProxyError::UpstreamTimeout
-            | ProxyError::Internal(_) => None,
+            | ProxyError::Internal(_)
+            | ProxyError::UnknownApi(_)
+            | ProxyError::ApiNeedsCaller(_) => None,
         }
     }
 
@@ -314,7 +329,9 @@ impl ProxyError {
             | ProxyError::UpstreamConnect(_)
             | ProxyError::UpstreamSwitched
             | ProxyError::UpstreamTimeout
-            | ProxyError::Internal(_) => None,
+            | ProxyError::Internal(_)
+            | ProxyError::UnknownApi(_)
+            | ProxyError::ApiNeedsCaller(_) => None,
         }
     }
 
@@ -340,6 +357,9 @@ impl ProxyError {
             ProxyError::UpstreamSwitched => ("upstream-switched", "Upstream switched protocols"),
             ProxyError::UpstreamTimeout => ("upstream-timeout", "Upstream timeout"),
             ProxyError::Internal(_) => ("internal", "Internal error"),
+            ProxyError::UnknownApi(_) | ProxyError::ApiNeedsCaller(_) => {
+                ("unknown-api", "Bad Request")
+            }
         }
     }
 
@@ -364,7 +384,9 @@ impl ProxyError {
             | ProxyError::TokenDeadline
             | ProxyError::UpstreamSwitched
             | ProxyError::UpstreamTimeout
-            | ProxyError::Internal(_) => self.to_string(),
+            | ProxyError::Internal(_)
+            | ProxyError::UnknownApi(_)
+            | ProxyError::ApiNeedsCaller(_) => self.to_string(),
         }
     }
 

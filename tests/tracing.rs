@@ -32,6 +32,8 @@ const PATIENCE: Duration = Duration::from_secs(15);
 /// The caller's trace and the span it calls the sidecar from.
 const CALLER_TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
 const CALLER_SPAN: &str = "00f067aa0ba902b7";
+/// A trace its caller does not sample.
+const UNSAMPLED: &str = "0af7651916cd43dd8448eb211c80319c";
 
 /// One exported span, flattened for assertions.
 #[derive(Debug, Clone)]
@@ -325,6 +327,21 @@ async fn spans_continue_the_callers_trace_and_hold_nothing_secret() {
     );
     assert_eq!(seen_header(&echo, "tracestate"), ["vendor=opaque"]);
 
+    // A caller that does not sample its trace: the sidecar (parent-based sampling) exports nothing for it,
+    // and tells the upstream the same trace, not sampled, under its own span.
+    let unsampled = http
+        .get(sidecar.url("/obo/orders/41"))
+        .bearer_auth(&caller)
+        .header("traceparent", format!("00-{UNSAMPLED}-{CALLER_SPAN}-00"))
+        .send()
+        .await
+        .expect("unsampled request");
+    let echo = support::echoed(unsampled).await;
+    let sent = seen_header(&echo, "traceparent");
+    let parts: Vec<&str> = sent[0].split('-').collect();
+    assert_eq!((parts[1], parts[3]), (UNSAMPLED, "00"), "{sent:?}");
+    assert_ne!(parts[2], CALLER_SPAN);
+
     // A second call: no traceparent, so a new trace; the token comes from the cache.
     let untraced = http
         .get(sidecar.url("/obo/orders/43"))
@@ -340,8 +357,10 @@ async fn spans_continue_the_callers_trace_and_hold_nothing_secret() {
         .await
         .expect("refused request");
     assert_eq!(refused.status(), 401);
-    let access = wait_for_access_lines(&sidecar, 3).await;
+    let access = wait_for_access_lines(&sidecar, 4).await;
     assert_eq!(access[0]["trace_id"], CALLER_TRACE);
+    assert_eq!(access[1]["trace_id"], UNSAMPLED);
+    let access = &access[1..];
     let new_trace = access[1]["trace_id"].as_str().expect("trace_id").to_owned();
     assert_ne!(new_trace, CALLER_TRACE);
     let hit = receiver
@@ -393,8 +412,8 @@ async fn spans_continue_the_callers_trace_and_hold_nothing_secret() {
         .await
         .expect("request with a new key");
     assert_eq!(rotated.status(), 200);
-    let access = wait_for_access_lines(&sidecar, 4).await;
-    let rotated_trace = access[3]["trace_id"].as_str().expect("trace_id").to_owned();
+    let access = wait_for_access_lines(&sidecar, 5).await;
+    let rotated_trace = access[4]["trace_id"].as_str().expect("trace_id").to_owned();
     let rotation = receiver
         .trace(&rotated_trace, "GET /obo/", || sidecar.log())
         .await;
@@ -404,6 +423,11 @@ async fn spans_continue_the_callers_trace_and_hold_nothing_secret() {
         only(&rotation, "validate caller").span_id
     );
     assert_eq!(wait.attribute("obo.key_fetch"), Some("unknown kid"));
+
+    assert!(
+        receiver.spans().iter().all(|s| s.trace_id != UNSAMPLED),
+        "an unsampled trace was exported"
+    );
 
     // Nothing secret in any attribute of any span.
     let caller_claims = claims(&caller);

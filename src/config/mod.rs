@@ -10,6 +10,7 @@ use std::path::Path;
 
 use toml::Table;
 
+mod compat;
 mod credential;
 mod entra;
 mod env;
@@ -49,8 +50,14 @@ impl Config {
                 message: format!("cannot read {}: {e}", path.display()),
             }],
         })?;
+        // Microsoft's `DownstreamApis__*` settings ride along with the overrides (they are read as routes).
         let overrides: Vec<(String, String)> = std::env::vars()
-            .filter(|(name, _)| name.starts_with(ENV_OVERRIDE_PREFIX))
+            .filter(|(name, _)| {
+                name.starts_with(ENV_OVERRIDE_PREFIX)
+                    || name
+                        .to_ascii_lowercase()
+                        .starts_with(compat::DOWNSTREAM_APIS_LOWER)
+            })
             .collect();
         // Microsoft's `AzureAd__*` settings are .NET configuration keys, read in any letter case.
         let azure_ad: std::collections::HashMap<String, String> = std::env::vars()
@@ -74,7 +81,8 @@ impl Config {
     }
 
     /// Parses configuration text, then applies environment overrides (`OBO_SIDECAR__LISTEN__PROXY=…`, routes
-    /// and identities addressed by name: `OBO_SIDECAR__ROUTES__GRAPH__UPSTREAM=…`), then validates.
+    /// and identities addressed by name: `OBO_SIDECAR__ROUTES__GRAPH__UPSTREAM=…`) and Microsoft's
+    /// `DownstreamApis__<Name>__*` (read as routes), then validates.
     pub fn parse_with_overrides(
         text: &str,
         env: EnvLookup<'_>,
@@ -96,9 +104,15 @@ impl Config {
             }],
         })?;
         let mut problems = Problems::default();
-        for (name, value) in overrides {
+        let (downstream_apis, overrides): (Vec<_>, Vec<_>) =
+            overrides.iter().cloned().partition(|(name, _)| {
+                name.to_ascii_lowercase()
+                    .starts_with(compat::DOWNSTREAM_APIS_LOWER)
+            });
+        for (name, value) in &overrides {
             apply_override(&mut table, name, value, &mut problems);
         }
+        compat::apply_downstream_apis(&mut table, &downstream_apis, &mut problems);
         let derivation = entra::apply(&mut table, env, &mut problems);
         let mut config = read_config(&table, env, &mut problems);
         if let Some(config) = config.as_mut() {
@@ -151,6 +165,7 @@ fn read_config(root: &Table, env: EnvLookup<'_>, p: &mut Problems) -> Option<Con
             "identities",
             "cache",
             "routes",
+            "compat",
         ],
         p,
     );
@@ -188,6 +203,7 @@ fn read_config(root: &Table, env: EnvLookup<'_>, p: &mut Problems) -> Option<Con
         identities: &identities,
     };
     let routes = read_routes(&top, &context, p);
+    let compat = compat::read_compat(top.table("compat", p), p);
     let warnings = context.warnings.into_inner();
 
     Some(Config {
@@ -196,6 +212,7 @@ fn read_config(root: &Table, env: EnvLookup<'_>, p: &mut Problems) -> Option<Con
         identities,
         cache,
         routes,
+        compat,
         warnings,
         derived: Vec::new(),
     })

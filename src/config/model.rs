@@ -45,6 +45,8 @@ pub struct Config {
     pub identities: BTreeMap<String, Arc<Identity>>,
     pub cache: CacheSettings,
     pub routes: Vec<Route>,
+    /// `[compat]`: Microsoft's auth sidecar API (SPEC §16).
+    pub compat: Compat,
     /// Accepted, but worth an operator's attention (`check` prints them).
     pub warnings: Vec<Problem>,
     /// Keys `[entra]` or the `AzureAd__*` variables filled, with their values (`check` prints them).
@@ -289,6 +291,11 @@ pub struct Route {
     pub token_api: bool,
     /// Answers `{api_prefix}/forward-auth/{name}` for an ingress (SPEC §16).
     pub forward_auth: bool,
+    /// In the routing table (`proxy = false`: reachable by name only, from the token API, forward-auth or
+    /// Microsoft's sidecar endpoints).
+    pub proxy: bool,
+    /// What Microsoft's sidecar endpoints may change and call (SPEC §16).
+    pub compat: RouteCompat,
     /// HTTP/2 to the upstream (prior knowledge for `http://`, ALPN for `https://`).
     pub http2: bool,
     pub connect_timeout: Duration,
@@ -322,6 +329,8 @@ impl Route {
             preserve_host: false,
             token_api: false,
             forward_auth: false,
+            proxy: true,
+            compat: RouteCompat::default(),
             http2: false,
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             ca_file: None,
@@ -427,4 +436,74 @@ pub(crate) fn fold(text: &str) -> String {
         .flat_map(char::to_uppercase)
         .flat_map(char::to_lowercase)
         .collect()
+}
+
+/// `[compat]`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Compat {
+    /// Serve `/Validate`, `/AuthorizationHeader[Unauthenticated]/{api}` and
+    /// `/DownstreamApi[Unauthenticated]/{api}` on the proxy listener.
+    pub microsoft_sidecar: bool,
+}
+
+/// A route as Microsoft's sidecar endpoints see it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RouteCompat {
+    /// The `optionsOverride.*` query parameters a caller may use on this route; others are ignored.
+    pub overrides: Vec<CompatOverride>,
+    /// What `/DownstreamApi/{name}` calls below the upstream URL (`RelativePath`).
+    pub relative_path: String,
+    /// And with which method (`HttpMethod`, default GET).
+    pub http_method: http::Method,
+}
+
+impl Default for RouteCompat {
+    fn default() -> Self {
+        RouteCompat {
+            overrides: Vec::new(),
+            relative_path: String::new(),
+            http_method: http::Method::GET,
+        }
+    }
+}
+
+/// An `optionsOverride.<Name>` query parameter obo-sidecar honours when the route allows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CompatOverride {
+    Scopes,
+    RequestAppToken,
+    RelativePath,
+    HttpMethod,
+    AcceptHeader,
+    ContentType,
+}
+
+impl CompatOverride {
+    pub const ALL: [CompatOverride; 6] = [
+        CompatOverride::Scopes,
+        CompatOverride::RequestAppToken,
+        CompatOverride::RelativePath,
+        CompatOverride::HttpMethod,
+        CompatOverride::AcceptHeader,
+        CompatOverride::ContentType,
+    ];
+
+    /// The name after `optionsOverride.`, as Microsoft spells it.
+    pub const fn name(self) -> &'static str {
+        match self {
+            CompatOverride::Scopes => "Scopes",
+            CompatOverride::RequestAppToken => "RequestAppToken",
+            CompatOverride::RelativePath => "RelativePath",
+            CompatOverride::HttpMethod => "HttpMethod",
+            CompatOverride::AcceptHeader => "AcceptHeader",
+            CompatOverride::ContentType => "ContentType",
+        }
+    }
+
+    /// The override named `name`, in any letter case (.NET binds query keys so).
+    pub fn from_name(name: &str) -> Option<CompatOverride> {
+        CompatOverride::ALL
+            .into_iter()
+            .find(|o| o.name().eq_ignore_ascii_case(name))
+    }
 }

@@ -148,6 +148,10 @@ fn read_route(
             "preserve_host",
             "token_api",
             "forward_auth",
+            "proxy",
+            "compat_overrides",
+            "relative_path",
+            "http_method",
             "allow_plain_http",
             "http2",
             "connect_timeout",
@@ -164,7 +168,18 @@ fn read_route(
             "use letters, digits, '-' and '_' (it names the route in logs and metrics)",
         );
     }
-    let path_prefix = f.required_string("path_prefix", p);
+    let proxy = f.boolean("proxy", true, p);
+    let path_prefix = if proxy {
+        f.required_string("path_prefix", p)
+    } else if f.value("path_prefix").is_some() {
+        p.add(
+            &f.at("path_prefix"),
+            "a route with proxy = false is reached by name only",
+        );
+        None
+    } else {
+        Some("/")
+    };
     let match_prefix = path_prefix.and_then(|prefix| match normalize_prefix(prefix) {
         Ok(m) => Some(m),
         Err(msg) => {
@@ -353,6 +368,13 @@ fn read_route(
         );
     }
     let forward_auth = f.boolean("forward_auth", false, p);
+    if forward_auth && !proxy {
+        p.add(
+            &f.at("forward_auth"),
+            "forward-auth needs a proxied route: the ingress's request must fall under its path_prefix",
+        );
+    }
+    let compat = super::compat::read_route_compat(&f, p);
     let http2 = f.boolean("http2", false, p);
     let connect_timeout = f.bounded_duration(
         "connect_timeout",
@@ -383,6 +405,8 @@ fn read_route(
         preserve_host,
         token_api,
         forward_auth,
+        proxy,
+        compat,
         http2,
         connect_timeout,
         ca_file,

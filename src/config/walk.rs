@@ -33,7 +33,7 @@ pub(super) fn join(path: &str, key: &str) -> String {
 
 /// The known key nearest to an unknown `key`, when one is close enough to be what was meant: within a
 /// third of its length in edits (at least one), letter case aside.
-fn nearest(key: &str, known: &[&'static str]) -> Option<&'static str> {
+pub(super) fn nearest(key: &str, known: &[&'static str]) -> Option<&'static str> {
     let key = key.to_ascii_lowercase();
     let limit = (key.chars().count() / 3).max(1);
     known

@@ -2,6 +2,7 @@
 //! API). Errors become responses here and only here, each logged once at the level its fault calls for;
 //! every request ends with one access-log event.
 
+mod compat;
 mod forward_auth;
 mod request_id;
 mod token_api;
@@ -42,6 +43,8 @@ pub(crate) struct Proxy {
     inbound_route: Route,
     max_header_bytes: usize,
     idle_timeout: std::time::Duration,
+    /// `[compat] microsoft_sidecar`: Microsoft's sidecar endpoints are served.
+    microsoft_sidecar: bool,
     metrics: Arc<Metrics>,
     validate_metrics: RouteMetrics,
 }
@@ -57,6 +60,8 @@ struct Outcome<'a> {
     upstream_error: Option<UpstreamErrorKind>,
     /// The request's server span (disabled with traces off).
     span: tracing::Span,
+    /// Whether its trace is exported: only then are its child spans opened.
+    sampled: bool,
 }
 
 /// A request that passed its route's checks: its validated caller (none for `caller_auth = "none"`), the
@@ -83,6 +88,7 @@ impl Proxy {
             validate_metrics: metrics.route(token_api::VALIDATE_ROUTE),
             inbound_route: token_api::inbound_route(config),
             max_header_bytes: config.listen.max_header_bytes,
+            microsoft_sidecar: config.compat.microsoft_sidecar,
             idle_timeout: config.listen.idle_timeout,
             authenticator,
             exchanger,
@@ -129,6 +135,7 @@ impl Proxy {
             obo.refusal = Empty,
         );
         trace::continue_trace(&span, request.headers());
+        let sampled = trace::sampled(&span);
         let mut reason = None;
         let mut outcome = Outcome {
             started,
@@ -138,6 +145,7 @@ impl Proxy {
             idp_call: false,
             upstream_error: None,
             span: span.clone(),
+            sampled,
         };
         // A bug that panics answers this request with 500 instead of resetting the caller's connection (and
         // every other request multiplexed on it).
@@ -239,54 +247,72 @@ impl Proxy {
                 )
                 .await;
         }
+        if self.microsoft_sidecar
+            && let Some(endpoint) = compat::endpoint(request.method(), &path)
+        {
+            return self
+                .microsoft_sidecar(request, &peer, endpoint, request_id, outcome)
+                .await;
+        }
         let entry = self
             .routes
             .find(&path, host.as_deref(), request.method())
             .ok_or(ProxyError::NoRoute)?;
-        let admitted = self.admit(&request, &peer, entry, outcome).await?;
+        let admitted = self.admit(&request, &peer, entry, None, outcome).await?;
         self.forward(request, peer, &path, entry, admitted, request_id, outcome)
             .await
     }
 
     /// The checks every way of using a route shares (proxying, the token API): the route's deadline
     /// starts, its caller is authenticated and authorized, and its upstream token is acquired.
+    /// `changed` is the route as a caller's overrides changed its token (Microsoft's sidecar endpoints): its
+    /// token is acquired instead, keyed afresh; the policy and deadline stay the route's.
     async fn admit<'a>(
         &self,
         request: &Request<Incoming>,
         peer: &Peer,
         entry: &'a RouteEntry,
+        changed: Option<&Route>,
         outcome: &mut Outcome<'a>,
     ) -> Result<Admitted, ProxyError> {
         let route = &entry.route;
         outcome.route = Some(&route.name);
         outcome.metrics = Some(&entry.metrics);
         if !outcome.span.is_disabled() {
+            trace::rename(
+                &outcome.span,
+                format!("{} {}", request.method(), route.path_prefix),
+            );
             outcome
                 .span
-                .record(
-                    "otel.name",
-                    format!("{} {}", request.method(), route.path_prefix),
-                )
                 .record("http.route", route.path_prefix.as_str())
                 .record("obo.route", route.name.as_str());
         }
         let deadline = outcome.started + route.timeout;
-        let caller = self.caller(request, peer, route, deadline).await?;
-        let acquisition = tracing::info_span!(
-            target: SPAN_TARGET,
-            "acquire token",
-            obo.token = route.token.as_str(),
-            obo.cache = Empty,
-        );
+        let caller = self.caller(request, peer, route, deadline, outcome).await?;
+        let acquisition = if outcome.sampled {
+            tracing::info_span!(
+                target: SPAN_TARGET,
+                "acquire token",
+                obo.token = route.token.as_str(),
+                obo.cache = Empty,
+            )
+        } else {
+            tracing::Span::none()
+        };
+        let (token_route, request_key) = match changed {
+            Some(changed) => (changed, None),
+            None => (route, entry.request_key.as_ref()),
+        };
         let acquired = tokio::time::timeout_at(
             deadline,
             self.exchanger
-                .acquire(route, entry.request_key.as_ref(), subject(caller.as_ref()))
+                .acquire(token_route, request_key, subject(caller.as_ref()))
                 .instrument(acquisition.clone()),
         )
         .await
         .map_err(|_| ProxyError::TokenDeadline)??;
-        record_lookup(route, acquired.lookup, outcome);
+        record_lookup(token_route, acquired.lookup, outcome);
         acquisition.record("obo.cache", outcome.cache);
         Ok(Admitted {
             caller,
@@ -327,7 +353,7 @@ impl Proxy {
         )?;
         let upgrade = forward::requested_upgrade(&request).filter(|_| !route.http2);
         let caller_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut request));
-        let mut upstream = forward::upstream_request(
+        let upstream = forward::upstream_request(
             request,
             Outgoing {
                 uri,
@@ -340,54 +366,9 @@ impl Proxy {
                 strip: &entry.strip,
             },
         );
-        // A client span until the upstream's response head; the upstream's own spans hang under it.
-        let span = tracing::info_span!(
-            target: SPAN_TARGET,
-            "upstream",
-            otel.name = upstream.method().as_str(),
-            otel.kind = "client",
-            otel.status_code = Empty,
-            http.request.method = upstream.method().as_str(),
-            server.address = upstream.uri().host().unwrap_or_default(),
-            server.port = upstream.uri().port_u16().unwrap_or(match upstream.uri().scheme_str() {
-                Some("https") => 443,
-                _ => 80,
-            }),
-            url.path = upstream.uri().path(),
-            http.response.status_code = Empty,
-            error.type = Empty,
-        );
-        trace::inject(&span, upstream.headers_mut());
-        let sent = tokio::time::timeout_at(deadline, entry.client().request(upstream))
-            .instrument(span.clone())
-            .await;
-        let mut response = match sent {
-            Err(_) => {
-                outcome.upstream_error = Some(UpstreamErrorKind::Timeout);
-                span.record("error.type", "timeout")
-                    .record("otel.status_code", "error");
-                return Err(ProxyError::UpstreamTimeout);
-            }
-            Ok(Err(error)) => {
-                let kind = forward::upstream_error_kind(&error);
-                outcome.upstream_error = Some(kind);
-                span.record("error.type", kind.as_str())
-                    .record("otel.status_code", "error");
-                return Err(ProxyError::UpstreamConnect(Box::new(error)));
-            }
-            Ok(Ok(response)) => response,
-        };
-        span.record("http.response.status_code", response.status().as_u16());
-        if response.status().is_server_error() {
-            span.record("otel.status_code", "error");
-        }
-        drop(span);
-        if response.status() == StatusCode::UNAUTHORIZED
-            && let Some(sent) = &acquired.sent
-            && self.exchanger.forget(sent).await
-        {
-            tracing::info!(route = %route.name, "upstream refused its token; dropped the cached one");
-        }
+        let mut response = self
+            .send(entry, upstream, &acquired, deadline, outcome)
+            .await?;
         let switching = response.status() == StatusCode::SWITCHING_PROTOCOLS;
         if switching {
             let agreed = response
@@ -411,6 +392,79 @@ impl Proxy {
         }
         forward::clean_response_headers(response.headers_mut(), switching);
         Ok(response.map(Either::Left))
+    }
+
+    /// Sends `upstream` to `entry`'s upstream before `deadline`, in a client span whose context the upstream
+    /// receives as its `traceparent`; a 401 drops the cached token that was sent (`acquired`). Every request the sidecar
+    /// makes to an upstream goes through here.
+    async fn send(
+        &self,
+        entry: &RouteEntry,
+        mut upstream: Request<Incoming>,
+        acquired: &Acquired,
+        deadline: Instant,
+        outcome: &mut Outcome<'_>,
+    ) -> Result<Response<Incoming>, ProxyError> {
+        // A client span until the upstream's response head; the upstream's own spans hang under it.
+        let span = if outcome.sampled {
+            tracing::info_span!(
+                target: SPAN_TARGET,
+                "upstream",
+                otel.name = upstream.method().as_str(),
+                otel.kind = "client",
+                otel.status_code = Empty,
+                http.request.method = upstream.method().as_str(),
+                server.address = upstream.uri().host().unwrap_or_default(),
+                server.port = upstream.uri().port_u16().unwrap_or(
+                    match upstream.uri().scheme_str() {
+                        Some("https") => 443,
+                        _ => 80,
+                    }
+                ),
+                url.path = upstream.uri().path(),
+                http.response.status_code = Empty,
+                error.type = Empty,
+            )
+        } else {
+            tracing::Span::none()
+        };
+        // An unsampled request still tells the upstream its trace (and that it is not sampled).
+        let parent = if span.is_disabled() {
+            &outcome.span
+        } else {
+            &span
+        };
+        trace::inject(parent, upstream.headers_mut());
+        let answered = tokio::time::timeout_at(deadline, entry.client().request(upstream))
+            .instrument(span.clone())
+            .await;
+        let response = match answered {
+            Err(_) => {
+                outcome.upstream_error = Some(UpstreamErrorKind::Timeout);
+                span.record("error.type", "timeout")
+                    .record("otel.status_code", "error");
+                return Err(ProxyError::UpstreamTimeout);
+            }
+            Ok(Err(error)) => {
+                let kind = forward::upstream_error_kind(&error);
+                outcome.upstream_error = Some(kind);
+                span.record("error.type", kind.as_str())
+                    .record("otel.status_code", "error");
+                return Err(ProxyError::UpstreamConnect(Box::new(error)));
+            }
+            Ok(Ok(response)) => response,
+        };
+        span.record("http.response.status_code", response.status().as_u16());
+        if response.status().is_server_error() {
+            span.record("otel.status_code", "error");
+        }
+        if response.status() == StatusCode::UNAUTHORIZED
+            && let Some(sent) = &acquired.sent
+            && self.exchanger.forget(sent).await
+        {
+            tracing::info!(route = %entry.route.name, "upstream refused its token; dropped the cached one");
+        }
+        Ok(response)
     }
 
     /// Forward-auth (SPEC §16): the ingress's original request must be one the routing table gives to route
@@ -438,7 +492,7 @@ impl Proxy {
         if !matched.is_some_and(|m| std::ptr::eq(m, entry)) {
             return Err(ProxyError::NoRoute);
         }
-        let admitted = self.admit(request, peer, entry, outcome).await?;
+        let admitted = self.admit(request, peer, entry, None, outcome).await?;
         let claims = claim_headers(&entry.route, admitted.caller.as_ref());
         Ok(forward_auth::allow::<Full<Bytes>>(admitted.acquired.header, claims).map(Either::Right))
     }
@@ -457,7 +511,7 @@ impl Proxy {
                 outcome.metrics = Some(&self.validate_metrics);
                 let deadline = outcome.started + self.inbound_route.timeout;
                 let caller = self
-                    .caller(request, peer, &self.inbound_route, deadline)
+                    .caller(request, peer, &self.inbound_route, deadline, outcome)
                     .await?;
                 let claims = caller.map(|c| serde_json::Value::Object(c.all_claims()));
                 serde_json::json!({ "claims": claims })
@@ -468,7 +522,7 @@ impl Proxy {
                     .named(name)
                     .filter(|e| e.route.token_api)
                     .ok_or(ProxyError::NoRoute)?;
-                let admitted = self.admit(request, peer, entry, outcome).await?;
+                let admitted = self.admit(request, peer, entry, None, outcome).await?;
                 let expires_on = admitted
                     .acquired
                     .expires_on(subject(admitted.caller.as_ref()));
@@ -496,16 +550,21 @@ impl Proxy {
         peer: &Peer,
         route: &Route,
         deadline: tokio::time::Instant,
+        outcome: &Outcome<'_>,
     ) -> Result<Option<Caller>, ProxyError> {
         if route.caller_auth == CallerAuth::None {
             return Ok(None);
         }
-        let span = tracing::info_span!(
-            target: SPAN_TARGET,
-            "validate caller",
-            obo.validated_cache = Empty,
-            obo.refusal = Empty,
-        );
+        let span = if outcome.sampled {
+            tracing::info_span!(
+                target: SPAN_TARGET,
+                "validate caller",
+                obo.validated_cache = Empty,
+                obo.refusal = Empty,
+            )
+        } else {
+            tracing::Span::none()
+        };
         let authenticated = self
             .authenticator
             .authenticate(request.headers(), &peer.last_token)

@@ -97,7 +97,8 @@ impl RouteTable {
         let host = if self.match_host { host } else { None };
         self.entries.iter().find(|e| {
             let r = &e.route;
-            e.prefix.matches(path)
+            r.proxy
+                && e.prefix.matches(path)
                 && r.host.as_deref().is_none_or(|h| Some(h) == host)
                 && r.methods.as_ref().is_none_or(|m| m.contains(method))
         })
@@ -106,6 +107,16 @@ impl RouteTable {
     /// The route named `name`.
     pub(crate) fn named(&self, name: &str) -> Option<&RouteEntry> {
         self.entries.iter().find(|e| e.route.name == name)
+    }
+
+    /// The one route whose name equals `name` but for letter case; `None` when none or several do.
+    pub(crate) fn named_ignoring_case(&self, name: &str) -> Option<&RouteEntry> {
+        let mut found = self
+            .entries
+            .iter()
+            .filter(|e| e.route.name.eq_ignore_ascii_case(name));
+        let first = found.next()?;
+        found.next().is_none().then_some(first)
     }
 }
 

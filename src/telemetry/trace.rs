@@ -201,6 +201,20 @@ pub(crate) fn inject(span: &tracing::Span, headers: &mut HeaderMap) {
     TraceContextPropagator::new().inject_context(&span.context(), &mut HeaderInjector(headers));
 }
 
+/// Whether `span` is exported: traces are on and the sampler (or the caller's `traceparent`) kept its trace.
+/// The request's child spans are opened only then, so an unsampled request costs one span, not five.
+pub(crate) fn sampled(span: &tracing::Span) -> bool {
+    !span.is_disabled() && span.context().span().span_context().is_sampled()
+}
+
+/// Names `span` `name` (the server span, once its route is known: `GET /orders/`). The span has started by
+/// then ([`sampled`] starts it), so the name goes to the OpenTelemetry span itself.
+pub(crate) fn rename(span: &tracing::Span, name: String) {
+    if !span.is_disabled() {
+        span.context().span().update_name(name);
+    }
+}
+
 /// The trace id of `span` (32 lowercase hex digits), for the access log; `None` with traces off.
 pub(crate) fn trace_id(span: &tracing::Span) -> Option<String> {
     if span.is_disabled() {

@@ -1,0 +1,471 @@
+//! Microsoft's auth sidecar API (SPEC §16), served on the proxy listener with `[compat] microsoft_sidecar`:
+//! what its endpoints are, how their query overrides read, and how their answers look. The proxy serves them
+//! with its own validation, policy, cache and errors (one `admit` for every way of using a route).
+//!
+//! Where Microsoft's answers lose information, these keep it: a refusal carries the proxy's
+//! `WWW-Authenticate` (a claims challenge included) as well as its problem body; `/DownstreamApi` returns every
+//! header of the downstream answer, and its body whatever its framing (chunked too); an override that is not
+//! applied is named in `X-Obo-Ignored-Overrides` besides the log line.
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue, Method, Request, Response, header};
+use http_body_util::{BodyExt as _, Either, Full};
+use hyper::body::Incoming;
+
+use super::{Outcome, Proxy, ProxyBody};
+use crate::config::{CallerAuth, CompatOverride, Route, TokenKind};
+use crate::error::ProxyError;
+use crate::forward;
+use crate::route::{RequestPath, RouteEntry};
+use crate::server::Peer;
+
+/// The header that names the `optionsOverride.*` (and agent) parameters a call carried but that were not
+/// applied: not allowed on the route (`compat_overrides`), `BaseUrl` (never), or not supported.
+pub(super) const IGNORED_OVERRIDES: &str = "x-obo-ignored-overrides";
+
+/// The most of a downstream answer `/DownstreamApi` reads into its JSON.
+pub(super) const MAX_DOWNSTREAM_BODY_BYTES: usize = 10 * 1024 * 1024;
+
+/// One of Microsoft's sidecar endpoints.
+pub(super) enum Endpoint<'a> {
+    /// `GET /Validate`.
+    Validate,
+    /// `GET /AuthorizationHeader/{api}`, or `…Unauthenticated/{api}` (`authenticated: false`).
+    AuthorizationHeader { api: &'a str, authenticated: bool },
+    /// `POST|GET /DownstreamApi/{api}`, or `…Unauthenticated/{api}`.
+    DownstreamApi { api: &'a str, authenticated: bool },
+}
+
+/// The endpoint `path` names, matched as ASP.NET Core routes are (letter case aside); `None` for any other
+/// path or method, which routing then serves.
+pub(super) fn endpoint<'a>(method: &Method, path: &'a RequestPath) -> Option<Endpoint<'a>> {
+    let mut segments = path.segments().map(|s| s.name);
+    let (first, second, third) = (segments.next()?, segments.next(), segments.next());
+    let read = matches!(*method, Method::GET | Method::HEAD);
+    let api = || {
+        std::str::from_utf8(second?)
+            .ok()
+            .filter(|_| third.is_none())
+    };
+    let is = |name: &str| first.eq_ignore_ascii_case(name.as_bytes());
+    if is("validate") && second.is_none() && read {
+        Some(Endpoint::Validate)
+    } else if (is("authorizationheader") || is("authorizationheaderunauthenticated")) && read {
+        Some(Endpoint::AuthorizationHeader {
+            api: api()?,
+            authenticated: is("authorizationheader"),
+        })
+    } else if (is("downstreamapi") || is("downstreamapiunauthenticated"))
+        && matches!(*method, Method::GET | Method::POST)
+    {
+        Some(Endpoint::DownstreamApi {
+            api: api()?,
+            authenticated: is("downstreamapi"),
+        })
+    } else {
+        None
+    }
+}
+
+/// The `optionsOverride.*` parameters of one call, as far as the route allows them.
+#[derive(Debug, Default)]
+pub(super) struct Overrides {
+    pub(super) scopes: Vec<String>,
+    pub(super) request_app_token: bool,
+    pub(super) relative_path: Option<String>,
+    pub(super) http_method: Option<Method>,
+    pub(super) accept: Option<String>,
+    pub(super) content_type: Option<String>,
+    /// Parameters present but not applied, by name (each once).
+    pub(super) ignored: Vec<String>,
+}
+
+impl Overrides {
+    /// Reads `query` as Microsoft's sidecar does: `optionsOverride.` and the keys in any letter case,
+    /// `Scopes` repeated (one scope each), the last value of the others. Only the overrides in `allowed`
+    /// apply; `BaseUrl` never does.
+    pub(super) fn read(query: Option<&str>, allowed: &[CompatOverride]) -> Overrides {
+        let mut out = Overrides::default();
+        let Some(query) = query else {
+            return out;
+        };
+        for (key, value) in url::form_urlencoded::parse(query.as_bytes()) {
+            let lower = key.to_ascii_lowercase();
+            let name = match lower.strip_prefix("optionsoverride.") {
+                Some(_) => &key["optionsOverride.".len()..],
+                // Agent identities are Microsoft's preview feature; obo-sidecar has none.
+                None if matches!(
+                    lower.as_str(),
+                    "agentidentity" | "agentusername" | "agentuserid"
+                ) =>
+                {
+                    &key
+                }
+                None => continue,
+            };
+            let known = CompatOverride::from_name(name).filter(|o| allowed.contains(o));
+            let value = value.trim();
+            match known {
+                Some(CompatOverride::Scopes) => {
+                    if !value.is_empty() {
+                        out.scopes.push(value.to_owned());
+                    }
+                }
+                Some(CompatOverride::RequestAppToken) => {
+                    out.request_app_token = value.eq_ignore_ascii_case("true");
+                }
+                Some(CompatOverride::RelativePath) => out.relative_path = Some(value.to_owned()),
+                Some(CompatOverride::HttpMethod) => {
+                    match Method::from_bytes(value.to_ascii_uppercase().as_bytes()) {
+                        Ok(method) => out.http_method = Some(method),
+                        Err(_) => out.ignore(name),
+                    }
+                }
+                Some(CompatOverride::AcceptHeader) => out.accept = Some(value.to_owned()),
+                Some(CompatOverride::ContentType) => out.content_type = Some(value.to_owned()),
+                None => out.ignore(name),
+            }
+        }
+        out
+    }
+
+    fn ignore(&mut self, name: &str) {
+        if !self.ignored.iter().any(|n| n.eq_ignore_ascii_case(name)) {
+            self.ignored.push(name.to_owned());
+        }
+    }
+
+    /// `route` as these overrides change what its token is (scopes, or an app token instead of an OBO one);
+    /// `None` when they do not.
+    pub(super) fn route(&self, route: &Route) -> Option<Route> {
+        let app = self.request_app_token && route.token == TokenKind::Obo;
+        if self.scopes.is_empty() && !app {
+            return None;
+        }
+        let mut changed = route.clone();
+        if !self.scopes.is_empty() {
+            changed.scopes.clone_from(&self.scopes);
+        }
+        if app {
+            changed.token = TokenKind::App;
+        }
+        Some(changed)
+    }
+}
+
+/// A 200 JSON answer with Microsoft's no-cache headers (theirs set them on every 2xx).
+pub(super) fn answer(body: &serde_json::Value, ignored: &[String]) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from(body.to_string())));
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json; charset=utf-8"),
+    );
+    headers.insert(
+        header::CACHE_CONTROL,
+        HeaderValue::from_static("no-cache, no-store, must-revalidate"),
+    );
+    headers.insert(header::EXPIRES, HeaderValue::from_static("0"));
+    headers.insert(header::PRAGMA, HeaderValue::from_static("no-cache"));
+    name_ignored(headers, ignored);
+    response
+}
+
+/// Adds [`IGNORED_OVERRIDES`] when some parameters were not applied.
+pub(super) fn name_ignored(headers: &mut HeaderMap, ignored: &[String]) {
+    if let Ok(value) = HeaderValue::from_str(&ignored.join(", "))
+        && !ignored.is_empty()
+    {
+        headers.insert(IGNORED_OVERRIDES, value);
+    }
+}
+
+/// `/DownstreamApi`'s JSON: the downstream status, **every** header (values grouped by name), and the body as
+/// text (`null` when empty; `contentBase64` instead when it is not UTF-8).
+pub(super) fn downstream_result(
+    status: u16,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> serde_json::Value {
+    let mut grouped = serde_json::Map::new();
+    for name in headers.keys() {
+        let values: Vec<serde_json::Value> = headers
+            .get_all(name)
+            .iter()
+            .map(|v| serde_json::Value::from(String::from_utf8_lossy(v.as_bytes()).into_owned()))
+            .collect();
+        grouped.insert(canonical(name.as_str()), serde_json::Value::Array(values));
+    }
+    let mut result = serde_json::json!({
+        "statusCode": status,
+        "headers": grouped,
+        "content": serde_json::Value::Null,
+    });
+    if !body.is_empty() {
+        if let Ok(text) = std::str::from_utf8(body) {
+            result["content"] = serde_json::Value::from(text);
+        } else {
+            use base64::Engine as _;
+            result["contentBase64"] =
+                serde_json::Value::from(base64::engine::general_purpose::STANDARD.encode(body));
+        }
+    }
+    result
+}
+
+/// A header name as .NET writes it (`content-type` → `Content-Type`).
+fn canonical(name: &str) -> String {
+    name.split('-')
+        .map(|part| {
+            let mut chars = part.chars();
+            chars.next().map_or_else(String::new, |first| {
+                first.to_ascii_uppercase().to_string() + chars.as_str()
+            })
+        })
+        .collect::<Vec<_>>()
+        .join("-")
+}
+
+/// The route label of `GET /Validate` (as `{api_prefix}/validate`'s, a name no route can have).
+const VALIDATE_ROUTE: &str = "compat:validate";
+
+impl Proxy {
+    /// Serves one of Microsoft's sidecar endpoints.
+    pub(super) async fn microsoft_sidecar<'a>(
+        &'a self,
+        request: Request<Incoming>,
+        peer: &Peer,
+        endpoint: Endpoint<'_>,
+        request_id: &HeaderValue,
+        outcome: &mut Outcome<'a>,
+    ) -> Result<Response<ProxyBody>, ProxyError> {
+        let (api, authenticated, downstream) = match endpoint {
+            Endpoint::Validate => {
+                outcome.route = Some(VALIDATE_ROUTE);
+                outcome.metrics = Some(&self.validate_metrics);
+                let deadline = outcome.started + self.inbound_route.timeout;
+                let caller = self
+                    .caller(&request, peer, &self.inbound_route, deadline, outcome)
+                    .await?
+                    .ok_or(ProxyError::Internal("/Validate without a caller"))?;
+                // Theirs hands the caller its own token back, with the token's claims as they are.
+                let body = serde_json::json!({
+                    "protocol": "Bearer",
+                    "token": caller.token.expose(),
+                    "claims": caller.all_claims(),
+                });
+                return Ok(answer(&body, &[]).map(Either::Right));
+            }
+            Endpoint::AuthorizationHeader { api, authenticated } => (api, authenticated, false),
+            Endpoint::DownstreamApi { api, authenticated } => (api, authenticated, true),
+        };
+        let entry = self.api(api, authenticated)?;
+        let overrides = Overrides::read(request.uri().query(), &entry.route.compat.overrides);
+        if !overrides.ignored.is_empty() {
+            tracing::warn!(
+                route = %entry.route.name,
+                ignored = %overrides.ignored.join(", "),
+                "optionsOverride parameters ignored (not in the route's compat_overrides, BaseUrl, or not supported)"
+            );
+        }
+        let changed = overrides.route(&entry.route);
+        let admitted = self
+            .admit(&request, peer, entry, changed.as_ref(), outcome)
+            .await?;
+        if !downstream {
+            let header = admitted
+                .acquired
+                .header
+                .as_ref()
+                .and_then(|h| h.to_str().ok())
+                .ok_or(ProxyError::UnknownApi(api.to_owned()))?;
+            let body = serde_json::json!({ "authorizationHeader": header });
+            return Ok(answer(&body, &overrides.ignored).map(Either::Right));
+        }
+        let route = &entry.route;
+        let relative = overrides
+            .relative_path
+            .as_deref()
+            .unwrap_or(&route.compat.relative_path);
+        let (relative, query) = relative
+            .split_once('?')
+            .map_or((relative, None), |(path, query)| (path, Some(query)));
+        let relative = RequestPath::parse(&format!("/{}", relative.trim_start_matches('/')))?;
+        let uri = forward::upstream_uri(
+            entry.upstream.as_ref().ok_or(ProxyError::Internal(
+                "the route's upstream URL is not a request target",
+            ))?,
+            relative.after(0),
+            query,
+        )?;
+        // The caller's body goes on as it is (theirs re-encodes it as UTF-8 text); no other header of the
+        // caller's does.
+        let content_type = overrides
+            .content_type
+            .as_deref()
+            .and_then(|v| HeaderValue::from_str(v).ok())
+            .or_else(|| request.headers().get(header::CONTENT_TYPE).cloned());
+        let accept = overrides
+            .accept
+            .as_deref()
+            .and_then(|v| HeaderValue::from_str(v).ok())
+            .unwrap_or_else(|| HeaderValue::from_static("application/json"));
+        let mut upstream = Request::new(request.into_body());
+        *upstream.method_mut() = overrides
+            .http_method
+            .clone()
+            .unwrap_or_else(|| route.compat.http_method.clone());
+        *upstream.uri_mut() = uri;
+        let headers = upstream.headers_mut();
+        if let Some(mut authorization) = admitted.acquired.header.clone() {
+            authorization.set_sensitive(true);
+            headers.insert(header::AUTHORIZATION, authorization);
+        }
+        headers.insert(header::ACCEPT, accept);
+        if let Some(content_type) = content_type {
+            headers.insert(header::CONTENT_TYPE, content_type);
+        }
+        headers.insert("x-request-id", request_id.clone());
+        let response = self
+            .send(
+                entry,
+                upstream,
+                &admitted.acquired,
+                admitted.deadline,
+                outcome,
+            )
+            .await?;
+        let (parts, body) = response.into_parts();
+        let body = tokio::time::timeout_at(
+            admitted.deadline,
+            http_body_util::Limited::new(body, MAX_DOWNSTREAM_BODY_BYTES).collect(),
+        )
+        .await
+        .map_err(|_| ProxyError::UpstreamTimeout)?
+        .map_err(ProxyError::UpstreamConnect)?
+        .to_bytes();
+        let result = downstream_result(parts.status.as_u16(), &parts.headers, &body);
+        Ok(answer(&result, &overrides.ignored).map(Either::Right))
+    }
+
+    /// The route `name` names for one of Microsoft's endpoints: served on the token API for the authenticated
+    /// ones; without caller authentication for the `…Unauthenticated` ones (which need no `token_api`). The
+    /// exact name first, then one that differs in letter case only (.NET names match so).
+    fn api(&self, name: &str, authenticated: bool) -> Result<&RouteEntry, ProxyError> {
+        let entry = self
+            .routes
+            .named(name)
+            .or_else(|| self.routes.named_ignoring_case(name))
+            .ok_or_else(|| ProxyError::UnknownApi(name.to_owned()))?;
+        let open = entry.route.caller_auth == CallerAuth::None;
+        match (authenticated, open) {
+            (true, false) if entry.route.token_api => Ok(entry),
+            (true, _) => Err(ProxyError::UnknownApi(name.to_owned())),
+            (false, true) => Ok(entry),
+            (false, false) => Err(ProxyError::ApiNeedsCaller(name.to_owned())),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoints_match_in_any_letter_case_and_only_with_their_methods() {
+        let path = |p: &str| RequestPath::parse(p).unwrap();
+        let validate = path("/VALIDATE");
+        assert!(matches!(
+            endpoint(&Method::GET, &validate),
+            Some(Endpoint::Validate)
+        ));
+        assert!(endpoint(&Method::POST, &validate).is_none());
+        let header = path("/authorizationHeader/Graph");
+        assert!(matches!(
+            endpoint(&Method::GET, &header),
+            Some(Endpoint::AuthorizationHeader {
+                api: "Graph",
+                authenticated: true
+            })
+        ));
+        let anonymous = path("/AuthorizationHeaderUnauthenticated/jobs");
+        assert!(matches!(
+            endpoint(&Method::GET, &anonymous),
+            Some(Endpoint::AuthorizationHeader {
+                api: "jobs",
+                authenticated: false
+            })
+        ));
+        let downstream = path("/DownstreamApi/graph");
+        assert!(matches!(
+            endpoint(&Method::POST, &downstream),
+            Some(Endpoint::DownstreamApi {
+                api: "graph",
+                authenticated: true
+            })
+        ));
+        assert!(endpoint(&Method::DELETE, &downstream).is_none());
+        assert!(endpoint(&Method::GET, &path("/DownstreamApi/graph/more")).is_none());
+        assert!(endpoint(&Method::GET, &path("/AuthorizationHeader")).is_none());
+        assert!(endpoint(&Method::GET, &path("/api/orders")).is_none());
+    }
+
+    #[test]
+    fn overrides_apply_only_where_allowed_and_base_url_never() {
+        let all = CompatOverride::ALL;
+        let read = Overrides::read(
+            Some(
+                "OptionsOverride.Scopes=user.read&optionsOverride.scopes=mail.read&optionsOverride.Scopes=&\
+                 optionsOverride.RequestAppToken=True&optionsOverride.RelativePath=me/messages&\
+                 optionsOverride.HttpMethod=patch&optionsOverride.AcceptHeader=text/plain&\
+                 optionsOverride.ContentType=application/xml&optionsOverride.BaseUrl=https://evil.example&\
+                 optionsOverride.AcquireTokenOptions.Tenant=x&AgentIdentity=a&other=1",
+            ),
+            &all,
+        );
+        assert_eq!(read.scopes, ["user.read", "mail.read"]);
+        assert!(read.request_app_token);
+        assert_eq!(read.relative_path.as_deref(), Some("me/messages"));
+        assert_eq!(read.http_method, Some(Method::PATCH));
+        assert_eq!(read.accept.as_deref(), Some("text/plain"));
+        assert_eq!(read.content_type.as_deref(), Some("application/xml"));
+        assert_eq!(
+            read.ignored,
+            ["BaseUrl", "AcquireTokenOptions.Tenant", "AgentIdentity"]
+        );
+
+        let gated = Overrides::read(
+            Some("optionsOverride.Scopes=user.read&optionsOverride.RelativePath=x"),
+            &[CompatOverride::RelativePath],
+        );
+        assert!(gated.scopes.is_empty());
+        assert_eq!(gated.relative_path.as_deref(), Some("x"));
+        assert_eq!(gated.ignored, ["Scopes"]);
+    }
+
+    #[test]
+    fn downstream_results_keep_every_header_and_binary_bodies() {
+        let mut headers = HeaderMap::new();
+        headers.insert("content-type", HeaderValue::from_static("application/json"));
+        headers.append("set-cookie", HeaderValue::from_static("a=1"));
+        headers.append("set-cookie", HeaderValue::from_static("b=2"));
+        headers.insert(
+            "www-authenticate",
+            HeaderValue::from_static("Bearer claims=\"x\""),
+        );
+        let text = downstream_result(401, &headers, b"{\"error\":1}");
+        assert_eq!(text["statusCode"], 401);
+        assert_eq!(text["headers"]["Content-Type"][0], "application/json");
+        assert_eq!(text["headers"]["Set-Cookie"].as_array().unwrap().len(), 2);
+        assert_eq!(
+            text["headers"]["Www-Authenticate"][0],
+            "Bearer claims=\"x\""
+        );
+        assert_eq!(text["content"], "{\"error\":1}");
+        let empty = downstream_result(204, &HeaderMap::new(), b"");
+        assert_eq!(empty["content"], serde_json::Value::Null);
+        let binary = downstream_result(200, &HeaderMap::new(), &[0xff, 0x00]);
+        assert_eq!(binary["content"], serde_json::Value::Null);
+        assert_eq!(binary["contentBase64"], "/wA=");
+    }
+}
