@@ -154,7 +154,11 @@ pub fn route_table(config: &Config) -> String {
     for route in &config.routes {
         rows.push([
             route.name.clone(),
-            route.path_prefix.clone(),
+            if route.proxy {
+                route.path_prefix.clone()
+            } else {
+                "(by name)".to_owned()
+            },
             route.upstream.to_string(),
             route.token.as_str().to_owned(),
             if route.scopes.is_empty() {

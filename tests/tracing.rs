@@ -5,6 +5,7 @@
     clippy::unwrap_used,
     reason = "a failed expectation is a failed test"
 )]
+#![cfg(feature = "dev")]
 
 mod support;
 

@@ -52,14 +52,25 @@ pub(super) fn read_route_compat(f: &Fields<'_>, p: &mut Problems) -> RouteCompat
     }
     let http_method = match f.string("http_method", p) {
         None => http::Method::GET,
-        Some(text) => http::Method::from_bytes(text.to_ascii_uppercase().as_bytes())
-            .unwrap_or_else(|_| {
+        Some(text) => match text.to_ascii_uppercase().as_str() {
+            "GET" => http::Method::GET,
+            "POST" => http::Method::POST,
+            "PUT" => http::Method::PUT,
+            "PATCH" => http::Method::PATCH,
+            "DELETE" => http::Method::DELETE,
+            "HEAD" => http::Method::HEAD,
+            "OPTIONS" => http::Method::OPTIONS,
+            _ => {
                 p.add(
                     &f.at("http_method"),
-                    format!("{text:?} is not an HTTP method"),
+                    format!(
+                        "{text:?} is not an HTTP method /DownstreamApi calls with \
+                         (GET, POST, PUT, PATCH, DELETE, HEAD, OPTIONS)"
+                    ),
                 );
                 http::Method::GET
-            }),
+            }
+        },
     };
     RouteCompat {
         overrides,
@@ -90,7 +101,14 @@ pub(super) fn apply_downstream_apis(
             p.add(name, "expected DownstreamApis__<Name>__<Key>");
             continue;
         };
-        apis.entry(api.to_owned()).or_default().push((
+        // One API however its name is spelled across variables (.NET keys match in any case); the first
+        // spelling names the route.
+        let spelled = apis
+            .keys()
+            .find(|known| known.eq_ignore_ascii_case(api))
+            .cloned()
+            .unwrap_or_else(|| api.to_owned());
+        apis.entry(spelled).or_default().push((
             key.to_ascii_lowercase(),
             value.trim().to_owned(),
             name.clone(),

@@ -441,3 +441,144 @@ fn shared_cache_settings_are_checked() {
         "{twice:?}"
     );
 }
+
+/// Microsoft's `DownstreamApis__<Name>__*` (any letter case) become a route reached by name only; a route of
+/// that name in the file keeps what it sets and takes the rest.
+#[test]
+fn downstream_apis_variables_become_routes() {
+    let vars: Vec<(String, String)> = [
+        (
+            "DownstreamApis__Mail__BaseUrl",
+            "https://graph.example.com/beta/",
+        ),
+        ("DOWNSTREAMAPIS__Mail__Scopes__1", "Mail.Send"),
+        ("DownstreamApis__Mail__Scopes__0", "Mail.Read"),
+        ("DownstreamApis__Mail__RequestAppToken", "false"),
+        ("DownstreamApis__Mail__RelativePath", "me/messages"),
+        ("DownstreamApis__Mail__HttpMethod", "post"),
+        ("DownstreamApis__graph__Scopes", "User.Read"),
+        (
+            "DownstreamApis__graph__BaseUrl",
+            "https://elsewhere.example.com/",
+        ),
+    ]
+    .iter()
+    .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+    .collect();
+    let config = Config::parse_with_overrides(GOOD, &env, &vars).expect("valid");
+    let mail = config
+        .routes
+        .iter()
+        .find(|r| r.name == "Mail")
+        .expect("Mail");
+    assert!(!mail.proxy && mail.token_api);
+    assert_eq!(mail.token, TokenKind::Obo);
+    assert_eq!(mail.upstream.as_str(), "https://graph.example.com/beta/");
+    assert_eq!(mail.scopes, ["Mail.Read", "Mail.Send"]);
+    assert_eq!(mail.compat.relative_path, "me/messages");
+    assert_eq!(mail.compat.http_method, http::Method::POST);
+    let graph = config
+        .routes
+        .iter()
+        .find(|r| r.name == "graph")
+        .expect("graph");
+    assert!(graph.proxy);
+    assert_eq!(graph.upstream.as_str(), "https://graph.example.com/v1.0/");
+    assert_eq!(graph.scopes, ["https://graph.example.com/.default"]);
+
+    let bad: Vec<(String, String)> = [
+        (
+            "DownstreamApis__Mail__BaseUrl",
+            "https://graph.example.com/",
+        ),
+        ("DownstreamApis__Mail__Scopes__0", "Mail.Read"),
+        ("DownstreamApis__Mail__RequestAppToken", "maybe"),
+        ("DownstreamApis__Mail__ExtraHeaderParameters__X", "1"),
+        (
+            "DownstreamApis__Bad.Name__BaseUrl",
+            "https://x.example.com/",
+        ),
+    ]
+    .iter()
+    .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+    .collect();
+    let problems: Vec<String> = Config::parse_with_overrides(GOOD, &env, &bad)
+        .expect_err("invalid")
+        .problems
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    assert!(
+        problems
+            .iter()
+            .any(|p| p.contains("RequestAppToken") && p.contains("true or false")),
+        "{problems:?}"
+    );
+    assert!(
+        problems
+            .iter()
+            .any(|p| p.contains("ExtraHeaderParameters") && p.contains("not read")),
+        "{problems:?}"
+    );
+    assert!(
+        problems
+            .iter()
+            .any(|p| p.contains("DownstreamApis__Bad.Name")),
+        "{problems:?}"
+    );
+}
+
+/// `compat_overrides` names only overrides obo-sidecar honours; a route with `proxy = false` has no
+/// `path_prefix` and no forward-auth; `[compat]` knows its one key.
+#[test]
+fn compat_keys_are_checked() {
+    let route = |extra: &str| GOOD.replace("token = \"obo\"", &format!("token = \"obo\"\n{extra}"));
+    assert!(problems(&route("compat_overrides = [\"Scopes\", \"relativepath\"]")).is_empty());
+    let unknown = problems(&route("compat_overrides = [\"Scope\", \"BaseUrl\"]"));
+    assert!(
+        unknown
+            .iter()
+            .any(|p| p.contains("\"Scope\"") && p.contains("did you mean `Scopes`?")),
+        "{unknown:?}"
+    );
+    assert!(
+        unknown
+            .iter()
+            .any(|p| p.contains("\"BaseUrl\" is not an override")),
+        "{unknown:?}"
+    );
+    let hidden = problems(&route("proxy = false"));
+    assert!(
+        hidden
+            .iter()
+            .any(|p| p.contains("routes[0].path_prefix") && p.contains("by name only")),
+        "{hidden:?}"
+    );
+    let no_prefix = GOOD.replace(
+        "path_prefix = \"/graph/\"",
+        "proxy = false\nforward_auth = true",
+    );
+    assert!(
+        problems(&no_prefix)
+            .iter()
+            .any(|p| p.contains("forward-auth needs a proxied route"))
+    );
+    assert!(
+        problems(&route("http_method = \"GE T\""))
+            .iter()
+            .any(|p| p.contains("not an HTTP method"))
+    );
+    assert!(
+        problems(&route("relative_path = \"../admin\""))
+            .iter()
+            .any(|p| p.contains("relative_path"))
+    );
+    let compat = format!("{GOOD}\n[compat]\nmicrosoft_sidecar = true\n");
+    assert!(
+        Config::parse(&compat, &env)
+            .expect("valid")
+            .compat
+            .microsoft_sidecar
+    );
+    assert!(!problems(&format!("{GOOD}\n[compat]\nmicrosoft = true\n")).is_empty());
+}

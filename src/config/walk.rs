@@ -38,7 +38,12 @@ pub(super) fn nearest(key: &str, known: &[&'static str]) -> Option<&'static str>
     let limit = (key.chars().count() / 3).max(1);
     known
         .iter()
-        .map(|k| (strsim::damerau_levenshtein(&key, k), *k))
+        .map(|k| {
+            (
+                strsim::damerau_levenshtein(&key, &k.to_ascii_lowercase()),
+                *k,
+            )
+        })
         .filter(|(distance, _)| *distance <= limit)
         .min_by_key(|(distance, _)| *distance)
         .map(|(_, k)| k)

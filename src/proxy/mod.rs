@@ -4,6 +4,7 @@
 
 mod compat;
 mod forward_auth;
+mod microsoft;
 mod request_id;
 mod token_api;
 mod tunnel;

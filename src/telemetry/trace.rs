@@ -4,14 +4,14 @@
 //! The request's spans are ordinary `tracing` spans with the target [`SPAN_TARGET`]: the proxy opens them with
 //! `tracing::info_span!(target: SPAN_TARGET, …)`, and only the OpenTelemetry layer built by [`from_env`]
 //! enables that target (the log output never does). With traces off no layer wants them, so each span macro
-//! costs one cached interest check and yields a disabled span; [`continue_trace`], [`inject`] and
-//! [`trace_id`] then do nothing.
+//! costs one cached interest check and yields a disabled span; `continue_trace`, `inject` and
+//! `trace_id` then do nothing.
 //!
 //! Spans carry HTTP semantic-convention attributes, route names and outcome codes, never a token, a secret,
 //! a subject, a tenant or a query string: the places that open spans pass only those fields, and
 //! `tests/tracing.rs` decodes every exported attribute to check it.
 //!
-//! The exporter sends with our own reqwest client on the sidecar's background runtime ([`Exporter`]): the
+//! The exporter sends with our own reqwest client on the sidecar's background runtime (`Exporter`): the
 //! SDK's batch processor runs on its own thread and cannot drive an async client itself.
 
 use std::time::Duration;
@@ -82,7 +82,7 @@ impl Traces {
     }
 }
 
-/// Whether the `OTEL_*` variables `var` reads ask for traces: `Ok(false)` when none of [`ENABLING`] is set, or
+/// Whether the `OTEL_*` variables `var` reads ask for traces: `Ok(false)` when none of `ENABLING` is set, or
 /// `OTEL_SDK_DISABLED=true`, or `OTEL_TRACES_EXPORTER=none`; an exporter or protocol other than OTLP over
 /// HTTP protobuf is an error.
 pub fn wanted(var: impl Fn(&str) -> Option<String>) -> Result<bool, TraceSetupError> {
@@ -208,7 +208,7 @@ pub(crate) fn sampled(span: &tracing::Span) -> bool {
 }
 
 /// Names `span` `name` (the server span, once its route is known: `GET /orders/`). The span has started by
-/// then ([`sampled`] starts it), so the name goes to the OpenTelemetry span itself.
+/// then (`sampled` starts it), so the name goes to the OpenTelemetry span itself.
 pub(crate) fn rename(span: &tracing::Span, name: String) {
     if !span.is_disabled() {
         span.context().span().update_name(name);

@@ -235,6 +235,11 @@ impl RecordingServer {
         *self.answer.lock().unwrap() = (status, body.to_string(), None);
     }
 
+    /// What the next requests are answered: `body` as it is (empty for none).
+    pub(crate) fn answer_raw(&self, status: u16, body: &str) {
+        *self.answer.lock().unwrap() = (status, body.to_owned(), None);
+    }
+
     /// What the next requests are answered, with one more header.
     pub(crate) fn answer_with_header(
         &self,
@@ -442,6 +447,30 @@ impl Harness {
         Harness::start_custom_env(config, &[]).await
     }
 
+    /// As [`Harness::start_custom`], with Microsoft's `DownstreamApis__*` variables `vars` read as routes.
+    pub(crate) async fn start_custom_downstream_apis(
+        config: impl FnOnce(&DevIdp, &str) -> String,
+        vars: &[(&str, &str)],
+    ) -> Harness {
+        captured_logs();
+        let idp = DevIdp::start(bind().await, DevIdpConfig::default())
+            .await
+            .expect("idp");
+        let upstream = EchoUpstream::start(bind().await).await.expect("upstream");
+        let text = config(&idp, &upstream.url());
+        let overrides: Vec<(String, String)> = vars
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        let parsed = Config::parse_with_overrides(
+            &text,
+            &|name| (name == SECRET_VARIABLE).then(|| DEFAULT_CLIENT_SECRET.to_owned()),
+            &overrides,
+        )
+        .unwrap_or_else(|e| panic!("test config invalid: {e}"));
+        Harness::running(idp, upstream, parsed).await
+    }
+
     /// As [`Harness::start_custom`], with these environment variables seen by the configuration.
     pub(crate) async fn start_custom_env(
         config: impl FnOnce(&DevIdp, &str) -> String,
@@ -453,7 +482,12 @@ impl Harness {
             .expect("idp");
         let upstream = EchoUpstream::start(bind().await).await.expect("upstream");
         let text = config(&idp, &upstream.url());
-        let sidecar = start_sidecar(parse_with_env(&text, vars)).await;
+        Harness::running(idp, upstream, parse_with_env(&text, vars)).await
+    }
+
+    /// The sidecar of `config` in front of `idp` and `upstream`, once ready.
+    async fn running(idp: DevIdp, upstream: EchoUpstream, config: Config) -> Harness {
+        let sidecar = start_sidecar(config).await;
         let http = reqwest::Client::builder()
             .no_proxy()
             .build()
