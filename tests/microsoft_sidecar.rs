@@ -186,6 +186,10 @@ async fn microsoft_sidecar_fixtures_pass() {
             });
             assert_eq!(sent.as_deref(), Some(scope), "{name}");
         }
+        if let Some(grant) = expect["idp_grant"].as_str() {
+            let recorded = h.idp.recorded_requests();
+            assert_eq!(recorded.last().and_then(|r| r.grant_type.as_deref()), Some(grant), "{name}");
+        }
         if let Some(want) = expect["downstream_request"].as_object() {
             let requests = downstream.requests();
             assert_eq!(requests.len(), downstream_before + 1, "{name}");
