@@ -188,7 +188,11 @@ async fn microsoft_sidecar_fixtures_pass() {
         }
         if let Some(grant) = expect["idp_grant"].as_str() {
             let recorded = h.idp.recorded_requests();
-            assert_eq!(recorded.last().and_then(|r| r.grant_type.as_deref()), Some(grant), "{name}");
+            assert_eq!(
+                recorded.last().and_then(|r| r.grant_type.as_deref()),
+                Some(grant),
+                "{name}"
+            );
         }
         if let Some(want) = expect["downstream_request"].as_object() {
             let requests = downstream.requests();

@@ -19,7 +19,7 @@ use bytes::Bytes;
 use http_body_util::{BodyExt as _, Full};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use obo_sidecar::dev::{DEFAULT_CLIENT_SECRET, DevIdp, DevIdpConfig, EchoUpstream, TokenClaims};
+use obo_sidecar::dev::{DEFAULT_CLIENT_SECRET, DevIdp, EchoUpstream, TokenClaims};
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use opentelemetry_proto::tonic::common::v1::any_value::Value as AnyValue;
 use opentelemetry_proto::tonic::trace::v1::span::SpanKind;
@@ -231,36 +231,12 @@ fn claims(jwt: &str) -> serde_json::Value {
 /// `traceparent` starts a new trace, whose id the access log carries; a refused one says why.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn spans_continue_the_callers_trace_and_hold_nothing_secret() {
-    let idp = DevIdp::start(support::bind().await, DevIdpConfig::default())
-        .await
-        .expect("idp");
-    let upstream = EchoUpstream::start(support::bind().await)
-        .await
-        .expect("upstream");
     let receiver = Receiver::start().await;
-    let dir = support::temp_dir("tracing");
-    let config = support::base_config(
-        &idp,
-        &upstream.url(),
-        &idp.token_endpoint(),
-        support::dead_addr().await,
-    )
-    .replacen(
-        "clock_skew = \"5s\"",
-        "clock_skew = \"5s\"\njwks_min_refetch = \"1s\"",
-        1,
-    );
-    let sidecar = SidecarProcess::start(
-        &dir,
-        &config,
-        &["--log-format", "json"],
-        &[
-            (SECRET_VARIABLE, DEFAULT_CLIENT_SECRET),
-            ("OTEL_EXPORTER_OTLP_ENDPOINT", &receiver.url),
-            ("OTEL_SERVICE_NAME", "orders-sidecar"),
-            ("OTEL_BSP_SCHEDULE_DELAY", "50"),
-        ],
-    )
+    let (idp, _upstream, sidecar) = binary_with(&[
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", &receiver.url),
+        ("OTEL_SERVICE_NAME", "orders-sidecar"),
+        ("OTEL_BSP_SCHEDULE_DELAY", "50"),
+    ])
     .await;
     let ready = Instant::now();
     let http = reqwest::Client::builder()
@@ -469,26 +445,7 @@ async fn spans_continue_the_callers_trace_and_hold_nothing_secret() {
 /// it was sent.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_otel_variables_the_callers_traceparent_passes_unchanged() {
-    let idp = DevIdp::start(support::bind().await, DevIdpConfig::default())
-        .await
-        .expect("idp");
-    let upstream = EchoUpstream::start(support::bind().await)
-        .await
-        .expect("upstream");
-    let dir = support::temp_dir("tracing-off");
-    let config = support::base_config(
-        &idp,
-        &upstream.url(),
-        &idp.token_endpoint(),
-        support::dead_addr().await,
-    );
-    let sidecar = SidecarProcess::start(
-        &dir,
-        &config,
-        &[],
-        &[(SECRET_VARIABLE, DEFAULT_CLIENT_SECRET)],
-    )
-    .await;
+    let (idp, _upstream, sidecar) = binary_with(&[]).await;
     let caller = idp.mint(&TokenClaims {
         scp: Some("access_as_user".to_owned()),
         ..TokenClaims::user("alice")
@@ -507,6 +464,33 @@ async fn without_otel_variables_the_callers_traceparent_passes_unchanged() {
     let echo = support::echoed(response).await;
     assert_eq!(seen_header(&echo, "traceparent"), [traceparent]);
     assert!(!sidecar.log().contains("traces"), "{}", sidecar.log());
+}
+
+/// The development IdP, the echo upstream and the binary in front of them (the base configuration, keys
+/// refetched at most once a second, JSON logs), with `env` added to its environment.
+async fn binary_with(env: &[(&str, &str)]) -> (DevIdp, EchoUpstream, SidecarProcess) {
+    let (idp, upstream) = support::idp_and_upstream().await;
+    let config = support::base_config(
+        &idp,
+        &upstream.url(),
+        &idp.token_endpoint(),
+        support::dead_addr().await,
+    )
+    .replacen(
+        "clock_skew = \"5s\"",
+        "clock_skew = \"5s\"\njwks_min_refetch = \"1s\"",
+        1,
+    );
+    let mut vars = vec![(SECRET_VARIABLE, DEFAULT_CLIENT_SECRET)];
+    vars.extend_from_slice(env);
+    let sidecar = SidecarProcess::start(
+        &support::temp_dir("tracing"),
+        &config,
+        &["--log-format", "json"],
+        &vars,
+    )
+    .await;
+    (idp, upstream, sidecar)
 }
 
 /// The access-log lines (JSON) once there are `count` of them.

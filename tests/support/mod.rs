@@ -452,11 +452,7 @@ impl Harness {
         config: impl FnOnce(&DevIdp, &str) -> String,
         vars: &[(&str, &str)],
     ) -> Harness {
-        captured_logs();
-        let idp = DevIdp::start(bind().await, DevIdpConfig::default())
-            .await
-            .expect("idp");
-        let upstream = EchoUpstream::start(bind().await).await.expect("upstream");
+        let (idp, upstream) = idp_and_upstream().await;
         let text = config(&idp, &upstream.url());
         let overrides: Vec<(String, String)> = vars
             .iter()
@@ -476,11 +472,7 @@ impl Harness {
         config: impl FnOnce(&DevIdp, &str) -> String,
         vars: &[(String, String)],
     ) -> Harness {
-        captured_logs();
-        let idp = DevIdp::start(bind().await, DevIdpConfig::default())
-            .await
-            .expect("idp");
-        let upstream = EchoUpstream::start(bind().await).await.expect("upstream");
+        let (idp, upstream) = idp_and_upstream().await;
         let text = config(&idp, &upstream.url());
         Harness::running(idp, upstream, parse_with_env(&text, vars)).await
     }
@@ -549,6 +541,16 @@ impl Harness {
             .expect("readyz");
         assert_eq!(readyz.status(), 200);
     }
+}
+
+/// The development IdP and the echo upstream, each on its own loopback port, with the test's logs captured.
+pub(crate) async fn idp_and_upstream() -> (DevIdp, EchoUpstream) {
+    captured_logs();
+    let idp = DevIdp::start(bind().await, DevIdpConfig::default())
+        .await
+        .expect("idp");
+    let upstream = EchoUpstream::start(bind().await).await.expect("upstream");
+    (idp, upstream)
 }
 
 pub(crate) async fn bind() -> TcpListener {
