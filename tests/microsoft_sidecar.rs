@@ -15,7 +15,8 @@ use serde_json::Value;
 use support::{Harness, RecordingServer};
 
 /// The routes Microsoft's endpoints name: `graph` (every override allowed, on a recording downstream),
-/// `strict` (no override, by name only), `jobs` (an app token, no caller).
+/// `strict` (no override, by name only), `open` (no scopes of its own: its callers name them), `jobs` (an app
+/// token, no caller).
 fn config(idp: &obo_sidecar::dev::DevIdp, echo: &str, downstream: &str) -> String {
     support::inbound_config(idp)
         + &format!(
@@ -43,6 +44,14 @@ upstream = "{echo}/strict/"
 token = "obo"
 token_api = true
 scopes = ["api://strict/.default"]
+
+[[routes]]
+name = "open"
+proxy = false
+upstream = "{echo}/open/"
+token = "obo"
+token_api = true
+compat_overrides = ["Scopes"]
 
 [[routes]]
 name = "jobs"

@@ -4,7 +4,7 @@
 
 use toml::{Table, Value};
 
-use super::model::{Compat, CompatOverride, RouteCompat};
+use super::model::{Compat, CompatOverride, Problem, RouteCompat};
 use super::walk::{Fields, Problems, is_name};
 
 /// The prefix of the variables read as routes, lowercase (.NET configuration keys match in any case).
@@ -82,13 +82,29 @@ pub(super) fn read_route_compat(f: &Fields<'_>, p: &mut Problems) -> RouteCompat
 /// Reads `DownstreamApis__<Name>__BaseUrl|Scopes[__N]|RequestAppToken|RelativePath|HttpMethod` (names in any
 /// letter case) into `[[routes]]`: a route of that name already in the file takes the values it does not set;
 /// otherwise a new route is added that is not proxied (reachable by name only), exchanging On-Behalf-Of (or an
-/// app token with `RequestAppToken=true`) and open to the token API, as Microsoft's sidecar serves every
-/// configured API. Keys it does not know are reported.
+/// app token with `RequestAppToken=true`), open to the token API and to every `optionsOverride.*`, as
+/// Microsoft's sidecar serves a configured API by default. Keys it does not know are reported. Read only with
+/// `[compat] microsoft_sidecar = true`; otherwise the returned warning says they were not.
 pub(super) fn apply_downstream_apis(
     table: &mut Table,
     variables: &[(String, String)],
     p: &mut Problems,
-) {
+) -> Option<Problem> {
+    if variables.is_empty() {
+        return None;
+    }
+    let enabled = table
+        .get("compat")
+        .and_then(|c| c.get("microsoft_sidecar"))
+        .and_then(Value::as_bool)
+        == Some(true);
+    if !enabled {
+        return Some(Problem {
+            path: "DownstreamApis".to_owned(),
+            message: "DownstreamApis__* variables are set but not read: [compat] microsoft_sidecar is off"
+                .to_owned(),
+        });
+    }
     let mut apis: std::collections::BTreeMap<String, Vec<(String, String, String)>> =
         std::collections::BTreeMap::new();
     for (name, value) in variables {
@@ -126,7 +142,7 @@ pub(super) fn apply_downstream_apis(
             .entry("routes")
             .or_insert_with(|| Value::Array(Vec::new()));
         let Value::Array(routes) = routes else {
-            return;
+            return None;
         };
         let existing = routes
             .iter()
@@ -137,6 +153,15 @@ pub(super) fn apply_downstream_apis(
             route.insert("proxy".into(), Value::from(false));
             route.insert("token".into(), Value::from("obo"));
             route.insert("token_api".into(), Value::from(true));
+            route.insert(
+                "compat_overrides".into(),
+                Value::Array(
+                    CompatOverride::ALL
+                        .iter()
+                        .map(|o| Value::from(o.name()))
+                        .collect(),
+                ),
+            );
             routes.push(Value::Table(route));
             routes.len() - 1
         });
@@ -184,4 +209,5 @@ pub(super) fn apply_downstream_apis(
             );
         }
     }
+    None
 }

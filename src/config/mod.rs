@@ -112,13 +112,14 @@ impl Config {
         for (name, value) in &overrides {
             apply_override(&mut table, name, value, &mut problems);
         }
-        compat::apply_downstream_apis(&mut table, &downstream_apis, &mut problems);
+        let unread = compat::apply_downstream_apis(&mut table, &downstream_apis, &mut problems);
         let derivation = entra::apply(&mut table, env, &mut problems);
         let mut config = read_config(&table, env, &mut problems);
         if let Some(config) = config.as_mut() {
             let (errors, warnings) = entra::check(config, derivation.multi_tenant);
             problems.0.extend(errors);
             config.warnings.extend(derivation.warnings);
+            config.warnings.extend(unread);
             config.warnings.extend(warnings);
             config.derived = derivation.derived;
         }

@@ -10,9 +10,9 @@ use toml::{Table, Value};
 
 use super::inbound::read_policy;
 use super::model::{
-    CallerAuth, DEFAULT_CONNECT_TIMEOUT, DEFAULT_IDENTITY, DEFAULT_ROUTE_TIMEOUT, Flavor, Identity,
-    MAX_ROUTE_TIMEOUT, NONE_NEEDS_LOOPBACK, Policy, Problem, Route, TokenKind, is_loopback,
-    is_loopback_addr,
+    CallerAuth, CompatOverride, DEFAULT_CONNECT_TIMEOUT, DEFAULT_IDENTITY, DEFAULT_ROUTE_TIMEOUT,
+    Flavor, Identity, MAX_ROUTE_TIMEOUT, NONE_NEEDS_LOOPBACK, Policy, Problem, Route, TokenKind,
+    is_loopback, is_loopback_addr,
 };
 use super::walk::{Fields, Problems, is_name};
 
@@ -265,6 +265,7 @@ fn read_route(
             }
         }
     }
+    let compat = super::compat::read_route_compat(&f, p);
     match token {
         // RFC 8693 §2.1: scope, audience and resource are each optional; one of them names the target.
         Some(TokenKind::Obo) if flavor == Some(Flavor::Rfc8693) => {
@@ -276,7 +277,11 @@ fn read_route(
                 );
             }
         }
-        Some(TokenKind::Obo | TokenKind::App) if scopes.is_empty() => {
+        // A route its callers name scopes for (Microsoft's `optionsOverride.Scopes`) may have none of its
+        // own: a call without them is answered 400, as Microsoft's sidecar does.
+        Some(TokenKind::Obo | TokenKind::App)
+            if scopes.is_empty() && !compat.overrides.contains(&CompatOverride::Scopes) =>
+        {
             p.add(
                 &f.at("scopes"),
                 "required: the scopes to request for the upstream",
@@ -374,7 +379,20 @@ fn read_route(
             "forward-auth needs a proxied route: the ingress's request must fall under its path_prefix",
         );
     }
-    let compat = super::compat::read_route_compat(&f, p);
+    if forward_auth && token == Some(TokenKind::App) && !is_loopback_addr(&context.proxy_listen) {
+        p.add(
+            &f.at("forward_auth"),
+            "forward-auth answers with the route's app token: only on a loopback proxy listener, where \
+             only the ingress beside the sidecar can ask for it",
+        );
+    }
+    if token_api && token == Some(TokenKind::App) {
+        context.warn(
+            &f.at("token_api"),
+            "hands the route's app token to any caller with a valid token (as Microsoft's sidecar does \
+             for RequestAppToken); narrow it with required_roles or required_scopes",
+        );
+    }
     let http2 = f.boolean("http2", false, p);
     let connect_timeout = f.bounded_duration(
         "connect_timeout",

@@ -465,13 +465,24 @@ fn downstream_apis_variables_become_routes() {
     .iter()
     .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
     .collect();
-    let config = Config::parse_with_overrides(GOOD, &env, &vars).expect("valid");
+    let unread = Config::parse_with_overrides(GOOD, &env, &vars).expect("valid");
+    assert!(unread.routes.iter().all(|r| r.name != "Mail"));
+    assert!(
+        unread.warnings.iter().any(|w| w
+            .to_string()
+            .contains("not read: [compat] microsoft_sidecar is off")),
+        "{:?}",
+        unread.warnings
+    );
+    let compat = format!("{GOOD}\n[compat]\nmicrosoft_sidecar = true\n");
+    let config = Config::parse_with_overrides(&compat, &env, &vars).expect("valid");
     let mail = config
         .routes
         .iter()
         .find(|r| r.name == "Mail")
         .expect("Mail");
     assert!(!mail.proxy && mail.token_api);
+    assert_eq!(mail.compat.overrides, CompatOverride::ALL);
     assert_eq!(mail.token, TokenKind::Obo);
     assert_eq!(mail.upstream.as_str(), "https://graph.example.com/beta/");
     assert_eq!(mail.scopes, ["Mail.Read", "Mail.Send"]);
@@ -502,7 +513,7 @@ fn downstream_apis_variables_become_routes() {
     .iter()
     .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
     .collect();
-    let problems: Vec<String> = Config::parse_with_overrides(GOOD, &env, &bad)
+    let problems: Vec<String> = Config::parse_with_overrides(&compat, &env, &bad)
         .expect_err("invalid")
         .problems
         .iter()
@@ -526,6 +537,37 @@ fn downstream_apis_variables_become_routes() {
             .any(|p| p.contains("DownstreamApis__Bad.Name")),
         "{problems:?}"
     );
+
+    // An app token for an API: served as Microsoft's sidecar serves it, with a warning; and an API without
+    // scopes of its own takes them from its callers.
+    let app: Vec<(String, String)> = [
+        ("DownstreamApis__Jobs__BaseUrl", "https://jobs.example.com/"),
+        ("DownstreamApis__Jobs__Scopes", "api://jobs/.default"),
+        ("DownstreamApis__Jobs__RequestAppToken", "TRUE"),
+        ("DownstreamApis__Open__BaseUrl", "https://open.example.com/"),
+    ]
+    .iter()
+    .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+    .collect();
+    let config = Config::parse_with_overrides(&compat, &env, &app).expect("valid");
+    let jobs = config
+        .routes
+        .iter()
+        .find(|r| r.name == "Jobs")
+        .expect("Jobs");
+    assert_eq!(jobs.token, TokenKind::App);
+    assert!(
+        config
+            .warnings
+            .iter()
+            .any(|w| w.to_string().contains("app token to any caller"))
+    );
+    let open = config
+        .routes
+        .iter()
+        .find(|r| r.name == "Open")
+        .expect("Open");
+    assert!(open.scopes.is_empty());
 }
 
 /// `compat_overrides` names only overrides obo-sidecar honours; a route with `proxy = false` has no
@@ -581,4 +623,25 @@ fn compat_keys_are_checked() {
             .microsoft_sidecar
     );
     assert!(!problems(&format!("{GOOD}\n[compat]\nmicrosoft = true\n")).is_empty());
+}
+
+/// Forward-auth answers with the route's token: on an `app` route only where no one but the ingress beside
+/// the sidecar can ask (a loopback proxy listener).
+#[test]
+fn forward_auth_of_an_app_token_needs_a_loopback_listener() {
+    let app = GOOD
+        .replace("token = \"obo\"", "token = \"app\"\nforward_auth = true")
+        .replace(
+            "[inbound]",
+            "[listen]\nproxy = \"0.0.0.0:7080\"\n\n[inbound]",
+        );
+    assert!(
+        problems(&app)
+            .iter()
+            .any(|p| p.contains("forward_auth") && p.contains("loopback")),
+        "{:?}",
+        problems(&app)
+    );
+    let loopback = app.replace("0.0.0.0:7080", "127.0.0.1:7080");
+    assert!(problems(&loopback).is_empty(), "{:?}", problems(&loopback));
 }

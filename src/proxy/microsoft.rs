@@ -7,14 +7,11 @@ use hyper::body::Incoming;
 
 use super::compat::{Endpoint, MAX_DOWNSTREAM_BODY_BYTES, Overrides, answer, downstream_result};
 use super::{Outcome, Proxy, ProxyBody};
-use crate::config::CallerAuth;
+use crate::config::{CallerAuth, TokenKind};
 use crate::error::ProxyError;
 use crate::forward;
 use crate::route::{RequestPath, RouteEntry};
 use crate::server::Peer;
-
-/// The route label of `GET /Validate` (as `{api_prefix}/validate`'s, a name no route can have).
-const VALIDATE_ROUTE: &str = "compat:validate";
 
 impl Proxy {
     /// Serves one of Microsoft's sidecar endpoints.
@@ -28,7 +25,8 @@ impl Proxy {
     ) -> Result<Response<ProxyBody>, ProxyError> {
         let (api, authenticated, downstream) = match endpoint {
             Endpoint::Validate => {
-                outcome.route = Some(VALIDATE_ROUTE);
+                // The token API's `/validate` under Microsoft's name: one label for both in logs and metrics.
+                outcome.route = Some(super::token_api::VALIDATE_ROUTE);
                 outcome.metrics = Some(&self.validate_metrics);
                 let deadline = outcome.started + self.inbound_route.timeout;
                 let caller = self
@@ -56,6 +54,15 @@ impl Proxy {
             );
         }
         let changed = overrides.route(&entry.route);
+        // Scopes come from the route or the call; with neither, Microsoft's 400.
+        let token_route = changed.as_ref().unwrap_or(&entry.route);
+        if matches!(token_route.token, TokenKind::Obo | TokenKind::App)
+            && token_route.scopes.is_empty()
+            && token_route.audience.is_empty()
+            && token_route.resource.is_empty()
+        {
+            return Err(ProxyError::UnknownApi(api.to_owned()));
+        }
         let admitted = self
             .admit(&request, peer, entry, changed.as_ref(), outcome)
             .await?;
@@ -109,6 +116,10 @@ impl Proxy {
             headers.insert(header::AUTHORIZATION, authorization);
         }
         headers.insert(header::ACCEPT, accept);
+        // The route's claim headers, as the proxy sends them.
+        for (name, value) in super::claim_headers(route, admitted.caller.as_ref()) {
+            headers.insert(name, value);
+        }
         if let Some(content_type) = content_type {
             headers.insert(header::CONTENT_TYPE, content_type);
         }
