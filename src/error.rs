@@ -106,6 +106,8 @@ pub(crate) enum RequestDefect {
     NoOriginalUri,
     /// `X-Original-Method`/`X-Forwarded-Method` that is not a method token.
     MalformedOriginalMethod,
+    /// Two headers (or one, twice) name different original requests.
+    OriginalsDisagree,
 }
 
 impl RequestDefect {
@@ -127,6 +129,9 @@ impl RequestDefect {
                 "forward-auth request names no original URI (X-Original-URI or X-Forwarded-Uri)"
             }
             RequestDefect::MalformedOriginalMethod => "the original method is not an HTTP method",
+            RequestDefect::OriginalsDisagree => {
+                "the headers naming the original request disagree (X-Original-* and X-Forwarded-*)"
+            }
         }
     }
 }

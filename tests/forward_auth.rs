@@ -26,7 +26,14 @@ token = "obo"
 scopes = ["api://downstream/.default"]
 required_scopes = ["access_as_user"]
 forward_auth = true
-forward_claims = { "X-Caller" = "sub" }
+forward_claims = { "X-Caller" = "sub", "X-Caller-Group" = "groups" }
+
+[[routes]]
+name = "public"
+path_prefix = "/public/"
+upstream = "UPSTREAM/"
+token = "none"
+forward_auth = true
 "#;
 
 async fn harness() -> Harness {
@@ -167,6 +174,14 @@ async fn nginx_auth_request_sends_the_exchanged_token_upstream() {
     let echo = echoed(allowed).await;
     let upstream_token = seen_authorization(&echo).expect("upstream Authorization");
     assert_ne!(upstream_token, format!("Bearer {caller}"));
+    assert!(
+        echo["headers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|pair| !pair[1].as_str().unwrap().contains(&caller)),
+        "the caller's token reached the upstream: {echo}"
+    );
     assert_eq!(echo["authorization"]["claims"]["sub"], "alice", "{echo}");
     assert_eq!(
         echo["authorization"]["claims"]["aud"], "api://downstream",
@@ -244,6 +259,8 @@ async fn forward_auth_answers_like_the_proxy_for_the_original_request() {
     assert_eq!(nginx.status(), 200);
     assert_eq!(nginx.headers()["cache-control"], "no-store");
     assert_eq!(nginx.headers()["x-caller"], "alice");
+    // A claim the token lacks is answered empty, so the ingress overwrites what a caller sent under its name.
+    assert_eq!(nginx.headers()["x-caller-group"], "");
     let authorization = nginx.headers()["authorization"]
         .to_str()
         .unwrap()
@@ -269,8 +286,38 @@ async fn forward_auth_answers_like_the_proxy_for_the_original_request() {
         .unwrap();
     assert_eq!(envoy.status(), 200);
 
+    // A route that sends no token asks Envoy to remove the caller's.
+    let public = ask(
+        "/.obo/forward-auth/public",
+        &[("x-original-uri", "/public/x")],
+    )
+    .await
+    .unwrap();
+    assert_eq!(public.status(), 200);
+    assert!(public.headers().get("authorization").is_none());
+    assert_eq!(
+        public.headers()["x-envoy-auth-headers-to-remove"],
+        "authorization"
+    );
+
     for (path, headers, status) in [
         ("/.obo/forward-auth/orders", vec![], 400),
+        // Envoy appends a caller's path: dot segments in it cannot climb into the route name, nor out of the
+        // token API to a proxied route.
+        ("/.obo/forward-auth/orders/api/..;/..;/obo/x", vec![], 400),
+        ("/.obo/forward-auth/orders/..;/..;/..;/obo/x", vec![], 400),
+        // (Decoded dot segments stop at the root: the original is `/obo/x`, another route's.)
+        (
+            "/.obo/forward-auth/orders/api/%2e%2e/%2e%2e/obo/x",
+            vec![],
+            404,
+        ),
+        // A caller's X-Original-* against the ingress's X-Forwarded-* (Traefik passes a caller's headers on).
+        (
+            "/.obo/forward-auth/orders",
+            vec![("x-original-uri", "/api/x"), ("x-forwarded-uri", "/obo/x")],
+            400,
+        ),
         (
             "/.obo/forward-auth/orders",
             vec![("x-original-uri", "/api/%2e%2e/obo/x")],

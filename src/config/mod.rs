@@ -135,7 +135,8 @@ impl Config {
     /// running `[listen]`, so the new routes must be checked against it, not against the file's.
     pub fn listener_problems(&self) -> Vec<Problem> {
         let loopback = is_loopback_addr(&self.listen.proxy);
-        self.routes
+        let mut problems: Vec<Problem> = self
+            .routes
             .iter()
             .enumerate()
             .filter(|(_, route)| route.caller_auth == CallerAuth::None && !loopback)
@@ -146,7 +147,19 @@ impl Config {
                     route.name, self.listen.proxy
                 ),
             })
-            .collect()
+            .collect();
+        for (i, route) in self.routes.iter().enumerate() {
+            if let Some(problem) = routes::forward_auth_problem(route, loopback) {
+                problems.push(Problem {
+                    path: format!("routes[{i}].forward_auth"),
+                    message: format!(
+                        "route {:?}: {problem} (the running proxy listener is {})",
+                        route.name, self.listen.proxy
+                    ),
+                });
+            }
+        }
+        problems
     }
 
     /// The identity a route acquires its tokens with.

@@ -113,6 +113,10 @@ pub(super) fn read_routes(
         let Some(route) = read_route(table, &at, context, p) else {
             continue;
         };
+        if let Some(problem) = forward_auth_problem(&route, is_loopback_addr(&context.proxy_listen))
+        {
+            p.add(&format!("{at}.forward_auth"), problem);
+        }
         routes.push(route);
     }
     routes
@@ -379,13 +383,6 @@ fn read_route(
             "forward-auth needs a proxied route: the ingress's request must fall under its path_prefix",
         );
     }
-    if forward_auth && token == Some(TokenKind::App) && !is_loopback_addr(&context.proxy_listen) {
-        p.add(
-            &f.at("forward_auth"),
-            "forward-auth answers with the route's app token: only on a loopback proxy listener, where \
-             only the ingress beside the sidecar can ask for it",
-        );
-    }
     if token_api && token == Some(TokenKind::App) {
         context.warn(
             &f.at("token_api"),
@@ -514,4 +511,24 @@ pub(super) fn normalize_prefix(prefix: &str) -> Result<String, String> {
         return Err(format!("{prefix:?} must not contain '//'"));
     }
     Ok(prefix.trim_end_matches('/').to_owned())
+}
+
+/// Why `route` may not answer forward-auth on a proxy listener that is (`loopback`) or is not loopback: the
+/// 200 answer carries the route's upstream token to whoever asks. Off loopback, where more than the ingress
+/// beside the sidecar can ask, only a route whose callers may hold their own token (`token_api`, obo or
+/// passthrough) may; an app token never. `None` when it may.
+pub(super) fn forward_auth_problem(route: &Route, loopback: bool) -> Option<&'static str> {
+    if !route.forward_auth || loopback {
+        return None;
+    }
+    match route.token {
+        TokenKind::App => Some(
+            "forward-auth would hand the route's app token to any caller: only on a loopback proxy listener",
+        ),
+        TokenKind::Obo | TokenKind::Passthrough if !route.token_api => Some(
+            "forward-auth hands callers their upstream token: off a loopback proxy listener, only with \
+             token_api = true",
+        ),
+        TokenKind::None | TokenKind::Obo | TokenKind::Passthrough => None,
+    }
 }

@@ -33,6 +33,9 @@ const DOWNSTREAM_METHODS: [Method; 7] = [
     Method::OPTIONS,
 ];
 
+/// The most query parameters of one call that are read.
+const MAX_QUERY_PARAMETERS: usize = 64;
+
 /// One of Microsoft's sidecar endpoints.
 pub(super) enum Endpoint<'a> {
     /// `GET /Validate`.
@@ -96,7 +99,9 @@ impl Overrides {
         let Some(query) = query else {
             return out;
         };
-        for (key, value) in url::form_urlencoded::parse(query.as_bytes()) {
+        // Microsoft's API has a dozen parameters; more than this many are not read.
+        for (key, value) in url::form_urlencoded::parse(query.as_bytes()).take(MAX_QUERY_PARAMETERS)
+        {
             let lower = key.to_ascii_lowercase();
             let name = match lower.strip_prefix("optionsoverride.") {
                 Some(_) => &key["optionsOverride.".len()..],

@@ -25,51 +25,80 @@ const METHOD_HEADERS: [&str; 2] = ["x-original-method", "x-forwarded-method"];
 const URI_HEADERS: [&str; 2] = ["x-original-uri", "x-forwarded-uri"];
 const HOST_HEADERS: [&str; 2] = ["x-forwarded-host", "x-original-host"];
 
-/// The original request of a forward-auth request whose path after `/forward-auth/{route}` is `suffix` (Envoy;
-/// `None` when nothing follows; decoded and normalized with the whole path). A missing, malformed or unsafe
-/// original URI is 400, like a proxied request's.
+/// The original request of a forward-auth request. With `suffix` (the path Envoy appended after
+/// `/forward-auth/{route}`, parsed on its own) the original is that path with this request's own method, and
+/// the URI and method headers are not read: a caller could have sent them. Otherwise the headers name it, and
+/// where an ingress sets one family and a caller sent the other (Traefik passes a caller's headers on, nginx
+/// too), they must agree. A missing, malformed, unsafe or contradicted original is 400.
 pub(super) fn original<B>(
     request: &Request<B>,
     suffix: Option<RequestPath>,
 ) -> Result<Original, ProxyError> {
     let headers = request.headers();
-    let method = match first(headers, &METHOD_HEADERS) {
-        Some(value) => Method::from_bytes(value.as_bytes())
-            .map_err(|_| ProxyError::BadRequest(RequestDefect::MalformedOriginalMethod))?,
-        None => request.method().clone(),
+    let (method, path) = if let Some(suffix) = suffix {
+        (request.method().clone(), suffix)
+    } else {
+        let method = match agreed(headers, &METHOD_HEADERS)? {
+            Some(value) => Method::from_bytes(value.as_bytes())
+                .map_err(|_| ProxyError::BadRequest(RequestDefect::MalformedOriginalMethod))?,
+            None => request.method().clone(),
+        };
+        let uri = agreed(headers, &URI_HEADERS)?
+            .ok_or(ProxyError::BadRequest(RequestDefect::NoOriginalUri))?;
+        let uri = http::uri::PathAndQuery::try_from(uri.as_bytes())
+            .map_err(|_| ProxyError::BadRequest(RequestDefect::NotAbsolutePath))?;
+        (method, RequestPath::parse(uri.path())?)
     };
-    let path = match (first(headers, &URI_HEADERS), suffix) {
-        (Some(uri), _) => {
-            let uri = http::uri::PathAndQuery::try_from(uri.as_bytes())
-                .map_err(|_| ProxyError::BadRequest(RequestDefect::NotAbsolutePath))?;
-            RequestPath::parse(uri.path())?
-        }
-        (None, Some(suffix)) => suffix,
-        (None, None) => return Err(ProxyError::BadRequest(RequestDefect::NoOriginalUri)),
-    };
-    let host = match first(headers, &HOST_HEADERS) {
+    let host = match agreed(headers, &HOST_HEADERS)? {
         Some(value) => Some(header_host(value)?),
         None => request_host(request)?,
     };
     Ok(Original { method, path, host })
 }
 
-/// The first of `names` present in `headers`.
-fn first<'a>(headers: &'a HeaderMap, names: &[&str]) -> Option<&'a HeaderValue> {
-    names.iter().find_map(|name| headers.get(*name))
+/// The value `names` give in `headers`: none, or one (each header once, all present ones equal).
+fn agreed<'a>(
+    headers: &'a HeaderMap,
+    names: &[&str],
+) -> Result<Option<&'a HeaderValue>, ProxyError> {
+    let mut found: Option<&HeaderValue> = None;
+    for name in names {
+        let mut values = headers.get_all(*name).iter();
+        let Some(value) = values.next() else { continue };
+        if values.next().is_some() || found.is_some_and(|seen| seen != value) {
+            return Err(ProxyError::BadRequest(RequestDefect::OriginalsDisagree));
+        }
+        found = Some(value);
+    }
+    Ok(found)
 }
 
-/// The 200 answer: the upstream `Authorization` (none on a `token = "none"` route) and the claim headers,
-/// never to be cached by the ingress.
+/// The 200 answer: the upstream `Authorization` (none on a `token = "none"` route) and every one of the
+/// route's claim headers (`claim_names`), empty where the caller's token has no such claim, so an ingress that
+/// copies them overwrites whatever the caller sent under those names. What it cannot overwrite it is asked to
+/// remove (Envoy's `x-envoy-auth-headers-to-remove`): the caller's `Authorization` on a route that sends none.
+/// Never to be cached by the ingress.
 pub(super) fn allow<B: Default>(
     authorization: Option<HeaderValue>,
     claim_headers: Vec<(HeaderName, HeaderValue)>,
+    claim_names: impl Iterator<Item = HeaderName>,
 ) -> Response<B> {
     let mut response = Response::new(B::default());
     let headers = response.headers_mut();
-    if let Some(mut authorization) = authorization {
-        authorization.set_sensitive(true);
-        headers.insert(header::AUTHORIZATION, authorization);
+    match authorization {
+        Some(mut authorization) => {
+            authorization.set_sensitive(true);
+            headers.insert(header::AUTHORIZATION, authorization);
+        }
+        None => {
+            headers.insert(
+                "x-envoy-auth-headers-to-remove",
+                HeaderValue::from_static("authorization"),
+            );
+        }
+    }
+    for name in claim_names {
+        headers.insert(name, HeaderValue::from_static(""));
     }
     for (name, value) in claim_headers {
         headers.insert(name, value);
@@ -118,8 +147,15 @@ mod tests {
 
     #[test]
     fn envoy_appends_the_original_path_and_keeps_the_method() {
-        let full = RequestPath::parse("/.obo/forward-auth/orders/api/orders/%34%32").unwrap();
-        let envoy = original(&request(&[]), Some(full.tail(3))).unwrap();
+        let appended = RequestPath::parse("/api/orders/%34%32").unwrap();
+        let envoy = original(
+            &request(&[
+                ("x-original-uri", "/elsewhere"),
+                ("x-original-method", "DELETE"),
+            ]),
+            Some(appended),
+        )
+        .unwrap();
         assert_eq!(envoy.method, Method::GET);
         assert_eq!(envoy.path.as_bytes(), b"/api/orders/42");
     }
@@ -147,6 +183,29 @@ mod tests {
             (
                 vec![("x-original-uri", "/api"), ("x-forwarded-host", "a@b")],
                 RequestDefect::MalformedHost,
+            ),
+            (
+                vec![
+                    ("x-original-uri", "/api/x"),
+                    ("x-forwarded-uri", "/api/admin"),
+                ],
+                RequestDefect::OriginalsDisagree,
+            ),
+            (
+                vec![
+                    ("x-original-uri", "/api/x"),
+                    ("x-original-method", "GET"),
+                    ("x-forwarded-method", "DELETE"),
+                ],
+                RequestDefect::OriginalsDisagree,
+            ),
+            (
+                vec![
+                    ("x-original-uri", "/api/x"),
+                    ("x-forwarded-host", "a.example"),
+                    ("x-original-host", "b.example"),
+                ],
+                RequestDefect::OriginalsDisagree,
             ),
         ] {
             match original(&request(&headers), None) {

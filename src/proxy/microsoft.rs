@@ -46,13 +46,6 @@ impl Proxy {
         };
         let entry = self.api(api, authenticated)?;
         let overrides = Overrides::read(request.uri().query(), &entry.route.compat.overrides);
-        if !overrides.ignored.is_empty() {
-            tracing::warn!(
-                route = %entry.route.name,
-                ignored = %overrides.ignored.join(", "),
-                "optionsOverride parameters ignored (not in the route's compat_overrides, BaseUrl, or not supported)"
-            );
-        }
         let changed = overrides.route(&entry.route);
         // Scopes come from the route or the call; with neither, Microsoft's 400.
         let token_route = changed.as_ref().unwrap_or(&entry.route);
@@ -66,6 +59,14 @@ impl Proxy {
         let admitted = self
             .admit(&request, peer, entry, changed.as_ref(), outcome)
             .await?;
+        // Logged once the caller is known to be one (an anonymous flood of junk parameters logs nothing).
+        if !overrides.ignored.is_empty() {
+            tracing::warn!(
+                route = %entry.route.name,
+                ignored = %overrides.ignored.join(", "),
+                "optionsOverride parameters ignored (not in the route's compat_overrides, BaseUrl, or not supported)"
+            );
+        }
         if !downstream {
             let header = admitted
                 .acquired
@@ -104,11 +105,23 @@ impl Proxy {
             .as_deref()
             .and_then(|v| HeaderValue::from_str(v).ok())
             .unwrap_or_else(|| HeaderValue::from_static("application/json"));
-        let mut upstream = Request::new(request.into_body());
-        *upstream.method_mut() = overrides
+        let method = overrides
             .http_method
             .clone()
             .unwrap_or_else(|| route.compat.http_method.clone());
+        // A body on a method that carries none could be read by the upstream as the next request.
+        let has_body = request.headers().contains_key(header::TRANSFER_ENCODING)
+            || request
+                .headers()
+                .get(header::CONTENT_LENGTH)
+                .is_some_and(|v| v.as_bytes() != b"0");
+        if has_body && matches!(method, http::Method::GET | http::Method::HEAD) {
+            return Err(ProxyError::BadRequest(
+                crate::error::RequestDefect::Unforwardable,
+            ));
+        }
+        let mut upstream = Request::new(request.into_body());
+        *upstream.method_mut() = method;
         *upstream.uri_mut() = uri;
         let headers = upstream.headers_mut();
         if let Some(mut authorization) = admitted.acquired.header.clone() {

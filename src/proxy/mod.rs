@@ -236,17 +236,24 @@ impl Proxy {
         }
         let host = request_host(&request)?;
         let path = RequestPath::parse(request.uri().path())?;
-        if let Some(prefix) = &self.api_prefix
-            && prefix.matches(&path)
-        {
-            return self
-                .token_api(
-                    &request,
-                    &peer,
-                    token_api::endpoint(request.method(), prefix, &path)?,
-                    outcome,
-                )
-                .await;
+        if let Some(prefix) = &self.api_prefix {
+            if prefix.matches(&path) {
+                return self
+                    .token_api(
+                        &request,
+                        &peer,
+                        token_api::endpoint(request.method(), prefix, &path, request.uri().path())?,
+                        outcome,
+                    )
+                    .await;
+            }
+            // A token API path that dot segments lead out of (`/.obo/forward-auth/x/..;/..;/..;/other`, as
+            // an ingress may append a caller's path) never reaches a route.
+            if prefix.opens(request.uri().path()) {
+                return Err(ProxyError::BadRequest(
+                    crate::error::RequestDefect::AboveRoot,
+                ));
+            }
         }
         if self.microsoft_sidecar
             && let Some(endpoint) = compat::endpoint(request.method(), &path)
@@ -495,7 +502,15 @@ impl Proxy {
         }
         let admitted = self.admit(request, peer, entry, None, outcome).await?;
         let claims = claim_headers(&entry.route, admitted.caller.as_ref());
-        Ok(forward_auth::allow::<Full<Bytes>>(admitted.acquired.header, claims).map(Either::Right))
+        let names = entry
+            .route
+            .forward_claims
+            .iter()
+            .map(|(name, _)| name.clone());
+        Ok(
+            forward_auth::allow::<Full<Bytes>>(admitted.acquired.header, claims, names)
+                .map(Either::Right),
+        )
     }
 
     /// Serves a token API endpoint with the proxy's validation, policy, cache and errors.

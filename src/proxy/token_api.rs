@@ -7,7 +7,7 @@ use http::{HeaderValue, Method, Response, header};
 use http_body_util::Full;
 
 use crate::config::{CallerAuth, Config, Route, TokenKind};
-use crate::error::ProxyError;
+use crate::error::{ProxyError, RequestDefect};
 use crate::route::{Prefix, RequestPath};
 
 /// The route label of `GET {api_prefix}/validate`; `:` cannot appear in a configured route name.
@@ -33,6 +33,7 @@ pub(super) fn endpoint<'a>(
     method: &Method,
     prefix: &Prefix,
     path: &'a RequestPath,
+    raw: &str,
 ) -> Result<Endpoint<'a>, ProxyError> {
     let mut rest = prefix.rest(path).map(|segment| segment.name);
     let first = rest.next();
@@ -42,7 +43,7 @@ pub(super) fn endpoint<'a>(
         // Envoy's ext_authz sends the original method and appends the original path.
         let name = rest.next().ok_or(ProxyError::NoRoute)?;
         let route = std::str::from_utf8(name).map_err(|_| ProxyError::NoRoute)?;
-        let suffix = rest.next().map(|_| path.tail(prefix.len() + 2));
+        let suffix = appended_path(raw, prefix.len() + 2, route)?;
         return Ok(Endpoint::ForwardAuth { route, suffix });
     }
     if method != Method::GET && method != Method::HEAD {
@@ -60,6 +61,35 @@ pub(super) fn endpoint<'a>(
         }
         _ => Err(ProxyError::NoRoute),
     }
+}
+
+/// The original path an ingress appended to `{prefix}/forward-auth/{route}` (Envoy's `ext_authz`), parsed on its
+/// own from the raw path: the `leading` segments before it must be plain (no escape, no `;`, no dot segment)
+/// and end with `route`, so nothing in the appended part can climb back into them and name another route.
+/// `None` when nothing is appended.
+fn appended_path(
+    raw: &str,
+    leading: usize,
+    route: &str,
+) -> Result<Option<RequestPath>, ProxyError> {
+    let mut rest = raw.strip_prefix('/').unwrap_or(raw);
+    let mut last = "";
+    for _ in 0..leading {
+        let end = rest.find('/').unwrap_or(rest.len());
+        let segment = &rest[..end];
+        if matches!(segment, "" | "." | "..") || segment.contains(['%', ';']) {
+            return Err(ProxyError::BadRequest(RequestDefect::Unforwardable));
+        }
+        last = segment;
+        rest = rest.get(end + 1..).unwrap_or("");
+    }
+    if last != route {
+        return Err(ProxyError::BadRequest(RequestDefect::Unforwardable));
+    }
+    if rest.is_empty() {
+        return Ok(None);
+    }
+    RequestPath::parse(&raw[raw.len() - rest.len() - 1..]).map(Some)
 }
 
 /// The pseudo-route of `GET {api_prefix}/validate`: caller validation with `[inbound]`'s policy.

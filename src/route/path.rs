@@ -103,17 +103,6 @@ impl RequestPath {
         })
     }
 
-    /// The path made of what follows the first `count` segments (`/` when nothing does), as decoded and
-    /// normalized already: never decoded twice.
-    pub(crate) fn tail(&self, count: usize) -> RequestPath {
-        let rest = self.after(count);
-        RequestPath(if rest.is_empty() {
-            b"/".to_vec()
-        } else {
-            rest.to_vec()
-        })
-    }
-
     /// What follows the first `count` segments: `""`, `"/"` or `"/rest…"`. The prefix's own `;` parameters
     /// go with it: the route's prefix is replaced by its upstream's path.
     pub(crate) fn after(&self, count: usize) -> &[u8] {
@@ -209,6 +198,19 @@ impl Prefix {
                 .next()
                 .is_some_and(|segment| name_matches(segment.name, want))
         })
+    }
+
+    /// Whether the raw (undecoded, unnormalized) request path `raw` starts with this prefix's segments as
+    /// written: a request that does, but whose normalized path does not match, climbed out of the prefix with
+    /// dot segments.
+    pub(crate) fn opens(&self, raw: &str) -> bool {
+        let mut segments = raw.strip_prefix('/').unwrap_or(raw).split('/');
+        !self.segments.is_empty()
+            && self.segments.iter().all(|want| {
+                segments
+                    .next()
+                    .is_some_and(|segment| name_matches(segment.as_bytes(), want))
+            })
     }
 
     /// The segments of `path` after this prefix (`path` must match it).

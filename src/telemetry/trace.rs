@@ -61,8 +61,13 @@ pub enum TraceSetupError {
     },
     #[error("cannot build the OTLP client")]
     Client(#[source] crate::tls::TlsError),
-    #[error("cannot build the OTLP exporter")]
-    Exporter(#[source] opentelemetry_otlp::ExporterBuildError),
+    /// The exporter's own error is not kept: it may quote the endpoint, and an endpoint may carry
+    /// credentials.
+    #[error(
+        "cannot build the OTLP exporter: check OTEL_EXPORTER_OTLP_ENDPOINT, OTEL_EXPORTER_OTLP_TRACES_ENDPOINT, \
+         OTEL_EXPORTER_OTLP_HEADERS and OTEL_EXPORTER_OTLP_TIMEOUT"
+    )]
+    Exporter,
 }
 
 /// What the process holds while traces are on: [`Traces::shutdown`] exports the spans still queued.
@@ -154,7 +159,7 @@ where
             runtime: runtime.clone(),
         })
         .build()
-        .map_err(TraceSetupError::Exporter)?;
+        .map_err(|_| TraceSetupError::Exporter)?;
     let named = var("OTEL_SERVICE_NAME").is_some_and(|v| !v.is_empty())
         || var("OTEL_RESOURCE_ATTRIBUTES").is_some_and(|v| v.contains("service.name="));
     let mut resource = opentelemetry_sdk::Resource::builder().with_attribute(
