@@ -271,6 +271,14 @@ async fn downstream_apis_variables_are_read_as_routes() {
         scope.as_deref(),
         Some("api://mail/Mail.Read api://mail/Mail.Send")
     );
+    // On the token API too, by its name.
+    let header = h
+        .get(
+            "/.obo/authorization-header/Mail",
+            Some(&h.token("alice", "access_as_user")),
+        )
+        .await;
+    assert_eq!(header.status(), 200);
     // Reachable by name only: no proxy path leads to it.
     assert_eq!(
         h.get(
@@ -339,12 +347,17 @@ async fn chunked_bodies_and_claims_challenges_are_kept() {
         challenge.contains("insufficient_claims") && challenge.contains("claims=\""),
         "{challenge}"
     );
+    // Theirs answers a problem body only; this one has both.
+    let problem: Value = challenged.json().await.unwrap();
+    assert_eq!(problem["status"], 401, "{problem}");
 
     let off = Harness::start().await;
     for path in [
         "/Validate",
         "/AuthorizationHeader/obo",
+        "/AuthorizationHeaderUnauthenticated/obo",
         "/DownstreamApi/obo",
+        "/DownstreamApiUnauthenticated/obo",
     ] {
         let response = off
             .get(path, Some(&off.token("alice", "access_as_user")))

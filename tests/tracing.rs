@@ -199,7 +199,18 @@ fn tree(spans: &[Exported]) -> String {
                 SpanKind::Client => " [client]",
                 _ => "",
             };
-            let _ = writeln!(out, "{}{}{kind}", "  ".repeat(depth), span.name);
+            let attributes: Vec<String> = span
+                .attributes
+                .iter()
+                .map(|(key, value)| format!("{key}={value}"))
+                .collect();
+            let _ = writeln!(
+                out,
+                "{}{}{kind}  {}",
+                "  ".repeat(depth),
+                span.name,
+                attributes.join(" ")
+            );
             walk(spans, &span.span_id, depth + 1, out);
         }
     }
@@ -209,7 +220,19 @@ fn tree(spans: &[Exported]) -> String {
         .iter()
         .filter(|s| !ids.contains(&s.parent_span_id.as_str()))
     {
-        let _ = writeln!(out, "{} (parent: {})", root.name, root.parent_span_id);
+        let attributes: Vec<String> = root
+            .attributes
+            .iter()
+            .filter(|(key, _)| key.as_str() != "obo.request_id")
+            .map(|(key, value)| format!("{key}={value}"))
+            .collect();
+        let _ = writeln!(
+            out,
+            "{} [server, parent {}]  {}",
+            root.name,
+            root.parent_span_id,
+            attributes.join(" ")
+        );
         walk(spans, &root.span_id, 1, &mut out);
     }
     out
@@ -262,6 +285,7 @@ async fn spans_continue_the_callers_trace_and_hold_nothing_secret() {
     let spans = receiver
         .trace(CALLER_TRACE, "GET /obo/", || sidecar.log())
         .await;
+    // The README's example ("Traces") is this output.
     eprintln!("{}", tree(&spans));
     let server = only(&spans, "GET /obo/");
     assert_eq!(server.kind, SpanKind::Server);
@@ -441,8 +465,8 @@ async fn spans_continue_the_callers_trace_and_hold_nothing_secret() {
     );
 }
 
-/// Without any `OTEL_*` variable no span is exported and the caller's `traceparent` reaches the upstream as
-/// it was sent.
+/// Without any `OTEL_*` variable traces are off (the log says nothing of them) and the caller's `traceparent`
+/// reaches the upstream as it was sent.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_otel_variables_the_callers_traceparent_passes_unchanged() {
     let (idp, _upstream, sidecar) = binary_with(&[]).await;
