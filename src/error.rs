@@ -362,9 +362,8 @@ impl ProxyError {
             ProxyError::UpstreamSwitched => ("upstream-switched", "Upstream switched protocols"),
             ProxyError::UpstreamTimeout => ("upstream-timeout", "Upstream timeout"),
             ProxyError::Internal(_) => ("internal", "Internal error"),
-            ProxyError::UnknownApi(_) | ProxyError::ApiNeedsCaller(_) => {
-                ("unknown-api", "Bad Request")
-            }
+            ProxyError::UnknownApi(_) => ("unknown-api", "Bad Request"),
+            ProxyError::ApiNeedsCaller(_) => ("api-needs-caller", "Bad Request"),
         }
     }
 

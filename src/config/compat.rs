@@ -211,3 +211,39 @@ pub(super) fn apply_downstream_apis(
     }
     None
 }
+
+/// Routes whose path Microsoft's endpoints take first when `[compat] microsoft_sidecar` is on (`/Validate`,
+/// `/AuthorizationHeader…`, `/DownstreamApi…`): a warning each, since their requests never reach them.
+pub(super) fn shadowed_routes(routes: &[super::model::Route], compat: &Compat) -> Vec<Problem> {
+    const TAKEN: [&str; 5] = [
+        "validate",
+        "authorizationheader",
+        "authorizationheaderunauthenticated",
+        "downstreamapi",
+        "downstreamapiunauthenticated",
+    ];
+    if !compat.microsoft_sidecar {
+        return Vec::new();
+    }
+    routes
+        .iter()
+        .enumerate()
+        .filter(|(_, route)| {
+            route.proxy
+                && route
+                    .match_prefix
+                    .trim_start_matches('/')
+                    .split('/')
+                    .next()
+                    .is_some_and(|first| TAKEN.iter().any(|t| t.eq_ignore_ascii_case(first)))
+        })
+        .map(|(i, route)| Problem {
+            path: format!("routes[{i}].path_prefix"),
+            message: format!(
+                "{:?} is also a path of Microsoft's sidecar endpoints ([compat] microsoft_sidecar), which \
+                 answer it first",
+                route.path_prefix
+            ),
+        })
+        .collect()
+}

@@ -218,7 +218,8 @@ fn read_config(root: &Table, env: EnvLookup<'_>, p: &mut Problems) -> Option<Con
     };
     let routes = read_routes(&top, &context, p);
     let compat = compat::read_compat(top.table("compat", p), p);
-    let warnings = context.warnings.into_inner();
+    let mut warnings = context.warnings.into_inner();
+    warnings.extend(compat::shadowed_routes(&routes, &compat));
 
     Some(Config {
         listen: listen?,

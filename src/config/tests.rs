@@ -645,3 +645,24 @@ fn forward_auth_of_an_app_token_needs_a_loopback_listener() {
     let loopback = app.replace("0.0.0.0:7080", "127.0.0.1:7080");
     assert!(problems(&loopback).is_empty(), "{:?}", problems(&loopback));
 }
+
+/// With Microsoft's endpoints on, a route under one of their paths is never reached: `check` says so.
+#[test]
+fn routes_under_microsofts_paths_are_reported_when_compat_is_on() {
+    let shadowed = GOOD.replace("path_prefix = \"/graph/\"", "path_prefix = \"/Validate/\"");
+    let off = Config::parse(&shadowed, &env).expect("valid");
+    assert!(off.warnings.is_empty(), "{:?}", off.warnings);
+    let on = Config::parse(
+        &format!("{shadowed}\n[compat]\nmicrosoft_sidecar = true\n"),
+        &env,
+    )
+    .expect("valid");
+    assert!(
+        on.warnings
+            .iter()
+            .any(|w| w.to_string().contains("routes[0].path_prefix")
+                && w.to_string().contains("Microsoft's sidecar endpoints")),
+        "{:?}",
+        on.warnings
+    );
+}
