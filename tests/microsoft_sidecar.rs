@@ -15,8 +15,8 @@ use serde_json::Value;
 use support::{Harness, RecordingServer};
 
 /// The routes Microsoft's endpoints name: `graph` (every override allowed, on a recording downstream),
-/// `strict` (no override, by name only), `open` (no scopes of its own: its callers name them), `jobs` (an app
-/// token, no caller).
+/// `strict` (no override, by name only), `open` (no scopes of its own: its callers name them, from a list),
+/// `jobs` (an app token, no caller).
 fn config(idp: &obo_sidecar::dev::DevIdp, echo: &str, downstream: &str) -> String {
     support::inbound_config(idp)
         + &format!(
@@ -52,6 +52,7 @@ upstream = "{echo}/open/"
 token = "obo"
 token_api = true
 compat_overrides = ["Scopes"]
+compat_scopes = ["api://open/.default"]
 
 [[routes]]
 name = "jobs"

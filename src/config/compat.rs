@@ -19,9 +19,9 @@ pub(super) fn read_compat(table: Option<&Table>, p: &mut Problems) -> Compat {
     }
 }
 
-/// A route's `compat_overrides`, `relative_path` and `http_method`.
+/// A route's `compat_overrides`, `compat_scopes`, `relative_path` and `http_method`.
 pub(super) fn read_route_compat(f: &Fields<'_>, p: &mut Problems) -> RouteCompat {
-    let overrides = f
+    let overrides: Vec<CompatOverride> = f
         .strings("compat_overrides", p)
         .unwrap_or_default()
         .iter()
@@ -72,8 +72,16 @@ pub(super) fn read_route_compat(f: &Fields<'_>, p: &mut Problems) -> RouteCompat
             }
         },
     };
+    let scopes = f.strings("compat_scopes", p).unwrap_or_default();
+    if !scopes.is_empty() && !overrides.contains(&CompatOverride::Scopes) {
+        p.add(
+            &f.at("compat_scopes"),
+            "lists the scopes an optionsOverride.Scopes may ask for, but compat_overrides does not allow Scopes",
+        );
+    }
     RouteCompat {
         overrides,
+        scopes,
         relative_path,
         http_method,
     }

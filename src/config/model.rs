@@ -451,6 +451,8 @@ pub struct Compat {
 pub struct RouteCompat {
     /// The `optionsOverride.*` query parameters a caller may use on this route; others are ignored.
     pub overrides: Vec<CompatOverride>,
+    /// The scopes an `optionsOverride.Scopes` may ask for (`compat_scopes`; empty: any).
+    pub scopes: Vec<String>,
     /// What `/DownstreamApi/{name}` calls below the upstream URL (`RelativePath`).
     pub relative_path: String,
     /// And with which method (`HttpMethod`, default GET).
@@ -461,6 +463,7 @@ impl Default for RouteCompat {
     fn default() -> Self {
         RouteCompat {
             overrides: Vec::new(),
+            scopes: Vec::new(),
             relative_path: String::new(),
             http_method: http::Method::GET,
         }

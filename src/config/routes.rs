@@ -154,6 +154,7 @@ fn read_route(
             "forward_auth",
             "proxy",
             "compat_overrides",
+            "compat_scopes",
             "relative_path",
             "http_method",
             "allow_plain_http",

@@ -589,6 +589,17 @@ fn compat_keys_are_checked() {
             .any(|p| p.contains("\"BaseUrl\" is not an override")),
         "{unknown:?}"
     );
+    assert!(
+        problems(&route("compat_scopes = [\"api://x/.default\"]"))
+            .iter()
+            .any(|p| p.contains("compat_scopes") && p.contains("does not allow Scopes"))
+    );
+    assert!(
+        problems(&route(
+            "compat_overrides = [\"Scopes\"]\ncompat_scopes = [\"api://x/.default\"]"
+        ))
+        .is_empty()
+    );
     let hidden = problems(&route("proxy = false"));
     assert!(
         hidden

@@ -88,13 +88,19 @@ pub(super) struct Overrides {
     pub(super) content_type: Option<String>,
     /// Parameters present but not applied, by name (each once).
     pub(super) ignored: Vec<String>,
+    /// A `Scopes` value outside the route's `compat_scopes`.
+    denied_scope: bool,
 }
 
 impl Overrides {
     /// Reads `query` as Microsoft's sidecar does: `optionsOverride.` and the keys in any letter case,
     /// `Scopes` repeated (one scope each), the last value of the others. Only the overrides in `allowed`
-    /// apply; `BaseUrl` never does.
-    pub(super) fn read(query: Option<&str>, allowed: &[CompatOverride]) -> Overrides {
+    /// apply; `BaseUrl` never does; `Scopes` only when each is in `scopes_allowed` (when that is not empty).
+    pub(super) fn read(
+        query: Option<&str>,
+        allowed: &[CompatOverride],
+        scopes_allowed: &[String],
+    ) -> Overrides {
         let mut out = Overrides::default();
         let Some(query) = query else {
             return out;
@@ -119,8 +125,12 @@ impl Overrides {
             let value = value.trim();
             match known {
                 Some(CompatOverride::Scopes) => {
-                    if !value.is_empty() {
+                    if value.is_empty() {
+                    } else if scopes_allowed.is_empty() || scopes_allowed.iter().any(|s| s == value)
+                    {
                         out.scopes.push(value.to_owned());
+                    } else {
+                        out.denied_scope = true;
                     }
                 }
                 Some(CompatOverride::RequestAppToken) => {
@@ -139,6 +149,12 @@ impl Overrides {
                 Some(CompatOverride::ContentType) => out.content_type = Some(value.to_owned()),
                 None => out.ignore(name),
             }
+        }
+        // One scope outside the route's list voids the whole override (a token for part of what was asked is
+        // not what the caller asked for).
+        if out.denied_scope {
+            out.scopes.clear();
+            out.ignore("Scopes");
         }
         out
     }
@@ -295,6 +311,7 @@ mod tests {
                  optionsOverride.AcquireTokenOptions.Tenant=x&AgentIdentity=a&other=1",
             ),
             &all,
+            &[],
         );
         assert_eq!(read.scopes, ["user.read", "mail.read"]);
         assert!(read.request_app_token);
@@ -310,10 +327,28 @@ mod tests {
         let gated = Overrides::read(
             Some("optionsOverride.Scopes=user.read&optionsOverride.RelativePath=x"),
             &[CompatOverride::RelativePath],
+            &[],
         );
         assert!(gated.scopes.is_empty());
         assert_eq!(gated.relative_path.as_deref(), Some("x"));
         assert_eq!(gated.ignored, ["Scopes"]);
+
+        let listed = ["api://a/.default".to_owned(), "api://b/.default".to_owned()];
+        let within = Overrides::read(
+            Some("optionsOverride.Scopes=api://b/.default"),
+            &all,
+            &listed,
+        );
+        assert_eq!(within.scopes, ["api://b/.default"]);
+        let beyond = Overrides::read(
+            Some(
+                "optionsOverride.Scopes=api://a/.default&optionsOverride.Scopes=https://management.azure.com/.default",
+            ),
+            &all,
+            &listed,
+        );
+        assert!(beyond.scopes.is_empty());
+        assert_eq!(beyond.ignored, ["Scopes"]);
     }
 
     #[test]

@@ -45,7 +45,11 @@ impl Proxy {
             Endpoint::DownstreamApi { api, authenticated } => (api, authenticated, true),
         };
         let entry = self.api(api, authenticated)?;
-        let overrides = Overrides::read(request.uri().query(), &entry.route.compat.overrides);
+        let overrides = Overrides::read(
+            request.uri().query(),
+            &entry.route.compat.overrides,
+            &entry.route.compat.scopes,
+        );
         let changed = overrides.route(&entry.route);
         // Scopes come from the route or the call; with neither, Microsoft's 400.
         let token_route = changed.as_ref().unwrap_or(&entry.route);
