@@ -202,6 +202,9 @@ pub(crate) enum ProxyError {
         "No scopes found for the API '{0}' or in optionsOverride. 'scopes' needs to be either a single value or a list of values."
     )]
     UnknownApi(String),
+    /// Too many `/DownstreamApi` answers are being read at once (each is buffered).
+    #[error("too many downstream answers are being read; retry shortly")]
+    Busy,
     /// An `…Unauthenticated/{api}` call for a route that validates its callers.
     #[error("The API '{0}' requires an authenticated caller: call it without 'Unauthenticated'.")]
     ApiNeedsCaller(String),
@@ -243,7 +246,8 @@ impl ProxyError {
             | ProxyError::TokenDeadline => Fault::Idp,
             ProxyError::UpstreamConnect(_)
             | ProxyError::UpstreamSwitched
-            | ProxyError::UpstreamTimeout => Fault::Upstream,
+            | ProxyError::UpstreamTimeout
+            | ProxyError::Busy => Fault::Upstream,
             ProxyError::IdpMisconfigured | ProxyError::Internal(_) => Fault::Internal,
         }
     }
@@ -264,7 +268,8 @@ impl ProxyError {
             }
             ProxyError::KeysUnavailable { .. }
             | ProxyError::IdpUnavailable { .. }
-            | ProxyError::TokenDeadline => StatusCode::SERVICE_UNAVAILABLE,
+            | ProxyError::TokenDeadline
+            | ProxyError::Busy => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::IdpMisconfigured | ProxyError::Internal(_) => {
                 StatusCode::INTERNAL_SERVER_ERROR
             }
@@ -312,7 +317,8 @@ impl ProxyError {
             | ProxyError::UpstreamTimeout
             | ProxyError::Internal(_)
             | ProxyError::UnknownApi(_)
-            | ProxyError::ApiNeedsCaller(_) => None,
+            | ProxyError::ApiNeedsCaller(_)
+            | ProxyError::Busy => None,
         }
     }
 
@@ -320,6 +326,7 @@ impl ProxyError {
         match self {
             ProxyError::KeysUnavailable { retry_after } => Some(*retry_after),
             ProxyError::IdpUnavailable { retry_after } => *retry_after,
+            ProxyError::Busy => Some(Duration::from_secs(1)),
             ProxyError::NoRoute
             | ProxyError::BadRequest(_)
             | ProxyError::HeadersTooLarge
@@ -364,6 +371,7 @@ impl ProxyError {
             ProxyError::Internal(_) => ("internal", "Internal error"),
             ProxyError::UnknownApi(_) => ("unknown-api", "Bad Request"),
             ProxyError::ApiNeedsCaller(_) => ("api-needs-caller", "Bad Request"),
+            ProxyError::Busy => ("busy", "Busy"),
         }
     }
 
@@ -390,7 +398,8 @@ impl ProxyError {
             | ProxyError::UpstreamTimeout
             | ProxyError::Internal(_)
             | ProxyError::UnknownApi(_)
-            | ProxyError::ApiNeedsCaller(_) => self.to_string(),
+            | ProxyError::ApiNeedsCaller(_)
+            | ProxyError::Busy => self.to_string(),
         }
     }
 
@@ -480,6 +489,28 @@ mod tests {
             response(&ProxyError::BadRequest(RequestDefect::EncodedSlash)).status(),
             400
         );
+    }
+
+    /// Microsoft's sidecar endpoints: their 400 (with their text) for an unknown API, a distinct 400 for an
+    /// `…Unauthenticated` call to a route that validates callers, and 503 with `Retry-After` when too many
+    /// downstream answers are being read.
+    #[test]
+    fn microsoft_endpoint_refusals_have_their_statuses() {
+        let unknown = response(&ProxyError::UnknownApi("graph".to_owned()));
+        assert_eq!(unknown.status(), 400);
+        assert!(challenge(&unknown).is_none());
+        assert!(
+            ProxyError::UnknownApi("graph".to_owned())
+                .to_string()
+                .starts_with("No scopes found for the API 'graph'")
+        );
+        assert_eq!(
+            response(&ProxyError::ApiNeedsCaller("graph".to_owned())).status(),
+            400
+        );
+        let busy = response(&ProxyError::Busy);
+        assert_eq!(busy.status(), 503);
+        assert_eq!(busy.headers()[header::RETRY_AFTER], "1");
     }
 
     #[test]

@@ -21,6 +21,10 @@ pub(super) const IGNORED_OVERRIDES: &str = "x-obo-ignored-overrides";
 /// The most of a downstream answer `/DownstreamApi` reads into its JSON.
 pub(super) const MAX_DOWNSTREAM_BODY_BYTES: usize = 10 * 1024 * 1024;
 
+/// Downstream answers read at once; a call beyond waits for a permit until its deadline, then is 503 with
+/// `Retry-After`. With [`MAX_DOWNSTREAM_BODY_BYTES`], at most 160 MiB of bodies are held (their JSON aside).
+pub(super) const MAX_BUFFERED_DOWNSTREAM_ANSWERS: usize = 16;
+
 /// The methods `/DownstreamApi` calls with (an `HttpMethod` override naming another, `CONNECT` or `TRACE`, is
 /// ignored).
 const DOWNSTREAM_METHODS: [Method; 7] = [

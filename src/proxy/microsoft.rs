@@ -151,6 +151,10 @@ impl Proxy {
             )
             .await?;
         let (parts, body) = response.into_parts();
+        let _permit = tokio::time::timeout_at(admitted.deadline, self.downstream_buffers.acquire())
+            .await
+            .map_err(|_| ProxyError::Busy)?
+            .map_err(|_| ProxyError::Internal("the downstream buffer permits were closed"))?;
         let body = tokio::time::timeout_at(
             admitted.deadline,
             http_body_util::Limited::new(body, MAX_DOWNSTREAM_BODY_BYTES).collect(),

@@ -46,6 +46,8 @@ pub(crate) struct Proxy {
     idle_timeout: std::time::Duration,
     /// `[compat] microsoft_sidecar`: Microsoft's sidecar endpoints are served.
     microsoft_sidecar: bool,
+    /// Permits to buffer a `/DownstreamApi` answer (each up to `compat::MAX_DOWNSTREAM_BODY_BYTES`).
+    downstream_buffers: tokio::sync::Semaphore,
     metrics: Arc<Metrics>,
     validate_metrics: RouteMetrics,
 }
@@ -90,6 +92,9 @@ impl Proxy {
             inbound_route: token_api::inbound_route(config),
             max_header_bytes: config.listen.max_header_bytes,
             microsoft_sidecar: config.compat.microsoft_sidecar,
+            downstream_buffers: tokio::sync::Semaphore::new(
+                compat::MAX_BUFFERED_DOWNSTREAM_ANSWERS,
+            ),
             idle_timeout: config.listen.idle_timeout,
             authenticator,
             exchanger,
