@@ -163,9 +163,22 @@ impl Overrides {
         out
     }
 
+    /// Notes `name` as not applied: as a caller wrote it, so kept to 64 characters of a parameter name (others
+    /// become `?`) before it reaches a log line or a header.
     fn ignore(&mut self, name: &str) {
-        if !self.ignored.iter().any(|n| n.eq_ignore_ascii_case(name)) {
-            self.ignored.push(name.to_owned());
+        let name: String = name
+            .chars()
+            .take(64)
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') {
+                    c
+                } else {
+                    '?'
+                }
+            })
+            .collect();
+        if !self.ignored.iter().any(|n| n.eq_ignore_ascii_case(&name)) {
+            self.ignored.push(name);
         }
     }
 
@@ -336,6 +349,8 @@ mod tests {
         assert!(gated.scopes.is_empty());
         assert_eq!(gated.relative_path.as_deref(), Some("x"));
         assert_eq!(gated.ignored, ["Scopes"]);
+        let hostile = Overrides::read(Some("optionsOverride.A%0Aforged%3D1=x"), &all, &[]);
+        assert_eq!(hostile.ignored, ["A?forged?1"]);
 
         let listed = ["api://a/.default".to_owned(), "api://b/.default".to_owned()];
         let within = Overrides::read(
