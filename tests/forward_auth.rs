@@ -234,8 +234,9 @@ async fn nginx_auth_request_sends_the_exchanged_token_upstream() {
 }
 
 /// The endpoint's own rules, without an ingress: the answer's headers, `no-store`, the original request
-/// from nginx's, Traefik's or Envoy's way of naming it, a missing or unsafe original URI (400), an original
-/// request that another route serves, and a route without `forward_auth` (404).
+/// from nginx's, Traefik's or Envoy's way of naming it, a missing, unsafe or contradicted original (400), an
+/// original request that another route serves, and a route without `forward_auth` (404); the IdP's back-off
+/// (503 with `Retry-After`) and no token (401 with the challenge).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forward_auth_answers_like_the_proxy_for_the_original_request() {
     let h = harness().await;
@@ -348,6 +349,25 @@ async fn forward_auth_answers_like_the_proxy_for_the_original_request() {
         assert_eq!(response.status(), status, "{path} {headers:?}");
         assert!(response.headers().get("authorization").is_none());
     }
+    // The IdP asks to back off: the proxy's 503 with its Retry-After.
+    h.idp.fail_next(
+        obo_sidecar::dev::Failure::TooManyRequests {
+            retry_after_secs: 7,
+        },
+        1,
+    );
+    let throttled = h
+        .http
+        .get(h.url("/.obo/forward-auth/orders"))
+        .bearer_auth(h.token("carol", "access_as_user"))
+        .header("x-original-uri", "/api/orders")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(throttled.status(), 503);
+    assert_eq!(throttled.headers()["retry-after"], "7");
+    assert!(throttled.headers().get("authorization").is_none());
+
     let unauthenticated = h
         .http
         .get(h.url("/.obo/forward-auth/orders"))
