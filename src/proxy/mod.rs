@@ -130,29 +130,18 @@ impl Proxy {
             otel.name = method.as_str(),
             otel.kind = "server",
             otel.status_code = Empty,
-            http.request.method = Empty,
-            url.path = Empty,
-            url.scheme = Empty,
-            network.protocol.version = Empty,
+            http.request.method = method.as_str(),
+            url.path = request.uri().path(),
+            url.scheme = if peer.tls { "https" } else { "http" },
+            network.protocol.version = protocol_version(request.version()),
             http.route = Empty,
             http.response.status_code = Empty,
             obo.route = Empty,
-            obo.request_id = Empty,
+            obo.request_id = request_id.to_str().unwrap_or("-"),
             obo.refusal = Empty,
         );
         trace::continue_trace(&span, request.headers());
         let sampled = trace::sampled(&span);
-        // Attributes only for a span that is exported: an unsampled request builds none.
-        if sampled {
-            span.record("http.request.method", method.as_str())
-                .record("url.path", request.uri().path())
-                .record("url.scheme", if peer.tls { "https" } else { "http" })
-                .record(
-                    "network.protocol.version",
-                    protocol_version(request.version()),
-                )
-                .record("obo.request_id", request_id.to_str().unwrap_or("-"));
-        }
         let mut reason = None;
         let mut outcome = Outcome {
             started,
@@ -185,14 +174,12 @@ impl Proxy {
             .insert("x-request-id", request_id.clone());
         let status = response.status().as_u16();
         let elapsed = started.elapsed();
-        if sampled {
-            span.record("http.response.status_code", status);
-            if let Some(reason) = &reason {
-                span.record("obo.refusal", reason.as_ref());
-            }
-            if status >= 500 {
-                span.record("otel.status_code", "error");
-            }
+        span.record("http.response.status_code", status);
+        if let Some(reason) = &reason {
+            span.record("obo.refusal", reason.as_ref());
+        }
+        if status >= 500 {
+            span.record("otel.status_code", "error");
         }
         match outcome.metrics {
             Some(route) => {
@@ -304,7 +291,7 @@ impl Proxy {
         let route = &entry.route;
         outcome.route = Some(&route.name);
         outcome.metrics = Some(&entry.metrics);
-        if outcome.sampled {
+        if !outcome.span.is_disabled() {
             trace::rename(
                 &outcome.span,
                 format!("{} {}", request.method(), route.path_prefix),
