@@ -307,7 +307,8 @@ async fn forward_auth_answers_like_the_proxy_for_the_original_request() {
         // token API to a proxied route.
         ("/.obo/forward-auth/orders/api/..;/..;/obo/x", vec![], 400),
         ("/.obo/forward-auth/orders/..;/..;/..;/obo/x", vec![], 400),
-        // (Decoded dot segments stop at the root: the original is `/obo/x`, another route's.)
+        // (reqwest resolves `%2e%2e` itself, so this asks for route `obo`, which has no forward-auth; the
+        // bytes as written are refused with 400: `forward_auth_paths_from_a_raw_socket_fail_closed`.)
         (
             "/.obo/forward-auth/orders/api/%2e%2e/%2e%2e/obo/x",
             vec![],
@@ -377,4 +378,40 @@ async fn forward_auth_answers_like_the_proxy_for_the_original_request() {
         .unwrap();
     assert_eq!(unauthenticated.status(), 401);
     assert!(unauthenticated.headers().contains_key("www-authenticate"));
+}
+
+/// The same rules from a raw socket, where no client normalizes the path first (reqwest resolves `%2e%2e`
+/// itself): every way a path could rename the route, climb out of the token API or hide a segment is 400,
+/// and only the plain forms get the token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forward_auth_paths_from_a_raw_socket_fail_closed() {
+    let h = harness().await;
+    let caller = h.token("alice", "access_as_user");
+    for (path, status) in [
+        ("/.obo/forward-auth/orders/api/x", 200),
+        ("/.OBO/forward-auth/orders/api/x", 200),
+        ("/.obo/forward-auth/orders/api/%2e%2e/%2e%2e/obo/x", 400),
+        (
+            "/.obo/forward-auth/orders/api/%2E%2E/%2e%2e/%2e%2e/%2e%2e/obo/x",
+            400,
+        ),
+        ("/.obo/forward-auth/orders/..;/..;/..;/obo/x", 400),
+        ("/.obo/forward-auth/orders/api/..;/..;/obo/x", 400),
+        ("/.obo/../.obo/forward-auth/orders/api/x", 400),
+        ("/.obo//forward-auth/orders/api/x", 400),
+        ("/.obo/forward-auth/%6frders/api/x", 400),
+        ("/.obo/forward-auth/orders;x/api/x", 400),
+        ("/.obo/%2e%2e/obo/x", 400),
+        ("/%2eobo/forward-auth/orders/api/x", 400),
+    ] {
+        let request = format!(
+            "GET {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {caller}\r\nConnection: close\r\n\r\n"
+        );
+        let (got, text) = support::raw_request(h.sidecar.proxy_addr, request.as_bytes()).await;
+        assert_eq!(got, status, "{path}");
+        let token = text
+            .lines()
+            .any(|l| l.to_ascii_lowercase().starts_with("authorization:"));
+        assert_eq!(token, status == 200, "{path}");
+    }
 }

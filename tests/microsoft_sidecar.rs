@@ -384,3 +384,40 @@ fn catch_all_route(idp: &obo_sidecar::dev::DevIdp) -> String {
     "\n[[routes]]\nname = \"other\"\npath_prefix = \"/other/\"\nupstream = \"http://127.0.0.1:9/\"\ntoken = \"none\"\n"
         .to_owned()
 }
+
+/// `optionsOverride.RelativePath` from a raw socket (no client normalizes it): climbing above the upstream
+/// URL's path, doubly encoded dots and control characters are 400 and reach no downstream; a leading `//` stays
+/// a path on the configured host; an `HttpMethod` outside the list is ignored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relative_path_overrides_from_a_raw_socket_stay_below_the_base_url() {
+    let downstream = RecordingServer::start().await;
+    let url = downstream.url("");
+    let h = Harness::start_custom(|idp, echo| config(idp, echo, url.trim_end_matches('/'))).await;
+    downstream.answer_raw(200, "{}");
+    let caller = h.token("alice", "access_as_user");
+    for (target, status, seen) in [
+        ("RelativePath=..%2f..%2fadmin", 400, None),
+        ("RelativePath=%252e%252e/%252e%252e/admin", 400, None),
+        ("RelativePath=a/../../admin", 400, None),
+        ("RelativePath=x%0d%0aHost:%20evil", 400, None),
+        (
+            "RelativePath=//evil.example/x",
+            200,
+            Some("GET /v1.0/evil.example/x"),
+        ),
+        ("HttpMethod=CONNECT", 200, Some("GET /v1.0/")),
+    ] {
+        let request = format!(
+            "POST /DownstreamApi/graph?optionsOverride.{target} HTTP/1.1\r\nHost: x\r\n\
+             Authorization: Bearer {caller}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        );
+        let before = downstream.requests().len();
+        let (got, _) = support::raw_request(h.sidecar.proxy_addr, request.as_bytes()).await;
+        assert_eq!(got, status, "{target}");
+        let requests = downstream.requests();
+        let went = requests
+            .get(before)
+            .map(|r| format!("{} {}", r.method, r.path));
+        assert_eq!(went.as_deref(), seen, "{target}");
+    }
+}
