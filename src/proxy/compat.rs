@@ -128,10 +128,10 @@ impl Overrides {
             let known = CompatOverride::from_name(name).filter(|o| allowed.contains(o));
             let value = value.trim();
             match known {
+                // Blank values are skipped, as theirs are.
+                Some(CompatOverride::Scopes) if value.is_empty() => {}
                 Some(CompatOverride::Scopes) => {
-                    if value.is_empty() {
-                    } else if scopes_allowed.is_empty() || scopes_allowed.iter().any(|s| s == value)
-                    {
+                    if scopes_allowed.is_empty() || scopes_allowed.iter().any(|s| s == value) {
                         out.scopes.push(value.to_owned());
                     } else {
                         out.denied_scope = true;
