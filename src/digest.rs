@@ -12,8 +12,15 @@ pub(crate) fn sha256(bytes: &[u8]) -> [u8; 32] {
 /// request after request, and comparing its bytes costs a fraction of hashing them; only a token that
 /// differs from the last one is hashed (and kept). Equal bytes have the equal digest, so nothing else is
 /// assumed.
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub(crate) struct LastDigest(std::sync::Mutex<Option<Seen>>);
+
+/// The bytes kept are a caller's bearer token: never printed.
+impl std::fmt::Debug for LastDigest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("LastDigest([redacted])")
+    }
+}
 
 /// A token's bytes and their digest.
 type Seen = (Box<[u8]>, [u8; 32]);
@@ -58,3 +65,19 @@ impl std::hash::Hasher for DigestHasher {
 
 /// Builds [`DigestHasher`]s.
 pub(crate) type DigestHash = std::hash::BuildHasherDefault<DigestHasher>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_token_kept_is_never_printed() {
+        let last = LastDigest::default();
+        let _ = last.sha256(b"eyJhbGciOiJSUzI1NiJ9.secret-token-bytes");
+        let printed = format!("{last:?}");
+        assert!(
+            !printed.contains("secret") && printed.contains("[redacted]"),
+            "{printed}"
+        );
+    }
+}

@@ -33,7 +33,7 @@ impl Listeners {
     /// it (`SO_REUSEPORT`).
     pub async fn bind(config: &Config) -> std::io::Result<Listeners> {
         Ok(Listeners {
-            proxy: server::bind_shared(config.listen.proxy)?,
+            proxy: server::bind_proxy(config.listen.proxy)?,
             admin: TcpListener::bind(config.listen.admin).await?,
         })
     }
@@ -56,6 +56,8 @@ pub enum StartError {
     Interrupted,
     #[error("shared cache")]
     SharedCache(#[from] SharedCacheError),
+    #[error("{0}")]
+    Workers(String),
 }
 
 /// What outlives a reload: the current request path, swapped whole, and the state shared across them.
@@ -241,7 +243,7 @@ pub async fn start(config: Config, listeners: Listeners) -> Result<Sidecar, Star
     for warning in &config.warnings {
         tracing::warn!(%warning, "configuration");
     }
-    let workers = server::worker_count();
+    let workers = server::worker_count().map_err(StartError::Workers)?;
     // The first generation reads certificate stores and key files: off the runtime's worker threads.
     let built = tokio::task::spawn_blocking(move || {
         let metrics = Arc::new(telemetry::Metrics::new());

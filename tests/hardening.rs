@@ -817,3 +817,80 @@ async fn connections_queued_at_the_stop_are_served_not_reset() {
     assert_eq!(status, 200, "{text}");
     support::assert_no_secret_in_logs(&idp);
 }
+
+/// With one socket per worker (`SO_REUSEPORT`, as `Listeners::bind` binds the proxy listener) and a cap of
+/// one connection, every connection is served in turn: a worker idle on its own socket holds no permit that
+/// another worker's connection waits for.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_cap_below_the_worker_count_serves_every_connection() {
+    support::captured_logs();
+    let idp = DevIdp::start(support::bind().await, DevIdpConfig::default())
+        .await
+        .expect("idp");
+    let upstream = EchoUpstream::start(support::bind().await)
+        .await
+        .expect("upstream");
+    let config = support::inbound_config(&idp).replacen(
+        "admin = \"127.0.0.1:0\"",
+        "admin = \"127.0.0.1:0\"\nmax_connections = 1",
+        1,
+    ) + &route(
+        "pass",
+        "/pass/",
+        &format!("{}/", upstream.url()),
+        "token = \"passthrough\"",
+    );
+    let config = support::parse(&config);
+    let listeners = obo_sidecar::Listeners::bind(&config).await.expect("bind");
+    let sidecar = obo_sidecar::start(config, listeners)
+        .await
+        .expect("sidecar starts");
+    tokio::time::timeout(PATIENCE, sidecar.ready())
+        .await
+        .expect("ready");
+    let token = idp.mint(&user("alice"));
+    let request = format!(
+        "GET /pass/x HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n\r\n"
+    );
+    for n in 0..16 {
+        let (status, _) = tokio::time::timeout(
+            PATIENCE,
+            support::raw_request(sidecar.proxy_addr, request.as_bytes()),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("connection {n} was never served"));
+        assert_eq!(status, 200, "connection {n}");
+    }
+}
+
+/// The proxy listener is bound as any listener is: a second sidecar on the address of a running one is
+/// refused, though each one's workers share their address with `SO_REUSEPORT`.
+#[tokio::test]
+async fn a_second_sidecar_on_a_taken_proxy_address_is_refused() {
+    let idp = DevIdp::start(support::bind().await, DevIdpConfig::default())
+        .await
+        .expect("idp");
+    let config = |proxy: &str| {
+        support::parse(
+            &(support::inbound_config(&idp).replacen(
+                "proxy = \"127.0.0.1:0\"",
+                &format!("proxy = \"{proxy}\""),
+                1,
+            ) + &route(
+                "pass",
+                "/pass/",
+                "http://127.0.0.1:9/",
+                "token = \"passthrough\"",
+            )),
+        )
+    };
+    let first = obo_sidecar::Listeners::bind(&config("127.0.0.1:0"))
+        .await
+        .expect("bind");
+    let taken = first.proxy.local_addr().expect("addr");
+    let error = obo_sidecar::Listeners::bind(&config(&taken.to_string()))
+        .await
+        .err()
+        .expect("the address is taken");
+    assert_eq!(error.kind(), std::io::ErrorKind::AddrInUse, "{error}");
+}

@@ -34,13 +34,9 @@ pub(super) async fn serve_with<H: Handler>(
 ) {
     let builder = http_builder(&options, true);
     let mut connections = JoinSet::new();
+    // An accepted connection still waiting for a permit when the drain starts.
+    let mut waiting = None;
     loop {
-        // Beyond max_connections, new connections wait in the kernel's accept queue.
-        let permit = tokio::select! {
-            permit = Arc::clone(&permits).acquire_owned() => permit,
-            _ = shutdown.wait_for(|stop| *stop) => break,
-        };
-        let Ok(permit) = permit else { break };
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
             _ = shutdown.wait_for(|stop| *stop) => break,
@@ -55,6 +51,21 @@ pub(super) async fn serve_with<H: Handler>(
                 continue;
             }
         };
+        // The permit is taken for a connection in hand, not before `accept`: the workers' sockets share one
+        // count, and a worker waiting on an idle socket must not hold a permit that another worker's
+        // connection needs. Beyond max_connections, one accepted connection per socket waits here for a
+        // connection to close; the rest wait in the kernel's accept queue.
+        let permit = loop {
+            tokio::select! {
+                permit = Arc::clone(&permits).acquire_owned() => break permit.ok(),
+                _ = shutdown.wait_for(|stop| *stop) => break None,
+                Some(_) = connections.join_next(), if !connections.is_empty() => {}
+            }
+        };
+        let Some(permit) = permit else {
+            waiting = Some((stream, remote));
+            break;
+        };
         let _ = stream.set_nodelay(true);
         let handler = handler.clone();
         let builder = Arc::clone(&builder);
@@ -68,7 +79,7 @@ pub(super) async fn serve_with<H: Handler>(
     // Connections the kernel already completed sit in the accept queue: closing the listener would reset
     // them. Serve them instead, one request each (`Connection: close`), within the drain.
     let last = http_builder(&options, false);
-    for (stream, remote) in queued(listener) {
+    for (stream, remote) in waiting.into_iter().chain(queued(listener)) {
         let handler = handler.clone();
         let last = last.clone();
         let options = options.clone();

@@ -12,4 +12,4 @@ mod workers;
 pub(crate) use accept::serve;
 pub(crate) use connection::{IdleIo, Peer};
 pub(crate) use options::ServeOptions;
-pub(crate) use workers::{bind_shared, serve_workers, worker_count, worker_index};
+pub(crate) use workers::{bind_proxy, serve_workers, worker_count, worker_index};

@@ -28,18 +28,39 @@ pub(crate) fn worker_index() -> usize {
     WORKER.with(Cell::get)
 }
 
+/// The most workers `TOKIO_WORKER_THREADS` may ask for: each is a thread with its own runtime and its own
+/// upstream clients for every route.
+pub(crate) const MAX_WORKERS: usize = 256;
+
 /// How many workers serve the proxy listener: `TOKIO_WORKER_THREADS` when it is set (the benchmarks pin
-/// it), else one per CPU.
-pub(crate) fn worker_count() -> usize {
-    std::env::var("TOKIO_WORKER_THREADS")
-        .ok()
-        .and_then(|n| n.trim().parse::<usize>().ok())
-        .filter(|&n| n > 0)
-        .or_else(|| std::thread::available_parallelism().ok().map(usize::from))
-        .unwrap_or(1)
+/// it), else one per CPU. A value that is not a number from 1 to [`MAX_WORKERS`] is an error, not a guess.
+pub(crate) fn worker_count() -> Result<usize, String> {
+    match std::env::var("TOKIO_WORKER_THREADS") {
+        Ok(text) => text
+            .trim()
+            .parse::<usize>()
+            .ok()
+            .filter(|n| (1..=MAX_WORKERS).contains(n))
+            .ok_or_else(|| {
+                format!(
+                    "TOKIO_WORKER_THREADS={text:?} is not a number of proxy workers from 1 to {MAX_WORKERS}"
+                )
+            }),
+        Err(_) => Ok(std::thread::available_parallelism().map_or(1, usize::from)),
+    }
 }
 
-/// Binds the proxy listener so that workers can bind the same address beside it (`SO_REUSEPORT`).
+/// Binds the proxy listener at `addr` for the workers: first as a plain socket, so that an address another
+/// process holds is refused as any bind refuses it (with `SO_REUSEPORT` alone a second sidecar would quietly
+/// take part of the traffic), then shared ([`bind_shared`]) on the address that gave.
+pub(crate) fn bind_proxy(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let probe = std::net::TcpListener::bind(addr)?;
+    let bound = probe.local_addr()?;
+    drop(probe);
+    bind_shared(bound)
+}
+
+/// Binds a socket on `addr` that other workers' sockets can bind beside (`SO_REUSEPORT`).
 pub(crate) fn bind_shared(addr: SocketAddr) -> std::io::Result<TcpListener> {
     let socket = if addr.is_ipv4() {
         TcpSocket::new_v4()?
