@@ -186,12 +186,9 @@ impl Authenticator {
     ) -> Result<Caller, ProxyError> {
         // The characters are checked only for a token not seen before: the same bytes passed that check.
         let (header, range) = bearer_range(headers)?;
-        let token = header
-            .to_str()
-            .unwrap_or_default()
-            .get(range.clone())
-            .unwrap_or_default();
-        let key = last.sha256(token.as_bytes());
+        // Hashed as bytes (`bearer_range` checked them); read as text only to verify a new token.
+        let key = last.sha256(header.as_bytes().get(range.clone()).unwrap_or_default());
+        let token = CallerToken::new(header.clone(), range);
         let claims = if let Some(claims) = self.validated.get(&key) {
             if now_unix() > claims.exp.saturating_add(self.clock_skew.as_secs()) {
                 self.validated.invalidate(&key);
@@ -205,8 +202,8 @@ impl Authenticator {
             claims
         } else {
             tracing::Span::current().record("obo.validated_cache", "miss");
-            check_b64token(token)?;
-            let claims = Arc::new(self.verify(token).await?);
+            check_b64token(token.expose())?;
+            let claims = Arc::new(self.verify(token.expose()).await?);
             self.validated.insert(key, Arc::clone(&claims));
             claims
         };
@@ -215,7 +212,7 @@ impl Authenticator {
             return Err(ProxyError::InvalidToken(TokenDefect::NoScopesOrRoles));
         }
         Ok(Caller {
-            token: CallerToken::new(header.clone(), range),
+            token,
             digest: key,
             claims,
         })

@@ -165,7 +165,10 @@ impl Proxy {
             Ok(response) => response,
             Err(error) => {
                 log_error(&error, outcome.route, &request_id);
-                reason = error.reason();
+                // The refusal's code is for the access log and the trace only.
+                if logged.is_some() || sampled {
+                    reason = error.reason();
+                }
                 error.to_response::<Full<Bytes>>().map(Either::Right)
             }
         };
